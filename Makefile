@@ -1,0 +1,49 @@
+# The two commands: `make run` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+CONFIG ?= config.toml
+PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
+
+.PHONY: run test lint typecheck unit bench clean lock
+
+$(BIN)/python:
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "jobfeed needs Python 3.11+")'
+	$(PYTHON) -m venv $(VENV)
+
+# Runtime only (make run); dev tools on top for make test. constraints.txt pins everything.
+$(VENV)/.installed-run: $(BIN)/python pyproject.toml constraints.txt
+	$(PIP) install -c constraints.txt -e .
+	@touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed-run
+	$(PIP) install -c constraints.txt -e '.[dev]'
+	@touch $@
+
+run: $(VENV)/.installed-run
+	$(BIN)/jobfeed migrate --config $(CONFIG)
+	$(BIN)/jobfeed serve --config $(CONFIG)
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(VENV)/.installed-dev
+	$(BIN)/mypy
+
+unit: $(VENV)/.installed-dev
+	$(BIN)/pytest -q
+
+test: lint typecheck unit
+
+bench: $(VENV)/.installed-dev
+	$(BIN)/python -m bench
+
+# Re-pin after changing dependencies: resolve fresh, then record exact versions.
+lock:
+	rm -rf /tmp/jobfeed-lock && $(PYTHON) -m venv /tmp/jobfeed-lock
+	/tmp/jobfeed-lock/bin/pip install -q '.[dev]'
+	/tmp/jobfeed-lock/bin/pip freeze --exclude jobfeed > constraints.txt
+
+clean:
+	rm -rf $(VENV) build *.egg-info .mypy_cache .pytest_cache .ruff_cache

@@ -1,0 +1,115 @@
+"""The ``jobfeed`` command: ``serve`` and ``migrate``.
+
+Start-up problems (bad config, unwritable or corrupt database, a schema from a newer jobfeed,
+port in use) end the process with one clear line on stderr and exit status 2 (config) or 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import resource
+import signal
+import sqlite3
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import structlog
+from aiohttp import web
+
+from . import __version__
+from .app import create_app
+from .config import Config, ConfigError, ensure_storage_dir, load_config
+from .logs import configure_logging
+from .migrate import MigrationError, apply_migrations
+
+log = structlog.get_logger("jobfeed")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="jobfeed", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"jobfeed {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, text in (("serve", "run the server"), ("migrate", "apply schema migrations")):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("--config", type=Path, default=None, help="path to config.toml")
+    args = parser.parse_args(argv)
+
+    try:
+        config = load_config(args.config)
+        ensure_storage_dir(config)
+    except ConfigError as exc:
+        sys.stderr.write(f"jobfeed: {exc}\n")
+        return 2
+    configure_logging(config.log)
+    try:
+        if args.command == "migrate":
+            applied = apply_migrations(config.storage.path)
+            log.info("migrated", path=str(config.storage.path), applied=applied)
+            return 0
+        _run(_serve(config), _loop_factory(config))
+    except (MigrationError, sqlite3.DatabaseError, OSError) as exc:
+        log.error("startup_failed", error=str(exc))
+        sys.stderr.write(f"jobfeed: cannot start: {exc}\n")
+        return 1
+    return 0
+
+
+def _loop_factory(config: Config) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    choice = config.server.event_loop
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise ConfigError("server.event_loop = 'uvloop' but uvloop is not installed") from None
+        return None
+    return uvloop.new_event_loop
+
+
+def _run(coro: object, loop_factory: Callable[[], asyncio.AbstractEventLoop] | None) -> None:
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(coro)  # type: ignore[arg-type]
+
+
+async def _serve(config: Config) -> None:
+    app = create_app(config)
+    runner = web.AppRunner(
+        app,
+        access_log=None,  # our middleware writes one structured line per request
+        handle_signals=False,
+        shutdown_timeout=config.server.shutdown_timeout,
+    )
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, config.server.host, config.server.port, backlog=1024)
+        await site.start()
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        for host, port, *_ in runner.addresses:
+            log.info(
+                "listening",
+                host=host,
+                port=port,
+                pid=os.getpid(),
+                db=str(config.storage.path),
+                durability=config.storage.durability,
+                loop=type(asyncio.get_running_loop()).__module__,
+                fd_limit=soft,
+                fd_limit_hard=hard,
+            )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await stop.wait()
+        log.info("shutting_down", timeout=config.server.shutdown_timeout)
+    finally:
+        await runner.cleanup()
+    log.info("stopped")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""``create_app(config)``: the aiohttp application with its resources, middlewares and routes."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+import weakref
+from collections.abc import AsyncIterator
+
+import structlog
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from .config import Config
+from .errors import ServiceError, WSClose, error_body
+from .handlers import health, jobs, stream
+from .hub import Hub
+from .keys import CONFIG, HUB, STORE, STREAMS
+from .store import Store
+
+log = structlog.get_logger("jobfeed.http")
+
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+_HTTP_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+}
+
+
+@web.middleware
+async def access_log_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """One structured line per request; binds ``request_id`` for every line logged within."""
+    given = request.headers.get("X-Request-ID", "")
+    request_id = given if _REQUEST_ID_RE.match(given) else uuid.uuid4().hex[:16]
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    started = time.perf_counter()
+    status = 500
+    try:
+        response: web.StreamResponse = await handler(request)
+        status = response.status
+        if not response.prepared:
+            response.headers["X-Request-ID"] = request_id
+        return response
+    finally:
+        if request.app[CONFIG].log.access:
+            log.info(
+                "request",
+                method=request.method,
+                path=request.path,
+                status=status,
+                ms=round((time.perf_counter() - started) * 1000, 3),
+                remote=request.remote,
+            )
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error leaves in the protocol's shape; a bug is logged and answered 500."""
+    try:
+        response: web.StreamResponse = await handler(request)
+        return response
+    except ServiceError as exc:
+        if exc.status >= 500:
+            log.warning("request_refused", code=exc.code, message=exc.message)
+        return web.Response(
+            body=exc.body(),
+            status=exc.status,
+            content_type="application/json",
+            headers=exc.headers,
+        )
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = _HTTP_CODES.get(exc.status, "http_error")
+        headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
+        return web.Response(
+            body=error_body(code, exc.reason),
+            status=exc.status,
+            content_type="application/json",
+            headers=headers,
+        )
+    except Exception:
+        log.exception("request_failed", method=request.method, path=request.path)
+        return web.Response(
+            body=error_body("internal_error", "an internal error occurred; it has been logged"),
+            status=500,
+            content_type="application/json",
+        )
+
+
+def create_app(config: Config) -> web.Application:
+    app = web.Application(
+        client_max_size=config.limits.max_body_bytes,
+        middlewares=[access_log_middleware, error_middleware],
+    )
+    app[CONFIG] = config
+    app[HUB] = Hub(config.stream.cache_events_per_job, config.stream.cache_bytes)
+    app[STREAMS] = weakref.WeakSet[web.StreamResponse]()
+    app.cleanup_ctx.append(_store_ctx)
+    app.on_shutdown.append(_close_streams)
+    add_routes(app)
+    return app
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/jobs", jobs.create_job)
+    app.router.add_get("/v1/jobs", jobs.list_jobs)
+    app.router.add_get("/v1/jobs/{job_id}", jobs.get_job)
+    app.router.add_post("/v1/jobs/{job_id}/events", jobs.append_events)
+    app.router.add_get("/v1/jobs/{job_id}/events", jobs.read_events)
+    app.router.add_get("/v1/jobs/{job_id}/stream", stream.stream)
+    app.router.add_get("/healthz", health.healthz)
+    app.router.add_get("/readyz", health.readyz)
+
+
+async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
+    store = Store(app[CONFIG], app[HUB])
+    await store.open()
+    app[STORE] = store
+    log.info("store_opened", path=store.path, durability=app[CONFIG].storage.durability)
+    try:
+        yield
+    finally:
+        # Runs after every handler has finished: what was acknowledged is committed, and the
+        # writer commits whatever is still queued before its connection closes.
+        await store.close()
+        log.info("store_closed", path=store.path)
+
+
+async def _close_streams(app: web.Application) -> None:
+    """Shutdown: wake every cursor (they end with 1001 / end of stream), close sockets."""
+    app[HUB].close()
+    for response in list(app[STREAMS]):
+        if isinstance(response, web.WebSocketResponse) and not response.closed:
+            await response.close(code=WSClose.GOING_AWAY, message=b"server shutting down")

@@ -1,0 +1,131 @@
+"""Configuration: frozen pydantic models for ``config.toml``, environment overrides, loading.
+
+Every setting lives in one TOML file; any key may be overridden by an environment variable
+``JOBFEED_<SECTION>__<KEY>`` (e.g. ``JOBFEED_SERVER__PORT=9000``). A wrong setting (unknown
+key, bad type, unwritable database directory) raises ``ConfigError`` with one clear line.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+ENV_PREFIX = "JOBFEED_"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message is one line for the operator."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    shutdown_timeout: float = Field(10.0, gt=0)
+    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
+
+
+class StorageConfig(_Section):
+    path: Path = Path("data/jobfeed.db")
+    durability: Literal["full", "normal"] = "full"
+    read_connections: int = Field(2, ge=1, le=16)
+    max_batch_events: int = Field(2_000, ge=1)
+    max_pending_appends: int = Field(10_000, ge=1)
+    checkpoint_seconds: float = Field(1.0, gt=0)
+    job_cache_size: int = Field(10_000, ge=1)
+    busy_timeout_ms: int = Field(5_000, ge=0)
+
+
+class StreamConfig(_Section):
+    heartbeat_seconds: float = Field(15.0, gt=0)
+    ping_seconds: float = Field(20.0, gt=0)
+    send_timeout: float = Field(30.0, gt=0)
+    max_client_frame_bytes: int = Field(65_536, ge=128)
+    max_subscribers: int = Field(10_000, ge=1)
+    page_events: int = Field(500, ge=1)
+    cache_events_per_job: int = Field(1_024, ge=0)
+    cache_bytes: int = Field(64 * 1024 * 1024, ge=0)
+
+
+class LimitsConfig(_Section):
+    max_event_bytes: int = Field(65_536, ge=256)
+    max_body_bytes: int = Field(1_048_576, ge=1024)
+    max_batch_events: int = Field(1_000, ge=1)
+    page_size_max: int = Field(1_000, ge=1)
+    page_size_default: int = Field(1_000, ge=1)
+    jobs_page_default: int = Field(50, ge=1)
+
+
+class LogConfig(_Section):
+    format: Literal["auto", "json", "console"] = "auto"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    access: bool = True
+
+
+class Config(_Section):
+    server: ServerConfig = ServerConfig()
+    storage: StorageConfig = StorageConfig()
+    stream: StreamConfig = StreamConfig()
+    limits: LimitsConfig = LimitsConfig()
+    log: LogConfig = LogConfig()
+
+
+def _apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        section, _, key = name[len(ENV_PREFIX) :].lower().partition("__")
+        if section not in Config.model_fields:
+            raise ConfigError(f"{name}: unknown section {section!r}")
+        raw.setdefault(section, {})[key] = value
+
+
+def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read ``path`` (if given), apply environment overrides, validate, resolve the db path.
+
+    A relative ``storage.path`` is taken relative to the config file's directory, so that
+    ``jobfeed serve --config /etc/jobfeed/config.toml`` works from any working directory.
+    """
+    raw: dict[str, Any] = {}
+    base = Path.cwd()
+    if path is not None:
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+        base = path.resolve().parent
+    _apply_env(raw, os.environ if environ is None else environ)
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise ConfigError(f"config {where}: {first['msg']}") from exc
+    db_path = config.storage.path
+    if not db_path.is_absolute():
+        db_path = base / db_path
+    storage = config.storage.model_copy(update={"path": db_path})
+    return config.model_copy(update={"storage": storage})
+
+
+def ensure_storage_dir(config: Config) -> None:
+    """Create the database directory, or fail with one line if it cannot be written."""
+    directory = config.storage.path.parent
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"storage.path: cannot create {directory}: {exc.strerror}") from exc
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ConfigError(f"storage.path: directory {directory} is not writable")
+    if config.storage.path.exists() and not os.access(config.storage.path, os.W_OK):
+        raise ConfigError(f"storage.path: {config.storage.path} is not writable")

@@ -1,0 +1,139 @@
+"""The service's errors: each class carries its HTTP status and code; one body shape for all.
+
+Domain code raises a ``ServiceError`` subclass; the error middleware (``server.app``) turns it
+into the spec's body ``{"error": {"code", "message", "details"}}``. WebSocket close codes live
+here too, so the two transports agree on what each failure means.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import orjson
+
+
+class ServiceError(Exception):
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+    headers: dict[str, str]
+
+    def __init__(self, message: str, details: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details or []
+        self.headers = {}
+
+    def body(self) -> bytes:
+        return error_body(self.code, self.message, self.details)
+
+
+def error_body(code: str, message: str, details: list[dict[str, Any]] | None = None) -> bytes:
+    return orjson.dumps({"error": {"code": code, "message": message, "details": details or []}})
+
+
+class InvalidJson(ServiceError):
+    status = 400
+    code = "invalid_json"
+
+
+class InvalidParameter(ServiceError):
+    status = 400
+    code = "invalid_parameter"
+
+
+class BadRequest(ServiceError):
+    status = 400
+    code = "bad_request"
+
+
+class JobNotFound(ServiceError):
+    status = 404
+    code = "job_not_found"
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"job {job_id} does not exist")
+
+
+class NotFound(ServiceError):
+    status = 404
+    code = "not_found"
+
+
+class MethodNotAllowed(ServiceError):
+    status = 405
+    code = "method_not_allowed"
+
+
+class JobExists(ServiceError):
+    status = 409
+    code = "job_exists"
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"job {job_id} already exists")
+
+
+class JobFinished(ServiceError):
+    status = 409
+    code = "job_finished"
+
+    def __init__(self, job_id: str, status: str) -> None:
+        super().__init__(f"job {job_id} is {status}; its log is closed")
+
+
+class BodyTooLarge(ServiceError):
+    status = 413
+    code = "body_too_large"
+
+
+class EventTooLarge(ServiceError):
+    status = 413
+    code = "event_too_large"
+
+
+class UnsupportedMediaType(ServiceError):
+    status = 415
+    code = "unsupported_media_type"
+
+
+class ValidationFailed(ServiceError):
+    status = 422
+    code = "validation_error"
+
+
+class Overloaded(ServiceError):
+    status = 503
+    code = "overloaded"
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.headers = {"Retry-After": str(retry_after)}
+
+
+class StorageUnavailable(ServiceError):
+    status = 503
+    code = "storage_unavailable"
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.headers = {"Retry-After": str(retry_after)}
+
+
+class ShuttingDown(ServiceError):
+    status = 503
+    code = "shutting_down"
+
+    def __init__(self) -> None:
+        super().__init__("the server is shutting down; retry against the new process")
+        self.headers = {"Retry-After": "1"}
+
+
+class WSClose:
+    """WebSocket close codes (protocol v1). 1xxx: resume later or done; 4xxx: final."""
+
+    DONE = 1000
+    GOING_AWAY = 1001
+    TOO_BIG = 1009
+    INTERNAL = 1011
+    OVERLOADED = 1013
+    JOB_NOT_FOUND = 4004
+    BAD_REQUEST = 4400

@@ -1,0 +1,70 @@
+"""The transport-free cursor: replay a job's log from an offset, then follow it live.
+
+A subscriber is a position (``after``) in one job's log. Each step sends what lies past that
+position — from the hub's cache of recent frames when it reaches back far enough, else from
+SQLite — and advances the position to the last seq sent. At the end of the log it waits on the
+job's channel. Because the position only moves to seqs actually read, in order, there is no
+hole and no duplicate however replay and appends interleave, and a slow subscriber only falls
+behind: nothing is queued for it anywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from .frames import Frame
+from .hub import Hub
+from .store import JobHead, Store
+
+
+class StreamClosing(Exception):
+    """The server is shutting down; the subscriber should resume elsewhere (1001)."""
+
+
+@dataclass
+class Cursor:
+    job_id: str
+    after: int
+    sent: int = 0
+    done: bool = False
+
+
+async def follow(
+    store: Store,
+    hub: Hub,
+    cursor: Cursor,
+    head: JobHead,
+    *,
+    page_events: int,
+    idle_seconds: float,
+) -> AsyncIterator[list[Frame] | None]:
+    """Yield batches of frames past ``cursor.after`` in order; ``None`` after
+    ``idle_seconds`` without any (time for a heartbeat). Ends after the terminal event.
+
+    ``head`` is the job's status and last_seq read before the caller sent its hello, so
+    that a finished job whose log the subscriber already has ends at once.
+    """
+    if head.status in ("completed", "failed", "cancelled") and cursor.after >= head.last_seq:
+        cursor.done = True
+        return
+    channel = hub.attach(cursor.job_id, head.last_seq)
+    try:
+        while True:
+            if hub.closing:
+                raise StreamClosing()
+            frames = channel.frames_after(cursor.after, page_events)
+            if frames is None:
+                frames = await store.read_after(cursor.job_id, cursor.after, page_events)
+            if frames:
+                cursor.after = frames[-1].seq
+                cursor.sent += len(frames)
+                yield frames
+                if frames[-1].terminal:
+                    cursor.done = True
+                    return
+                continue
+            if not await channel.wait_beyond(cursor.after, idle_seconds) and not hub.closing:
+                yield None
+    finally:
+        hub.detach(channel)

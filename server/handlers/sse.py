@@ -1,0 +1,100 @@
+"""Server-Sent Events transport: hello, the replay, then live events; ends after the terminal.
+
+Unknown jobs and bad offsets are refused with a plain HTTP error before the stream starts.
+``Last-Event-ID`` (sent by browsers on reconnect) takes precedence over ``?after=``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import structlog
+from aiohttp import web
+
+from ..errors import InvalidParameter, JobNotFound
+from ..follow import Cursor, StreamClosing, follow
+from ..frames import control_frame
+from ..keys import CONFIG, HUB, STORE, STREAMS
+from .request import parse_int
+
+log = structlog.get_logger("jobfeed.stream")
+
+
+async def serve_sse(request: web.Request, job_id: str) -> web.StreamResponse:
+    config = request.app[CONFIG].stream
+    store = request.app[STORE]
+    raw_after = request.headers.get("Last-Event-ID") or request.query.get("after") or "0"
+    after = parse_int("after", raw_after)
+    head = await store.job_head(job_id)
+    if head is None:
+        raise JobNotFound(job_id)
+    if after > head.last_seq:
+        raise InvalidParameter(f"after={after} is past the end of the log ({head.last_seq})")
+
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",  # let proxies pass events through as they come
+        }
+    )
+    await response.prepare(request)
+    request.app[STREAMS].add(response)
+    hello = control_frame(
+        {
+            "type": "hello",
+            "job_id": job_id,
+            "status": head.status,
+            "after": after,
+            "last_seq": head.last_seq,
+        }
+    )
+    cursor = Cursor(job_id, after)
+    started = time.monotonic()
+    outcome = "client_gone"
+    try:
+        async with asyncio.timeout(config.send_timeout):
+            await response.write(b"event: hello\ndata: %s\n\n" % hello)
+        batches = follow(
+            store,
+            request.app[HUB],
+            cursor,
+            head,
+            page_events=config.page_events,
+            idle_seconds=config.heartbeat_seconds,
+        )
+        async for batch in batches:
+            payload = b": heartbeat\n\n" if batch is None else b"".join(f.sse for f in batch)
+            async with asyncio.timeout(config.send_timeout):
+                await response.write(payload)
+        outcome = "done"
+        await response.write_eof()
+    except StreamClosing:
+        outcome = "shutdown"
+        await _end_quietly(response)
+    except TimeoutError:
+        # The peer stopped reading; drop it rather than hold its buffer. It resumes by offset.
+        outcome = "send_timeout"
+        if request.transport is not None:
+            request.transport.abort()
+    except (ConnectionResetError, ConnectionError):
+        outcome = "client_gone"
+    finally:
+        request.app[STREAMS].discard(response)
+        log.info(
+            "stream_closed",
+            transport="sse",
+            after=after,
+            sent=cursor.sent,
+            last_seq=cursor.after,
+            outcome=outcome,
+            seconds=round(time.monotonic() - started, 3),
+        )
+    return response
+
+
+async def _end_quietly(response: web.StreamResponse) -> None:
+    with contextlib.suppress(ConnectionError):
+        await response.write_eof()

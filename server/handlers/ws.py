@@ -1,0 +1,180 @@
+"""WebSocket transport: hello, the replay, then live events, heartbeats and ping/pong.
+
+Only this handler's task calls ``receive()`` (client pings, client closes); a sender task
+runs the cursor. Close codes follow protocol v1: 1000 after the terminal event, 1001 on
+shutdown, 1009 for a client frame over ``stream.max_client_frame_bytes``, 1011 on a bug,
+1013 for a peer that does not drain within ``stream.send_timeout``, 4004 / 4400 final.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import orjson
+import structlog
+from aiohttp import WSMsgType, web
+
+from ..errors import InvalidParameter, WSClose
+from ..follow import Cursor, StreamClosing, follow
+from ..frames import control_frame
+from ..keys import CONFIG, HUB, STORE, STREAMS
+from ..store import JobHead
+from .request import parse_int
+
+log = structlog.get_logger("jobfeed.stream")
+
+_PONG = control_frame({"type": "pong"})
+
+
+async def serve_websocket(request: web.Request, job_id: str) -> web.WebSocketResponse:
+    config = request.app[CONFIG].stream
+    ws = web.WebSocketResponse(
+        heartbeat=config.ping_seconds,
+        max_msg_size=config.max_client_frame_bytes,
+        compress=False,  # compression halves fan-out throughput; events are small
+    )
+    await ws.prepare(request)
+    request.app[STREAMS].add(ws)
+    started = time.monotonic()
+    cursor = Cursor(job_id, 0)
+    outcome = "client_gone"
+    try:
+        head = await _open(request, ws, job_id, cursor)
+        if head is None:
+            outcome = "refused"
+            return ws
+        sender = asyncio.create_task(_send_events(request, ws, cursor, head))
+        try:
+            await _receive_until_closed(ws)
+        finally:
+            if not sender.done():
+                sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                outcome = await sender
+    finally:
+        request.app[STREAMS].discard(ws)
+        log.info(
+            "stream_closed",
+            transport="ws",
+            after=cursor.after - cursor.sent,
+            sent=cursor.sent,
+            last_seq=cursor.after,
+            outcome=outcome,
+            close_code=ws.close_code,
+            seconds=round(time.monotonic() - started, 3),
+        )
+    return ws
+
+
+async def _open(
+    request: web.Request, ws: web.WebSocketResponse, job_id: str, cursor: Cursor
+) -> JobHead | None:
+    """Validate the subscription and send hello; None if it was refused (and closed)."""
+    try:
+        after = parse_int("after", request.query.get("after") or "0")
+    except InvalidParameter as exc:
+        await _refuse(ws, WSClose.BAD_REQUEST, "invalid_parameter", exc.message)
+        return None
+    head = await request.app[STORE].job_head(job_id)
+    if head is None:
+        await _refuse(ws, WSClose.JOB_NOT_FOUND, "job_not_found", f"job {job_id} does not exist")
+        return None
+    if after > head.last_seq:
+        message = f"after={after} is past the end of the log ({head.last_seq})"
+        await _refuse(ws, WSClose.BAD_REQUEST, "invalid_parameter", message)
+        return None
+    cursor.after = after
+    await ws.send_frame(
+        control_frame(
+            {
+                "type": "hello",
+                "job_id": job_id,
+                "status": head.status,
+                "after": after,
+                "last_seq": head.last_seq,
+            }
+        ),
+        WSMsgType.TEXT,
+    )
+    return head
+
+
+async def _refuse(ws: web.WebSocketResponse, code: int, error: str, message: str) -> None:
+    await ws.send_frame(
+        control_frame({"type": "error", "code": error, "message": message}), WSMsgType.TEXT
+    )
+    await ws.close(code=code, message=error.encode())
+
+
+async def _send_events(
+    request: web.Request, ws: web.WebSocketResponse, cursor: Cursor, head: JobHead
+) -> str:
+    """Run the cursor to the end of the job (or until closed); return how it ended."""
+    config = request.app[CONFIG].stream
+    batches = follow(
+        request.app[STORE],
+        request.app[HUB],
+        cursor,
+        head,
+        page_events=config.page_events,
+        idle_seconds=config.heartbeat_seconds,
+    )
+    try:
+        async for batch in batches:
+            async with asyncio.timeout(config.send_timeout):
+                if batch is None:
+                    heartbeat = control_frame({"type": "heartbeat", "last_seq": cursor.after})
+                    await ws.send_frame(heartbeat, WSMsgType.TEXT)
+                    continue
+                for frame in batch:
+                    await ws.send_frame(frame.json, WSMsgType.TEXT)
+        await ws.close(code=WSClose.DONE, message=b"job finished")
+        return "done"
+    except StreamClosing:
+        await ws.close(code=WSClose.GOING_AWAY, message=b"server shutting down")
+        return "shutdown"
+    except TimeoutError:
+        # The peer stopped reading. Dropping it bounds what we hold; it resumes by offset.
+        await _close_stuck(ws)
+        return "send_timeout"
+    except ConnectionError:
+        return "client_gone"
+    except Exception:
+        log.exception("stream_failed", job_id=cursor.job_id, last_seq=cursor.after)
+        with contextlib.suppress(Exception):
+            await ws.close(code=WSClose.INTERNAL, message=b"internal error")
+        return "error"
+
+
+async def _close_stuck(ws: web.WebSocketResponse) -> None:
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(1):
+            await ws.close(code=WSClose.OVERLOADED, message=b"send timeout")
+
+
+async def _receive_until_closed(ws: web.WebSocketResponse) -> None:
+    """Answer client pings; refuse anything else politely; return when the socket closes."""
+    async for message in ws:
+        if message.type == WSMsgType.TEXT:
+            try:
+                payload = orjson.loads(message.data)
+            except orjson.JSONDecodeError:
+                payload = None
+            if isinstance(payload, dict) and payload.get("type") == "ping":
+                await ws.send_frame(_PONG, WSMsgType.TEXT)
+            else:
+                error = {
+                    "type": "error",
+                    "code": "unknown_frame",
+                    "message": 'the only client frame is {"type": "ping"}',
+                }
+                await ws.send_frame(control_frame(error), WSMsgType.TEXT)
+        elif message.type == WSMsgType.BINARY:
+            error = {
+                "type": "error",
+                "code": "unknown_frame",
+                "message": "binary frames are not part of the protocol",
+            }
+            await ws.send_frame(control_frame(error), WSMsgType.TEXT)

@@ -1,0 +1,17 @@
+"""Every typed ``web.AppKey`` the application holds, in one place."""
+
+from __future__ import annotations
+
+import weakref
+
+from aiohttp import web
+
+from .config import Config
+from .hub import Hub
+from .store import Store
+
+CONFIG = web.AppKey("config", Config)
+STORE = web.AppKey("store", Store)
+HUB = web.AppKey("hub", Hub)
+# Open streams, closed with 1001 / ended on shutdown. Weak: a finished handler drops out.
+STREAMS: web.AppKey[weakref.WeakSet[web.StreamResponse]] = web.AppKey("streams")

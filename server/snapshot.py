@@ -1,0 +1,104 @@
+"""The job snapshot as a pure fold over the log: ``snapshot = reduce(apply_event, events)``.
+
+The writer uses ``apply_event`` to update the snapshot in the same transaction as the events it
+appends; tests replay stored logs through it and compare with the stored snapshot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import orjson
+
+from .models import TERMINAL_TYPES
+
+
+@dataclass(frozen=True, slots=True)
+class JobState:
+    job_id: str
+    kind: str | None
+    status: str
+    last_seq: int
+    created_at: str
+    updated_at: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+    progress: float | None = None
+    phase: str | None = None
+    message: str | None = None
+    current: int | None = None
+    total: int | None = None
+    finished_at: str | None = None
+    result: Any = None
+    error: Any = None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in TERMINAL_TYPES
+
+    def to_dict(self) -> dict[str, Any]:
+        """The protocol's snapshot: a fixed shape, ``null`` where there is no value."""
+        return {
+            "job_id": self.job_id,
+            "kind": self.kind,
+            "status": self.status,
+            "progress": self.progress,
+            "phase": self.phase,
+            "message": self.message,
+            "current": self.current,
+            "total": self.total,
+            "last_seq": self.last_seq,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "finished_at": self.finished_at,
+            "metadata": self.metadata,
+            "result": self.result,
+            "error": self.error,
+        }
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self.to_dict())
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> JobState:
+        return cls(**orjson.loads(raw))
+
+
+_PROGRESS_FIELDS = ("progress", "phase", "message", "current", "total")
+
+
+def apply_event(state: JobState | None, event: dict[str, Any]) -> JobState:
+    """The snapshot after ``event`` (a stored event, server fields included)."""
+    event_type = event["type"]
+    ts = event["ts"]
+    if event_type == "created":
+        return JobState(
+            job_id=event["job_id"],
+            kind=event.get("kind"),
+            status="queued",
+            last_seq=event["seq"],
+            created_at=ts,
+            updated_at=ts,
+            metadata=event.get("metadata", {}),
+        )
+    if state is None:
+        raise ValueError(f"event {event_type!r} before the job's created event")
+    changes: dict[str, Any] = {"last_seq": event["seq"], "updated_at": ts}
+    if event_type == "progress":
+        changes["status"] = "running"
+        changes.update({name: event[name] for name in _PROGRESS_FIELDS if name in event})
+    elif event_type == "log":
+        changes["status"] = "running"
+    elif event_type in TERMINAL_TYPES:
+        changes["status"] = event_type
+        changes["finished_at"] = ts
+        if event_type == "completed":
+            changes["progress"] = 100.0
+            changes["result"] = event.get("result")
+            if "message" in event:
+                changes["message"] = event["message"]
+        elif event_type == "failed":
+            changes["error"] = event["error"]
+        elif "reason" in event:
+            changes["message"] = event["reason"]
+    return replace(state, **changes)

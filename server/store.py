@@ -1,0 +1,194 @@
+"""The SQLite event log: connections, migrations at open, reads, and the single writer.
+
+One aiosqlite connection writes (``server.writer``); a small pool reads, so replays and audit
+pages never wait behind a commit (WAL readers see the last committed state). WAL checkpoints
+run from a separate connection on a timer instead of inside the writer's commits, which keeps
+the append path's p99 flat (see ``../shared/notes/measured-here.md``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import sqlite3
+from dataclasses import dataclass
+
+import aiosqlite
+import structlog
+
+from . import migrate
+from .config import Config
+from .frames import Frame
+from .hub import Hub
+from .writer import Writer
+
+log = structlog.get_logger("jobfeed.store")
+
+
+@dataclass(frozen=True, slots=True)
+class JobHead:
+    """What a subscriber needs to start: the job's status and the end of its log."""
+
+    status: str
+    last_seq: int
+
+
+class Store:
+    def __init__(self, config: Config, hub: Hub) -> None:
+        self._config = config
+        self._hub = hub
+        self._writer_conn: aiosqlite.Connection | None = None
+        self._checkpoint_conn: aiosqlite.Connection | None = None
+        self._readers: list[aiosqlite.Connection] = []
+        self._reader_turn = itertools.count()
+        self._checkpoint_task: asyncio.Task[None] | None = None
+        self._writer: Writer | None = None
+        self.schema_version = 0
+
+    @property
+    def path(self) -> str:
+        return str(self._config.storage.path)
+
+    @property
+    def writer(self) -> Writer:
+        if self._writer is None:
+            raise RuntimeError("store is not open")
+        return self._writer
+
+    async def open(self) -> None:
+        storage = self._config.storage
+        applied = await asyncio.to_thread(migrate.apply_migrations, storage.path)
+        if applied:
+            log.info("migrations_applied", names=applied, path=self.path)
+        self.schema_version = len(migrate.bundled_migrations())
+        self._writer_conn = await self._connect()
+        self._checkpoint_conn = await self._connect()
+        for _ in range(storage.read_connections):
+            reader = await self._connect(read_only=True)
+            self._readers.append(reader)
+        self._writer = Writer(
+            self._writer_conn,
+            self._hub,
+            max_batch_events=storage.max_batch_events,
+            max_pending=storage.max_pending_appends,
+            max_event_bytes=self._config.limits.max_event_bytes,
+            job_cache_size=storage.job_cache_size,
+        )
+        await self._writer.start()
+        self._checkpoint_task = asyncio.create_task(self._checkpoint_loop(), name="checkpoint")
+
+    async def close(self) -> None:
+        """Commit what is queued, checkpoint, and close every connection (and its thread)."""
+        if self._writer is not None:
+            await self._writer.stop()
+        if self._checkpoint_task is not None:
+            self._checkpoint_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._checkpoint_task
+        if self._checkpoint_conn is not None:
+            try:
+                await self._checkpoint_conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error as exc:
+                log.warning("final_checkpoint_failed", error=str(exc))
+        for conn in [*self._readers, self._checkpoint_conn, self._writer_conn]:
+            if conn is not None:
+                await conn.close()
+        self._readers.clear()
+        self._writer_conn = self._checkpoint_conn = None
+
+    async def _connect(self, read_only: bool = False) -> aiosqlite.Connection:
+        storage = self._config.storage
+        conn = await aiosqlite.connect(storage.path, isolation_level=None)
+        synchronous = "FULL" if storage.durability == "full" else "NORMAL"
+        await conn.execute(f"PRAGMA busy_timeout = {storage.busy_timeout_ms}")
+        await conn.execute("PRAGMA journal_mode = WAL")
+        await conn.execute(f"PRAGMA synchronous = {synchronous}")
+        # Checkpoints run from _checkpoint_loop, never inside a writer's COMMIT.
+        await conn.execute("PRAGMA wal_autocheckpoint = 0")
+        if read_only:
+            await conn.execute("PRAGMA query_only = 1")
+            # Event bodies go to sockets as bytes: skip a decode and re-encode per row.
+            conn.text_factory = bytes
+        return conn
+
+    def _reader(self) -> aiosqlite.Connection:
+        return self._readers[next(self._reader_turn) % len(self._readers)]
+
+    async def _checkpoint_loop(self) -> None:
+        assert self._checkpoint_conn is not None
+        last_commits = -1
+        while True:
+            await asyncio.sleep(self._config.storage.checkpoint_seconds)
+            commits = self.writer.commits
+            if commits == last_commits:
+                continue
+            last_commits = commits
+            try:
+                await self._checkpoint_conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            except sqlite3.Error as exc:
+                log.warning("checkpoint_failed", error=str(exc))
+
+    # -- reads ---------------------------------------------------------------------------
+
+    async def snapshot_json(self, job_id: str) -> bytes | None:
+        async with self._reader().execute(
+            "SELECT snapshot FROM jobs WHERE job_id = ?", (job_id,)
+        ) as cursor:
+            row = await cursor.fetchone()
+        return None if row is None else bytes(row[0])
+
+    async def job_head(self, job_id: str) -> JobHead | None:
+        async with self._reader().execute(
+            "SELECT status, last_seq FROM jobs WHERE job_id = ?", (job_id,)
+        ) as cursor:
+            row = await cursor.fetchone()
+        return None if row is None else JobHead(row[0].decode(), row[1])
+
+    async def list_jobs(
+        self, status: str | None, kind: str | None, limit: int, before: int | None
+    ) -> tuple[list[bytes], int | None]:
+        """Snapshots newest first; the cursor is the job_no of the last one returned."""
+        clauses: list[str] = []
+        params: list[str | int] = []
+        if status is not None:
+            clauses.append("status = ?")
+            params.append(status)
+        if kind is not None:
+            clauses.append("kind = ?")
+            params.append(kind)
+        if before is not None:
+            clauses.append("job_no < ?")
+            params.append(before)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        query = f"SELECT job_no, snapshot FROM jobs {where} ORDER BY job_no DESC LIMIT ?"
+        async with self._reader().execute(query, [*params, limit + 1]) as cursor:
+            rows = list(await cursor.fetchall())
+        page = rows[:limit]
+        next_before = page[-1][0] if len(rows) > limit else None
+        return [bytes(row[1]) for row in page], next_before
+
+    async def read_after(self, job_id: str, after: int, limit: int) -> list[Frame]:
+        async with self._reader().execute(
+            "SELECT seq, id, type, ts, body FROM events WHERE job_id = ? AND seq > ? "
+            "ORDER BY seq LIMIT ?",
+            (job_id, after, limit),
+        ) as cursor:
+            rows = await cursor.fetchall()
+        return [
+            Frame(job_id, seq, event_id, event_type.decode(), ts.decode(), body)
+            for seq, event_id, event_type, ts, body in rows
+        ]
+
+    async def check_ready(self) -> str | None:
+        """None when the log can be read and written; otherwise why not."""
+        if self._writer is None or not self._readers:
+            return "storage is not open"
+        if not self._writer.healthy:
+            return f"last commit failed: {self._writer.last_error}"
+        try:
+            async with self._reader().execute("SELECT 1 FROM schema_migrations LIMIT 1") as c:
+                await c.fetchone()
+        except sqlite3.Error as exc:
+            return f"cannot read the database: {exc}"
+        return None

@@ -1,0 +1,457 @@
+"""The single writer: every append and job creation, committed in groups.
+
+Requests queue up while a commit is in flight; the next round takes all of them (up to
+``storage.max_batch_events``) into one transaction: events, new jobs and snapshot updates
+together. Only after COMMIT returns are the new frames published to the hub and the callers
+answered, so nothing is acknowledged or sent that a crash could take back.
+
+A request is planned against a scratch copy of the job states; a request that fails its own
+checks (unknown job, closed log, oversize event) is refused alone and leaves nothing behind,
+while the others in its group go on. A failed commit refuses the whole group with
+``StorageUnavailable`` and leaves the in-memory state as it was before the group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import aiosqlite
+import orjson
+import structlog
+
+from .errors import (
+    EventTooLarge,
+    JobExists,
+    JobFinished,
+    JobNotFound,
+    Overloaded,
+    ServiceError,
+    ShuttingDown,
+    StorageUnavailable,
+)
+from .frames import Frame
+from .hub import Hub
+from .models import EventIn
+from .snapshot import JobState, apply_event
+
+log = structlog.get_logger("jobfeed.writer")
+
+# SQLite's default limit on host parameters is 32766; stay well inside it.
+_MAX_PARAMS = 30_000
+
+
+@dataclass(frozen=True, slots=True)
+class AppendedEvent:
+    seq: int
+    id: int
+    ts: str
+    duplicate: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"seq": self.seq, "id": self.id, "ts": self.ts}
+        if self.duplicate:
+            out["duplicate"] = True
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    job_id: str
+    last_seq: int
+    events: list[AppendedEvent]
+
+    @property
+    def all_duplicates(self) -> bool:
+        return all(event.duplicate for event in self.events)
+
+
+@dataclass(slots=True)
+class _Op:
+    job_id: str
+    future: asyncio.Future[Any]
+    # For an append: the validated events. For a create: None, with kind and metadata.
+    events: list[EventIn] | None = None
+    kind: str | None = None
+    metadata: dict[str, Any] | None = None
+
+    @property
+    def weight(self) -> int:
+        return 1 if self.events is None else len(self.events)
+
+
+@dataclass(slots=True)
+class _Group:
+    """What one round will write, built up request by request."""
+
+    states: dict[str, JobState | None]
+    created: set[str] = field(default_factory=set)
+    touched: dict[str, JobState] = field(default_factory=dict)
+    event_rows: list[tuple[int, str, int, str, str, str | None, str]] = field(default_factory=list)
+    frames: dict[str, list[Frame]] = field(default_factory=dict)
+    keys: dict[tuple[str, str], AppendedEvent] = field(default_factory=dict)
+    answers: list[tuple[_Op, Any]] = field(default_factory=list)
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+class Writer:
+    def __init__(
+        self,
+        conn: aiosqlite.Connection,
+        hub: Hub,
+        *,
+        max_batch_events: int,
+        max_pending: int,
+        max_event_bytes: int,
+        job_cache_size: int,
+    ) -> None:
+        self._conn = conn
+        self._hub = hub
+        self._max_batch_events = max_batch_events
+        self._max_pending = max_pending
+        self._max_event_bytes = max_event_bytes
+        self._job_cache_size = job_cache_size
+        self._queue: asyncio.Queue[_Op | None] = asyncio.Queue()
+        self._pending_weight = 0
+        self._jobs: OrderedDict[str, JobState] = OrderedDict()
+        self._next_id = 1
+        self._last_ts = ""
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.healthy = True
+        self.last_error: str | None = None
+        self.commits = 0
+        self.events_written = 0
+
+    async def start(self) -> None:
+        async with self._conn.execute("SELECT MAX(id), MAX(ts) FROM events") as cursor:
+            row = await cursor.fetchone()
+        assert row is not None
+        self._next_id = (row[0] or 0) + 1
+        self._last_ts = row[1] or ""
+        self._task = asyncio.create_task(self._run(), name="jobfeed-writer")
+
+    async def stop(self) -> None:
+        """Commit everything already queued, then stop taking requests."""
+        self._stopping = True
+        self._queue.put_nowait(None)
+        if self._task is not None:
+            await self._task
+
+    @property
+    def pending(self) -> int:
+        return self._pending_weight
+
+    async def create_job(
+        self, job_id: str, kind: str | None, metadata: dict[str, Any] | None
+    ) -> JobState:
+        op = self._submit(_Op(job_id, self._new_future(), kind=kind, metadata=metadata))
+        result: JobState = await op.future
+        return result
+
+    async def append(self, job_id: str, events: list[EventIn]) -> AppendResult:
+        op = self._submit(_Op(job_id, self._new_future(), events=events))
+        result: AppendResult = await op.future
+        return result
+
+    def _new_future(self) -> asyncio.Future[Any]:
+        return asyncio.get_running_loop().create_future()
+
+    def _submit(self, op: _Op) -> _Op:
+        if self._stopping:
+            raise ShuttingDown()
+        if self._pending_weight + op.weight > self._max_pending and self._pending_weight:
+            raise Overloaded(f"the writer has {self._pending_weight} events queued; retry shortly")
+        self._pending_weight += op.weight
+        self._queue.put_nowait(op)
+        return op
+
+    async def _run(self) -> None:
+        stop_seen = False
+        while not stop_seen:
+            first = await self._queue.get()
+            if first is None:
+                break
+            ops, weight = [first], first.weight
+            while weight < self._max_batch_events and not self._queue.empty():
+                op = self._queue.get_nowait()
+                if op is None:
+                    stop_seen = True
+                    break
+                ops.append(op)
+                weight += op.weight
+            try:
+                await self._commit_group(ops)
+            except Exception as exc:  # a bug: never let it kill the writer or hang callers
+                log.exception("writer_group_failed", ops=len(ops))
+                for op in ops:
+                    if not op.future.done():
+                        op.future.set_exception(exc)
+            finally:
+                self._pending_weight -= weight
+
+    async def _commit_group(self, ops: list[_Op]) -> None:
+        started = time.perf_counter()
+        try:
+            states = await self._load_states({op.job_id for op in ops})
+            stored_keys = await self._load_keys(ops)
+        except sqlite3.Error as exc:
+            self._fail(ops, exc, "read")
+            return
+        group = _Group(states=states)
+        ts = utc_now()
+        if ts < self._last_ts:
+            ts = self._last_ts  # the wall clock stepped back; keep ts monotonic in the log
+        next_id = self._next_id
+        for op in ops:
+            try:
+                if op.events is None:
+                    next_id = self._plan_create(group, op, ts, next_id)
+                else:
+                    next_id = self._plan_append(group, op, stored_keys, ts, next_id)
+            except ServiceError as exc:
+                if not op.future.done():
+                    op.future.set_exception(exc)
+        if group.event_rows:
+            try:
+                await self._write(group)
+            except sqlite3.Error as exc:
+                self._fail([op for op, _ in group.answers], exc, "commit")
+                return
+            self._next_id = next_id
+            self._last_ts = ts
+            self.commits += 1
+            self.events_written += len(group.event_rows)
+            self.healthy = True
+            self.last_error = None
+            for state in group.touched.values():
+                self._remember(state)
+            for job_id, frames in group.frames.items():
+                self._hub.publish(job_id, frames)
+        for op, answer in group.answers:
+            if not op.future.done():
+                op.future.set_result(answer)
+        log.debug(
+            "group_committed",
+            ops=len(ops),
+            events=len(group.event_rows),
+            ms=round((time.perf_counter() - started) * 1000, 3),
+        )
+
+    def _fail(self, ops: Iterable[_Op], exc: sqlite3.Error, stage: str) -> None:
+        self.healthy = False
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        ops = list(ops)
+        log.error("storage_failed", stage=stage, error=self.last_error, ops=len(ops))
+        for op in ops:
+            if not op.future.done():
+                op.future.set_exception(
+                    StorageUnavailable(f"the event log cannot be written right now ({exc})")
+                )
+
+    async def _load_states(self, job_ids: set[str]) -> dict[str, JobState | None]:
+        states: dict[str, JobState | None] = {}
+        missing = []
+        for job_id in job_ids:
+            cached = self._jobs.get(job_id)
+            if cached is None:
+                missing.append(job_id)
+            else:
+                self._jobs.move_to_end(job_id)
+                states[job_id] = cached
+        for start in range(0, len(missing), _MAX_PARAMS):
+            chunk = missing[start : start + _MAX_PARAMS]
+            marks = ",".join("?" * len(chunk))
+            query = f"SELECT job_id, snapshot FROM jobs WHERE job_id IN ({marks})"
+            async with self._conn.execute(query, chunk) as cursor:
+                async for job_id, snapshot in cursor:
+                    state = JobState.from_json(snapshot)
+                    states[job_id] = state
+                    self._remember(state)
+        for job_id in missing:
+            states.setdefault(job_id, None)
+        return states
+
+    async def _load_keys(self, ops: list[_Op]) -> dict[tuple[str, str], AppendedEvent]:
+        wanted = [
+            (op.job_id, event.key)
+            for op in ops
+            if op.events is not None
+            for event in op.events
+            if event.key is not None
+        ]
+        found: dict[tuple[str, str], AppendedEvent] = {}
+        step = _MAX_PARAMS // 2
+        for start in range(0, len(wanted), step):
+            chunk = wanted[start : start + step]
+            values = ",".join("(?,?)" for _ in chunk)
+            query = (
+                "SELECT job_id, key, seq, id, ts FROM events "
+                f"WHERE (job_id, key) IN (VALUES {values})"
+            )
+            params = [part for pair in chunk for part in pair]
+            async with self._conn.execute(query, params) as cursor:
+                async for job_id, key, seq, event_id, ts in cursor:
+                    found[(job_id, key)] = AppendedEvent(seq, event_id, ts, duplicate=True)
+        return found
+
+    def _plan_create(self, group: _Group, op: _Op, ts: str, next_id: int) -> int:
+        if group.states.get(op.job_id) is not None:
+            raise JobExists(op.job_id)
+        event: dict[str, Any] = {
+            "job_id": op.job_id,
+            "seq": 1,
+            "id": next_id,
+            "type": "created",
+            "ts": ts,
+        }
+        if op.kind is not None:
+            event["kind"] = op.kind
+        if op.metadata is not None:
+            event["metadata"] = op.metadata
+        body = self._serialize(event, 0)
+        state = apply_event(None, event)
+        group.states[op.job_id] = state
+        group.touched[op.job_id] = state
+        group.created.add(op.job_id)
+        group.event_rows.append((next_id, op.job_id, 1, "created", ts, None, body.decode()))
+        group.frames.setdefault(op.job_id, []).append(
+            Frame(op.job_id, 1, next_id, "created", ts, body)
+        )
+        group.answers.append((op, state))
+        return next_id + 1
+
+    def _plan_append(
+        self,
+        group: _Group,
+        op: _Op,
+        stored_keys: dict[tuple[str, str], AppendedEvent],
+        ts: str,
+        next_id: int,
+    ) -> int:
+        assert op.events is not None
+        state = group.states.get(op.job_id)
+        if state is None:
+            raise JobNotFound(op.job_id)
+        answers: list[AppendedEvent | None] = []
+        fresh: list[tuple[int, EventIn]] = []
+        for index, event in enumerate(op.events):
+            stored = None
+            if event.key is not None:
+                stored = group.keys.get((op.job_id, event.key)) or stored_keys.get(
+                    (op.job_id, event.key)
+                )
+            answers.append(stored)
+            if stored is None:
+                fresh.append((index, event))
+        if not fresh:
+            # A pure retry: answered from what is stored, even after the job has finished.
+            group.answers.append((op, AppendResult(op.job_id, state.last_seq, answers)))  # type: ignore[arg-type]
+            return next_id
+        rows, frames, new_keys = [], [], {}
+        for index, event in fresh:
+            if state.finished:
+                raise JobFinished(op.job_id, state.status)
+            seq = state.last_seq + 1
+            stored_event = {
+                "job_id": op.job_id,
+                "seq": seq,
+                "id": next_id,
+                "type": event.type,
+                "ts": ts,
+                **event.stored_fields(),
+            }
+            body = self._serialize(stored_event, index)
+            state = apply_event(state, stored_event)
+            rows.append((next_id, op.job_id, seq, event.type, ts, event.key, body.decode()))
+            frames.append(Frame(op.job_id, seq, next_id, event.type, ts, body))
+            appended = AppendedEvent(seq, next_id, ts)
+            answers[index] = appended
+            if event.key is not None:
+                new_keys[(op.job_id, event.key)] = appended
+            next_id += 1
+        # The whole request fits: only now does it become part of the group.
+        group.states[op.job_id] = state
+        group.touched[op.job_id] = state
+        group.event_rows.extend(rows)
+        group.frames.setdefault(op.job_id, []).extend(frames)
+        group.keys.update(new_keys)
+        group.answers.append((op, AppendResult(op.job_id, state.last_seq, answers)))  # type: ignore[arg-type]
+        return next_id
+
+    def _serialize(self, event: dict[str, Any], index: int) -> bytes:
+        body = orjson.dumps(event)
+        if len(body) > self._max_event_bytes:
+            raise EventTooLarge(
+                f"event {index} is {len(body)} bytes serialized; "
+                f"the limit is {self._max_event_bytes} (limits.max_event_bytes)"
+            )
+        return body
+
+    async def _write(self, group: _Group) -> None:
+        conn = self._conn
+        await conn.execute("BEGIN IMMEDIATE")
+        try:
+            await conn.executemany(
+                "INSERT INTO events (id, job_id, seq, type, ts, key, body) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                group.event_rows,
+            )
+            new_jobs = [group.touched[job_id] for job_id in group.created]
+            if new_jobs:
+                await conn.executemany(
+                    "INSERT INTO jobs (job_id, kind, status, last_seq, created_at, updated_at,"
+                    " finished_at, snapshot) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        (
+                            s.job_id,
+                            s.kind,
+                            s.status,
+                            s.last_seq,
+                            s.created_at,
+                            s.updated_at,
+                            s.finished_at,
+                            s.to_json().decode(),
+                        )
+                        for s in new_jobs
+                    ],
+                )
+            updated = [s for job_id, s in group.touched.items() if job_id not in group.created]
+            if updated:
+                await conn.executemany(
+                    "UPDATE jobs SET status = ?, last_seq = ?, updated_at = ?, finished_at = ?,"
+                    " snapshot = ? WHERE job_id = ?",
+                    [
+                        (
+                            s.status,
+                            s.last_seq,
+                            s.updated_at,
+                            s.finished_at,
+                            s.to_json().decode(),
+                            s.job_id,
+                        )
+                        for s in updated
+                    ],
+                )
+            await conn.execute("COMMIT")
+        except BaseException:
+            try:
+                await conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                log.warning("rollback_failed")  # SQLite may have rolled back already
+            raise
+
+    def _remember(self, state: JobState) -> None:
+        self._jobs[state.job_id] = state
+        self._jobs.move_to_end(state.job_id)
+        while len(self._jobs) > self._job_cache_size:
+            self._jobs.popitem(last=False)
