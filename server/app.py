@@ -135,6 +135,7 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _close_streams(app: web.Application) -> None:
     """Shutdown: wake every cursor (they end with 1001 / end of stream), close sockets."""
     app[HUB].close()
-    for response in list(app[STREAMS]):
+    streams = app[STREAMS]
+    for response in list(streams):
         if isinstance(response, web.WebSocketResponse) and not response.closed:
             await response.close(code=WSClose.GOING_AWAY, message=b"server shutting down")
