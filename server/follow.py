@@ -24,6 +24,8 @@ class StreamClosing(Exception):
 
 @dataclass
 class Cursor:
+    """Where a subscriber is: ``after`` is the last seq it was sent (its resume offset)."""
+
     job_id: str
     after: int
     sent: int = 0

@@ -294,9 +294,12 @@ class Writer:
         for start in range(0, len(wanted), step):
             chunk = wanted[start : start + step]
             values = ",".join("(?,?)" for _ in chunk)
+            # A join from the wanted pairs (CROSS JOIN keeps that order) lets SQLite search
+            # the partial key index per pair; `(job_id, key) IN (VALUES ...)` scans the log.
             query = (
-                "SELECT job_id, key, seq, id, ts FROM events "
-                f"WHERE (job_id, key) IN (VALUES {values})"
+                f"WITH wanted(job_id, key) AS (VALUES {values}) "
+                "SELECT e.job_id, e.key, e.seq, e.id, e.ts FROM wanted CROSS JOIN events AS e "
+                "ON e.job_id = wanted.job_id AND e.key = wanted.key WHERE e.key IS NOT NULL"
             )
             params = [part for pair in chunk for part in pair]
             async with self._conn.execute(query, params) as cursor:
@@ -377,7 +380,8 @@ class Writer:
             appended = AppendedEvent(seq, next_id, ts)
             answers[index] = appended
             if event.key is not None:
-                new_keys[(op.job_id, event.key)] = appended
+                # What a later request in this group with the same key will be answered.
+                new_keys[(op.job_id, event.key)] = AppendedEvent(seq, next_id, ts, True)
             next_id += 1
         # The whole request fits: only now does it become part of the group.
         group.states[op.job_id] = state

@@ -13,7 +13,7 @@ import time
 import structlog
 from aiohttp import web
 
-from ..errors import InvalidParameter, JobNotFound
+from ..errors import InvalidParameter, JobNotFound, Overloaded
 from ..follow import Cursor, StreamClosing, follow
 from ..frames import control_frame
 from ..keys import CONFIG, HUB, STORE, STREAMS
@@ -27,6 +27,10 @@ async def serve_sse(request: web.Request, job_id: str) -> web.StreamResponse:
     store = request.app[STORE]
     raw_after = request.headers.get("Last-Event-ID") or request.query.get("after") or "0"
     after = parse_int("after", raw_after)
+    if len(request.app[STREAMS]) >= config.max_subscribers:
+        raise Overloaded(
+            f"the server has {config.max_subscribers} open streams (stream.max_subscribers)"
+        )
     head = await store.job_head(job_id)
     if head is None:
         raise JobNotFound(job_id)

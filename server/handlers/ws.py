@@ -72,6 +72,11 @@ async def _open(
     request: web.Request, ws: web.WebSocketResponse, job_id: str, cursor: Cursor
 ) -> JobHead | None:
     """Validate the subscription and send hello; None if it was refused (and closed)."""
+    limit = request.app[CONFIG].stream.max_subscribers
+    if len(request.app[STREAMS]) > limit:  # this socket is already counted
+        message = f"the server has {limit} open streams (stream.max_subscribers); resume later"
+        await _refuse(ws, WSClose.OVERLOADED, "overloaded", message)
+        return None
     try:
         after = parse_int("after", request.query.get("after") or "0")
     except InvalidParameter as exc:

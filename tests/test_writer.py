@@ -1,0 +1,157 @@
+"""The single writer: group commit, per-request atomicity, and a failed commit's clean slate.
+
+Driven directly against a real Store on a real SQLite file; faults are real SQLite errors
+(``PRAGMA max_page_count`` makes the file "full"), not mocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from server.config import Config
+from server.errors import JobFinished, JobNotFound, StorageUnavailable
+from server.hub import Hub
+from server.models import CompletedIn, LogIn, ProgressIn
+from server.store import Store
+from tests.conftest import ConfigFactory
+
+
+@pytest.fixture
+async def store(config: Config) -> AsyncIterator[Store]:
+    opened = Store(config, Hub(config.stream.cache_events_per_job, config.stream.cache_bytes))
+    await opened.open()
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+def log_event(message: str, key: str | None = None) -> LogIn:
+    return LogIn(type="log", message=message, key=key)
+
+
+async def stored_seqs(store: Store, job_id: str) -> list[int]:
+    frames = await store.read_after(job_id, 0, 100_000)
+    return [frame.seq for frame in frames]
+
+
+async def test_concurrent_appends_share_commits(store: Store) -> None:
+    """Appends that arrive while a commit is in flight are committed together, in fewer
+    transactions than requests, and every one is acknowledged with a distinct seq."""
+    await store.writer.create_job("group", None, None)
+    commits_before = store.writer.commits
+    results = await asyncio.gather(
+        *(store.writer.append("group", [log_event(f"m{i}")]) for i in range(300))
+    )
+    seqs = sorted(result.events[0].seq for result in results)
+    assert seqs == list(range(2, 302))
+    assert store.writer.commits - commits_before < 300
+    assert await stored_seqs(store, "group") == list(range(1, 302))
+
+
+async def test_a_refused_request_does_not_spoil_its_group(store: Store) -> None:
+    """In one group, a request for an unknown job and one for a finished job are refused
+    alone; the other requests in the same group commit."""
+    await store.writer.create_job("open", None, None)
+    await store.writer.create_job("done", None, None)
+    await store.writer.append("done", [CompletedIn(type="completed")])
+    outcomes = await asyncio.gather(
+        store.writer.append("open", [log_event("a")]),
+        store.writer.append("missing", [log_event("b")]),
+        store.writer.append("done", [log_event("c")]),
+        store.writer.append("open", [log_event("d")]),
+        return_exceptions=True,
+    )
+    assert isinstance(outcomes[1], JobNotFound)
+    assert isinstance(outcomes[2], JobFinished)
+    assert await stored_seqs(store, "open") == [1, 2, 3]
+    assert await stored_seqs(store, "done") == [1, 2]
+
+
+async def test_batch_with_terminal_then_more_writes_nothing(store: Store) -> None:
+    """A batch whose terminal event is followed by another is refused whole."""
+    await store.writer.create_job("t", None, None)
+    with pytest.raises(JobFinished):
+        await store.writer.append(
+            "t",
+            [
+                ProgressIn(type="progress", progress=5),
+                CompletedIn(type="completed"),
+                log_event("after the end"),
+            ],
+        )
+    assert await stored_seqs(store, "t") == [1]
+
+
+async def _set_max_pages(store: Store, pages: int) -> None:
+    conn: Any = store._writer_conn  # fault injection on the writer's own connection
+    await conn.execute(f"PRAGMA max_page_count = {pages}")
+
+
+async def test_full_disk_refuses_whole_group_and_recovers(store: Store) -> None:
+    """When the file cannot grow, every append in the failing group gets 503
+    storage_unavailable, nothing is half-written, and once space is back the log
+    continues contiguously from where it was."""
+    await store.writer.create_job("full", None, None)
+    conn: Any = store._writer_conn
+    async with conn.execute("PRAGMA page_count") as cursor:
+        row = await cursor.fetchone()
+    await _set_max_pages(store, row[0])
+    big = "x" * 30_000
+    outcomes = await asyncio.gather(
+        *(store.writer.append("full", [log_event(big)]) for _ in range(5)),
+        return_exceptions=True,
+    )
+    assert all(isinstance(outcome, StorageUnavailable) for outcome in outcomes), outcomes
+    assert not store.writer.healthy
+    assert await store.check_ready() is not None
+    assert await stored_seqs(store, "full") == [1]
+
+    await _set_max_pages(store, 1_000_000)
+    result = await store.writer.append("full", [log_event(big)])
+    assert result.events[0].seq == 2
+    assert store.writer.healthy
+    assert await store.check_ready() is None
+    assert await stored_seqs(store, "full") == [1, 2]
+
+
+async def test_keyed_retry_in_the_same_group_is_one_copy(store: Store) -> None:
+    """Two identical keyed requests that land in one group append one event; both get its
+    seq, the second marked duplicate."""
+    await store.writer.create_job("k", None, None)
+    first, second = await asyncio.gather(
+        store.writer.append("k", [log_event("once", key="k-1")]),
+        store.writer.append("k", [log_event("once", key="k-1")]),
+    )
+    assert first.events[0].seq == second.events[0].seq == 2
+    assert [first.events[0].duplicate, second.events[0].duplicate] == [False, True]
+    assert await stored_seqs(store, "k") == [1, 2]
+
+
+async def test_ids_increase_across_jobs_and_restarts(make_config: ConfigFactory) -> None:
+    """Event ids are strictly increasing across jobs, and keep increasing after a reopen."""
+    config = make_config()
+    ids: list[int] = []
+    for round_ in range(2):
+        store = Store(config, Hub(16, 1 << 20))
+        await store.open()
+        try:
+            for job in ("a", "b"):
+                job_id = f"{job}{round_}"
+                await store.writer.create_job(job_id, None, None)
+                result = await store.writer.append(job_id, [log_event("x"), log_event("y")])
+                ids.extend(event.id for event in result.events)
+        finally:
+            await store.close()
+    assert ids == sorted(ids)
+    assert len(set(ids)) == len(ids)
+
+
+def test_sqlite_is_recent_enough_for_strict_tables() -> None:
+    """STRICT tables need SQLite 3.37+; the schema relies on them."""
+    assert sqlite3.sqlite_version_info >= (3, 37)
