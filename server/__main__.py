@@ -51,7 +51,6 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         _run(_serve(config), _loop_factory(config))
     except (MigrationError, sqlite3.DatabaseError, OSError) as exc:
-        log.error("startup_failed", error=str(exc))
         sys.stderr.write(f"jobfeed: cannot start: {exc}\n")
         return 1
     return 0

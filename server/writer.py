@@ -28,6 +28,7 @@ import structlog
 
 from .errors import (
     EventTooLarge,
+    InvalidJson,
     JobExists,
     JobFinished,
     JobNotFound,
@@ -91,7 +92,7 @@ class _Group:
     """What one round will write, built up request by request."""
 
     states: dict[str, JobState | None]
-    created: set[str] = field(default_factory=set)
+    created: list[str] = field(default_factory=list)  # in request order: job_no follows it
     touched: dict[str, JobState] = field(default_factory=dict)
     event_rows: list[tuple[int, str, int, str, str, str | None, str]] = field(default_factory=list)
     frames: dict[str, list[Frame]] = field(default_factory=dict)
@@ -221,6 +222,10 @@ class Writer:
             except ServiceError as exc:
                 if not op.future.done():
                     op.future.set_exception(exc)
+            except Exception as exc:  # a bug in one request must not fail its neighbours
+                log.exception("plan_failed", job_id=op.job_id)
+                if not op.future.done():
+                    op.future.set_exception(exc)
         if group.event_rows:
             try:
                 await self._write(group)
@@ -325,7 +330,7 @@ class Writer:
         state = apply_event(None, event)
         group.states[op.job_id] = state
         group.touched[op.job_id] = state
-        group.created.add(op.job_id)
+        group.created.append(op.job_id)
         group.event_rows.append((next_id, op.job_id, 1, "created", ts, None, body.decode()))
         group.frames.setdefault(op.job_id, []).append(
             Frame(op.job_id, 1, next_id, "created", ts, body)
@@ -393,7 +398,11 @@ class Writer:
         return next_id
 
     def _serialize(self, event: dict[str, Any], index: int) -> bytes:
-        body = orjson.dumps(event)
+        try:
+            body = orjson.dumps(event)
+        except orjson.JSONEncodeError as exc:
+            # orjson reads 1024 levels deep but writes only ~254: refuse what cannot be stored.
+            raise InvalidJson(f"event {index} cannot be stored: {exc}") from None
         if len(body) > self._max_event_bytes:
             raise EventTooLarge(
                 f"event {index} is {len(body)} bytes serialized; "
@@ -429,7 +438,8 @@ class Writer:
                         for s in new_jobs
                     ],
                 )
-            updated = [s for job_id, s in group.touched.items() if job_id not in group.created]
+            created = set(group.created)
+            updated = [s for job_id, s in group.touched.items() if job_id not in created]
             if updated:
                 await conn.executemany(
                     "UPDATE jobs SET status = ?, last_seq = ?, updated_at = ?, finished_at = ?,"

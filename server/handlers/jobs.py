@@ -14,18 +14,24 @@ import orjson
 from aiohttp import web
 from pydantic import ValidationError
 
-from ..errors import InvalidParameter, JobNotFound, ValidationFailed
+from ..errors import InvalidJson, InvalidParameter, JobNotFound, ValidationFailed
 from ..keys import CONFIG, STORE
 from ..logs import bind_request
 from ..models import JOB_STATUSES, CreateJobIn, field_errors, parse_append_body
 from .request import json_response, parse_int, query_int, read_json
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_last_ulid = 0
 
 
 def new_job_id() -> str:
-    """A ULID: 48 bits of milliseconds then 80 random bits, so ids sort by creation time."""
+    """A monotonic ULID: 48 bits of milliseconds then 80 random bits; within one millisecond
+    the next id is the previous plus one, so ids sort by creation time."""
+    global _last_ulid
     value = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10), "big")
+    if value <= _last_ulid:
+        value = _last_ulid + 1
+    _last_ulid = value
     chars = []
     for _ in range(26):
         chars.append(_CROCKFORD[value & 31])
@@ -35,6 +41,8 @@ def new_job_id() -> str:
 
 async def create_job(request: web.Request) -> web.Response:
     body = await read_json(request, allow_empty=True)
+    if not isinstance(body, dict):
+        raise InvalidJson("the body must be a JSON object")
     try:
         spec = CreateJobIn.model_validate(body)
     except ValidationError as exc:
@@ -78,6 +86,8 @@ async def append_events(request: web.Request) -> web.Response:
     job_id = _job_id(request)
     config = request.app[CONFIG]
     body = await read_json(request)
+    if not isinstance(body, dict):
+        raise InvalidJson('the body must be one event object or {"events": [...]}')
     events, errors = parse_append_body(body, config.limits.max_batch_events)
     if errors:
         raise ValidationFailed("the events are not valid", errors)

@@ -26,6 +26,13 @@ from .request import parse_int
 log = structlog.get_logger("jobfeed.stream")
 
 _PONG = control_frame({"type": "pong"})
+# The close code the server chose, by outcome (ws.close_code holds the peer's reply).
+_CLOSE_CODES = {
+    "done": WSClose.DONE,
+    "shutdown": WSClose.GOING_AWAY,
+    "send_timeout": WSClose.OVERLOADED,
+    "error": WSClose.INTERNAL,
+}
 
 
 async def serve_websocket(request: web.Request, job_id: str) -> web.WebSocketResponse:
@@ -40,10 +47,12 @@ async def serve_websocket(request: web.Request, job_id: str) -> web.WebSocketRes
     started = time.monotonic()
     cursor = Cursor(job_id, 0)
     outcome = "client_gone"
+    refused_with: int | None = None
     try:
         head = await _open(request, ws, job_id, cursor)
         if head is None:
             outcome = "refused"
+            refused_with = ws.close_code
             return ws
         sender = asyncio.create_task(_send_events(request, ws, cursor, head))
         try:
@@ -62,7 +71,7 @@ async def serve_websocket(request: web.Request, job_id: str) -> web.WebSocketRes
             sent=cursor.sent,
             last_seq=cursor.after,
             outcome=outcome,
-            close_code=ws.close_code,
+            close_code=refused_with or _CLOSE_CODES.get(outcome, ws.close_code),
             seconds=round(time.monotonic() - started, 3),
         )
     return ws
