@@ -16,7 +16,7 @@ from .config import Config
 from .errors import ServiceError, WSClose, error_body
 from .handlers import health, jobs, stream
 from .hub import Hub
-from .keys import CONFIG, HUB, STORE, STREAMS
+from .keys import CONFIG, HUB, REQUEST_ID, STORE, STREAMS
 from .store import Store
 
 log = structlog.get_logger("jobfeed.http")
@@ -38,13 +38,12 @@ async def access_log_middleware(request: web.Request, handler: Handler) -> web.S
     request_id = given if _REQUEST_ID_RE.match(given) else uuid.uuid4().hex[:16]
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=request_id)
+    request[REQUEST_ID] = request_id
     started = time.perf_counter()
     status = 500
     try:
         response: web.StreamResponse = await handler(request)
         status = response.status
-        if not response.prepared:
-            response.headers["X-Request-ID"] = request_id
         return response
     finally:
         if request.app[CONFIG].log.access:
@@ -56,6 +55,13 @@ async def access_log_middleware(request: web.Request, handler: Handler) -> web.S
                 ms=round((time.perf_counter() - started) * 1000, 3),
                 remote=request.remote,
             )
+
+
+async def _tag_response(request: web.Request, response: web.StreamResponse) -> None:
+    """Every response, streams included, names its request (headers go out at prepare)."""
+    request_id = request.get(REQUEST_ID)
+    if request_id is not None:
+        response.headers["X-Request-ID"] = request_id
 
 
 @web.middleware
@@ -103,6 +109,7 @@ def create_app(config: Config) -> web.Application:
     app[STREAMS] = weakref.WeakSet[web.StreamResponse]()
     app.cleanup_ctx.append(_store_ctx)
     app.on_shutdown.append(_close_streams)
+    app.on_response_prepare.append(_tag_response)
     add_routes(app)
     return app
 

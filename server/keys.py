@@ -14,4 +14,6 @@ CONFIG = web.AppKey("config", Config)
 STORE = web.AppKey("store", Store)
 HUB = web.AppKey("hub", Hub)
 # Open streams, closed with 1001 / ended on shutdown. Weak: a finished handler drops out.
+# Per request: the id bound into its log lines and echoed as X-Request-ID.
+REQUEST_ID = web.RequestKey("request_id", str)
 STREAMS: web.AppKey[weakref.WeakSet[web.StreamResponse]] = web.AppKey("streams")

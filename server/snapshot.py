@@ -6,7 +6,7 @@ appends; tests replay stored logs through it and compare with the stored snapsho
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -22,7 +22,7 @@ class JobState:
     last_seq: int
     created_at: str
     updated_at: str
-    metadata: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] | None = None
     progress: float | None = None
     phase: str | None = None
     message: str | None = None
@@ -67,6 +67,28 @@ class JobState:
 _PROGRESS_FIELDS = ("progress", "phase", "message", "current", "total")
 
 
+class CountsOutOfRange(ValueError):
+    """A progress event's current would exceed the job's total (or the reverse)."""
+
+
+def progress_in_context(fields: dict[str, Any], state: JobState) -> dict[str, Any]:
+    """A progress event's stored fields, checked and completed against the job's snapshot.
+
+    ``current`` and ``total`` may come in separate events (``{"total": 7}`` then
+    ``{"current": 3}``): ``current <= total`` holds for the values the snapshot will show,
+    and a missing ``progress`` is derived from them, so every reader sees the same number.
+    """
+    if "current" not in fields and "total" not in fields:
+        return fields
+    current = fields.get("current", state.current)
+    total = fields.get("total", state.total)
+    if current is not None and total is not None and current > total:
+        raise CountsOutOfRange(f"current {current} would exceed the job's total {total}")
+    if "progress" not in fields and current is not None and total:
+        return {"progress": 100 * current / total, **fields}
+    return fields
+
+
 def apply_event(state: JobState | None, event: dict[str, Any]) -> JobState:
     """The snapshot after ``event`` (a stored event, server fields included)."""
     event_type = event["type"]
@@ -79,7 +101,7 @@ def apply_event(state: JobState | None, event: dict[str, Any]) -> JobState:
             last_seq=event["seq"],
             created_at=ts,
             updated_at=ts,
-            metadata=event.get("metadata", {}),
+            metadata=event.get("metadata"),
         )
     if state is None:
         raise ValueError(f"event {event_type!r} before the job's created event")

@@ -36,11 +36,12 @@ from .errors import (
     ServiceError,
     ShuttingDown,
     StorageUnavailable,
+    ValidationFailed,
 )
 from .frames import Frame
 from .hub import Hub
-from .models import EventIn
-from .snapshot import JobState, apply_event
+from .models import EventIn, ProgressIn
+from .snapshot import CountsOutOfRange, JobState, apply_event, progress_in_context
 
 log = structlog.get_logger("jobfeed.writer")
 
@@ -370,13 +371,16 @@ class Writer:
             if state.finished:
                 raise JobFinished(op.job_id, state.status)
             seq = state.last_seq + 1
+            fields = event.stored_fields()
+            if isinstance(event, ProgressIn):
+                fields = self._progress_fields(fields, state, index, len(op.events))
             stored_event = {
                 "job_id": op.job_id,
                 "seq": seq,
                 "id": next_id,
                 "type": event.type,
                 "ts": ts,
-                **event.stored_fields(),
+                **fields,
             }
             body = self._serialize(stored_event, index)
             state = apply_event(state, stored_event)
@@ -396,6 +400,17 @@ class Writer:
         group.keys.update(new_keys)
         group.answers.append((op, AppendResult(op.job_id, state.last_seq, answers)))  # type: ignore[arg-type]
         return next_id
+
+    @staticmethod
+    def _progress_fields(
+        fields: dict[str, Any], state: JobState, index: int, batch_size: int
+    ) -> dict[str, Any]:
+        try:
+            return progress_in_context(fields, state)
+        except CountsOutOfRange as exc:
+            loc: list[str | int] = ["current"] if batch_size == 1 else ["events", index, "current"]
+            detail = {"loc": loc, "msg": str(exc), "type": "current_over_total"}
+            raise ValidationFailed("the events are not valid", [detail]) from None
 
     def _serialize(self, event: dict[str, Any], index: int) -> bytes:
         try:

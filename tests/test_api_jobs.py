@@ -1170,3 +1170,37 @@ async def test_wrong_method_is_405_in_error_shape(client: Client, method: str, p
     response = await client.request(method, path)
     await assert_error(response, 405, "method_not_allowed")
     assert "Allow" in response.headers
+
+
+async def test_current_and_total_combine_across_events(client: TestClient[Any, Any]) -> None:
+    """`total` from one event and `current` from a later one derive the stored progress, and
+    a `current` beyond the job's total is refused 422 with nothing written."""
+    await create_job(client, job_id="split-counts")
+    await append(client, "split-counts", {"type": "progress", "total": 8})
+    result = await append(client, "split-counts", {"type": "progress", "current": 2})
+    events = (await (await client.get("/v1/jobs/split-counts/events?after=2")).json())["events"]
+    assert events[0]["progress"] == 25.0
+    over = await client.post(
+        "/v1/jobs/split-counts/events", json={"type": "progress", "current": 9}
+    )
+    body = await assert_error(over, 422, "validation_error")
+    assert body["details"][0]["loc"] == ["current"]
+    snapshot = await (await client.get("/v1/jobs/split-counts")).json()
+    assert (snapshot["current"], snapshot["total"], snapshot["progress"]) == (2, 8, 25.0)
+    assert snapshot["last_seq"] == result["last_seq"]
+
+
+async def test_bodiless_create_makes_a_job(client: TestClient[Any, Any]) -> None:
+    """POST /v1/jobs with no body at all (no Content-Type) creates a job with a server id."""
+    response = await client.post("/v1/jobs")
+    assert response.status == 201, await response.text()
+    assert (await response.json())["metadata"] is None
+
+
+async def test_stream_responses_carry_the_request_id(client: TestClient[Any, Any]) -> None:
+    """X-Request-ID is echoed on every response, streaming ones included."""
+    await create_job(client, job_id="rid")
+    headers = {"X-Request-ID": "trace-123", "Accept": "application/x-ndjson"}
+    response = await client.get("/v1/jobs/rid/events", headers=headers)
+    assert response.headers["X-Request-ID"] == "trace-123"
+    await response.read()

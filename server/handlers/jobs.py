@@ -61,9 +61,8 @@ async def list_jobs(request: web.Request) -> web.Response:
     if status is not None and status not in JOB_STATUSES:
         raise InvalidParameter(f"status must be one of {', '.join(JOB_STATUSES)}")
     kind = request.query.get("kind") or None
-    limit = query_int(
-        request, "limit", limits.jobs_page_default, minimum=1, maximum=limits.page_size_max
-    )
+    default = min(limits.jobs_page_default, limits.page_size_max)
+    limit = query_int(request, "limit", default, minimum=1, maximum=limits.page_size_max)
     cursor_raw = request.query.get("cursor") or None
     before = None if cursor_raw is None else parse_int("cursor", cursor_raw, minimum=1)
     snapshots, next_before = await request.app[STORE].list_jobs(status, kind, limit, before)

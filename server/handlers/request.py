@@ -29,7 +29,7 @@ async def read_json(request: web.Request, *, allow_empty: bool = False) -> Any:
     limit = request.app[CONFIG].limits.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise _too_large(limit)
-    if allow_empty and request.content_length == 0 and not request.body_exists:
+    if allow_empty and not request.body_exists:
         return {}
     if request.content_type != JSON_TYPE:
         raise UnsupportedMediaType(
