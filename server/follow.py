@@ -51,13 +51,18 @@ async def follow(
         cursor.done = True
         return
     channel = hub.attach(cursor.job_id, head.last_seq)
+    # `head` may be stale: events committed after it was read, while no channel held this job,
+    # are not in the channel's high-water mark. One read of SQLite after attaching covers
+    # them; from then on every commit is published to this (now pinned) channel.
+    verified = False
     try:
         while True:
             if hub.closing:
                 raise StreamClosing()
             frames = channel.frames_after(cursor.after, page_events)
-            if frames is None:
+            if frames is None or (not frames and not verified):
                 frames = await store.read_after(cursor.job_id, cursor.after, page_events)
+                verified = True
             if frames:
                 cursor.after = frames[-1].seq
                 cursor.sent += len(frames)
@@ -66,6 +71,8 @@ async def follow(
                     cursor.done = True
                     return
                 continue
+            if hub.closing:  # checked again: close() may have run during the read above
+                raise StreamClosing()
             if not await channel.wait_beyond(cursor.after, idle_seconds) and not hub.closing:
                 yield None
     finally:

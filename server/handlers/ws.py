@@ -39,7 +39,8 @@ async def serve_websocket(request: web.Request, job_id: str) -> web.WebSocketRes
     config = request.app[CONFIG].stream
     ws = web.WebSocketResponse(
         heartbeat=config.ping_seconds,
-        max_msg_size=config.max_client_frame_bytes,
+        # aiohttp refuses a frame of max_msg_size bytes; the protocol allows exactly the limit.
+        max_msg_size=config.max_client_frame_bytes + 1,
         compress=False,  # compression halves fan-out throughput; events are small
     )
     await ws.prepare(request)
