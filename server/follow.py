@@ -62,7 +62,8 @@ async def follow(
             frames = channel.frames_after(cursor.after, page_events)
             if frames is None or (not frames and not verified):
                 frames = await store.read_after(cursor.job_id, cursor.after, page_events)
-                verified = True
+                # Only a short page proves the read reached the end of the log.
+                verified = verified or len(frames) < page_events
             if frames:
                 cursor.after = frames[-1].seq
                 cursor.sent += len(frames)

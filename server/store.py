@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import itertools
 import sqlite3
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import aiosqlite
@@ -112,8 +113,15 @@ class Store:
             conn.text_factory = bytes
         return conn
 
-    def _reader(self) -> aiosqlite.Connection:
-        return self._readers[next(self._reader_turn) % len(self._readers)]
+    async def _read(self, query: str, params: Sequence[object]) -> list[sqlite3.Row]:
+        """Run a query to completion inside a reader's thread.
+
+        One await per read, and no cursor outlives the call: a caller cancelled mid-read
+        (a client that went away) cannot leave a read transaction open on the connection,
+        which would pin its view of the database to that moment.
+        """
+        conn = self._readers[next(self._reader_turn) % len(self._readers)]
+        return list(await conn.execute_fetchall(query, params))
 
     async def _checkpoint_loop(self) -> None:
         assert self._checkpoint_conn is not None
@@ -132,18 +140,12 @@ class Store:
     # -- reads ---------------------------------------------------------------------------
 
     async def snapshot_json(self, job_id: str) -> bytes | None:
-        async with self._reader().execute(
-            "SELECT snapshot FROM jobs WHERE job_id = ?", (job_id,)
-        ) as cursor:
-            row = await cursor.fetchone()
-        return None if row is None else bytes(row[0])
+        rows = await self._read("SELECT snapshot FROM jobs WHERE job_id = ?", (job_id,))
+        return bytes(rows[0][0]) if rows else None
 
     async def job_head(self, job_id: str) -> JobHead | None:
-        async with self._reader().execute(
-            "SELECT status, last_seq FROM jobs WHERE job_id = ?", (job_id,)
-        ) as cursor:
-            row = await cursor.fetchone()
-        return None if row is None else JobHead(row[0].decode(), row[1])
+        rows = await self._read("SELECT status, last_seq FROM jobs WHERE job_id = ?", (job_id,))
+        return JobHead(rows[0][0].decode(), rows[0][1]) if rows else None
 
     async def list_jobs(
         self, status: str | None, kind: str | None, limit: int, before: int | None
@@ -162,19 +164,17 @@ class Store:
             params.append(before)
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         query = f"SELECT job_no, snapshot FROM jobs {where} ORDER BY job_no DESC LIMIT ?"
-        async with self._reader().execute(query, [*params, limit + 1]) as cursor:
-            rows = list(await cursor.fetchall())
+        rows = await self._read(query, [*params, limit + 1])
         page = rows[:limit]
         next_before = page[-1][0] if len(rows) > limit else None
         return [bytes(row[1]) for row in page], next_before
 
     async def read_after(self, job_id: str, after: int, limit: int) -> list[Frame]:
-        async with self._reader().execute(
+        rows = await self._read(
             "SELECT seq, id, type, ts, body FROM events WHERE job_id = ? AND seq > ? "
             "ORDER BY seq LIMIT ?",
             (job_id, after, limit),
-        ) as cursor:
-            rows = await cursor.fetchall()
+        )
         return [
             Frame(job_id, seq, event_id, event_type.decode(), ts.decode(), body)
             for seq, event_id, event_type, ts, body in rows
@@ -187,8 +187,7 @@ class Store:
         if not self._writer.healthy:
             return f"last commit failed: {self._writer.last_error}"
         try:
-            async with self._reader().execute("SELECT 1 FROM schema_migrations LIMIT 1") as c:
-                await c.fetchone()
+            await self._read("SELECT 1 FROM schema_migrations LIMIT 1", ())
         except sqlite3.Error as exc:
             return f"cannot read the database: {exc}"
         return None

@@ -135,11 +135,12 @@ class Writer:
         self.events_written = 0
 
     async def start(self) -> None:
-        async with self._conn.execute("SELECT MAX(id), MAX(ts) FROM events") as cursor:
-            row = await cursor.fetchone()
-        assert row is not None
-        self._next_id = (row[0] or 0) + 1
-        self._last_ts = row[1] or ""
+        # The newest event by id also has the newest ts: the writer keeps ts monotonic.
+        rows = list(
+            await self._conn.execute_fetchall("SELECT id, ts FROM events ORDER BY id DESC LIMIT 1")
+        )
+        self._next_id = rows[0][0] + 1 if rows else 1
+        self._last_ts = rows[0][1] if rows else ""
         self._task = asyncio.create_task(self._run(), name="jobfeed-writer")
 
     async def stop(self) -> None:
@@ -278,11 +279,10 @@ class Writer:
             chunk = missing[start : start + _MAX_PARAMS]
             marks = ",".join("?" * len(chunk))
             query = f"SELECT job_id, snapshot FROM jobs WHERE job_id IN ({marks})"
-            async with self._conn.execute(query, chunk) as cursor:
-                async for job_id, snapshot in cursor:
-                    state = JobState.from_json(snapshot)
-                    states[job_id] = state
-                    self._remember(state)
+            for job_id, snapshot in await self._conn.execute_fetchall(query, chunk):
+                state = JobState.from_json(snapshot)
+                states[job_id] = state
+                self._remember(state)
         for job_id in missing:
             states.setdefault(job_id, None)
         return states
@@ -308,9 +308,8 @@ class Writer:
                 "ON e.job_id = wanted.job_id AND e.key = wanted.key WHERE e.key IS NOT NULL"
             )
             params = [part for pair in chunk for part in pair]
-            async with self._conn.execute(query, params) as cursor:
-                async for job_id, key, seq, event_id, ts in cursor:
-                    found[(job_id, key)] = AppendedEvent(seq, event_id, ts, duplicate=True)
+            for job_id, key, seq, event_id, ts in await self._conn.execute_fetchall(query, params):
+                found[(job_id, key)] = AppendedEvent(seq, event_id, ts, duplicate=True)
         return found
 
     def _plan_create(self, group: _Group, op: _Op, ts: str, next_id: int) -> int:

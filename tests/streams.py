@@ -1,0 +1,187 @@
+"""Reading jobfeed's streams the way a client does: an incremental SSE parser and a
+WebSocket collector, shared by the transport tests and the catch-up test.
+
+Both keep each event's JSON exactly as it came off the wire (``raw``), so tests can compare
+it byte for byte with the stored log.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import ClientResponse, WSMsgType
+from aiohttp.test_utils import TestClient
+
+
+@dataclass(frozen=True)
+class SseEvent:
+    """One dispatched SSE event (a block of field lines ended by a blank line)."""
+
+    event: str | None
+    id: str | None
+    data: str
+
+    def json(self) -> Any:
+        return json.loads(self.data)
+
+
+@dataclass(frozen=True)
+class SseComment:
+    """A ``: text`` comment line (jobfeed sends ``: heartbeat`` while idle)."""
+
+    text: str
+
+
+SseItem = SseEvent | SseComment
+
+
+class SseParser:
+    """Turns lines into events per the HTML Server-Sent Events parsing rules (the subset
+    jobfeed can produce: ``event``, ``id``, ``data`` fields and comments)."""
+
+    def __init__(self) -> None:
+        self._event: str | None = None
+        self._id: str | None = None
+        self._data: list[str] = []
+        self._has_fields = False
+
+    def feed_line(self, line: str) -> SseItem | None:
+        """One line without its line ending; an item when the line completes one."""
+        if line == "":
+            if not self._has_fields:
+                return None
+            item = SseEvent(self._event, self._id, "\n".join(self._data))
+            self._event, self._id, self._data, self._has_fields = None, None, [], False
+            return item
+        if line.startswith(":"):
+            return SseComment(line[1:].removeprefix(" "))
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        self._has_fields = True
+        if name == "event":
+            self._event = value
+        elif name == "id":
+            self._id = value
+        elif name == "data":
+            self._data.append(value)
+        return None
+
+
+async def sse_items(response: ClientResponse) -> AsyncIterator[SseItem]:
+    """Items as they arrive on ``response``; ends when the server ends the response."""
+    parser = SseParser()
+    while True:
+        raw = await response.content.readline()
+        if not raw:
+            return
+        item = parser.feed_line(raw.decode("utf-8").rstrip("\r\n"))
+        if item is not None:
+            yield item
+
+
+@dataclass
+class StreamLog:
+    """What one subscription (one connection) received."""
+
+    transport: str
+    hello: dict[str, Any] | None = None
+    events: list[str] = field(default_factory=list)  # each event's JSON, as received
+    seqs: list[int] = field(default_factory=list)
+    heartbeats: int = 0
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    ended: bool = False  # the server ended the stream (WS close, SSE end of response)
+    close_code: int | None = None
+    status: int | None = None  # the HTTP status (SSE) or 101 (WebSocket)
+
+
+async def read_ws(
+    client: TestClient[Any, Any], path: str, *, drop_after: int | None = None
+) -> StreamLog:
+    """Subscribe over WebSocket and read until the server closes, or until ``drop_after``
+    events have arrived (then the client closes: a subscriber going away mid-stream)."""
+    log = StreamLog("ws", status=101)
+    async with client.ws_connect(path) as ws:
+        while True:
+            message = await ws.receive()
+            if message.type in (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.CLOSING):
+                log.ended = True
+                log.close_code = ws.close_code
+                return log
+            assert message.type == WSMsgType.TEXT, f"not a text frame: {message!r}"
+            if _take(log, message.data, json.loads(message.data)) and _full(log, drop_after):
+                await ws.close()
+                return log
+
+
+async def read_sse(
+    client: TestClient[Any, Any],
+    path: str,
+    *,
+    headers: Mapping[str, str] | None = None,
+    drop_after: int | None = None,
+) -> StreamLog:
+    """Subscribe over SSE and read until the response ends, or until ``drop_after`` events
+    have arrived (then the client drops the connection)."""
+    log = StreamLog("sse")
+    request_headers = {"Accept": "text/event-stream", **(headers or {})}
+    async with client.get(path, headers=request_headers) as response:
+        log.status = response.status
+        if response.status != 200:
+            log.errors.append(await response.json())
+            return log
+        async for item in sse_items(response):
+            if isinstance(item, SseComment):
+                if item.text == "heartbeat":
+                    log.heartbeats += 1
+                continue
+            payload = item.json()
+            if item.event == "hello":
+                assert item.id is None, f"hello carries an id: {item!r}"
+            else:
+                assert item.event == payload["type"], f"event name != type: {item!r}"
+                assert item.id == str(payload["seq"]), f"id != seq: {item!r}"
+            if _take(log, item.data, payload) and _full(log, drop_after):
+                response.close()
+                return log
+        log.ended = True
+        return log
+
+
+def _take(log: StreamLog, raw: str, payload: dict[str, Any]) -> bool:
+    """Record one frame; True when it was an event."""
+    kind = payload.get("type")
+    if "seq" in payload:
+        # Checked as they arrive, so a duplicate or a hole fails at once, not at a deadline.
+        assert log.hello is not None, f"event before hello: {payload!r}"
+        expected = log.seqs[-1] + 1 if log.seqs else log.hello["after"] + 1
+        assert payload["seq"] == expected, f"seq {payload['seq']}, expected {expected}"
+        log.events.append(raw)
+        log.seqs.append(payload["seq"])
+        return True
+    if kind == "hello":
+        assert log.hello is None, f"a second hello: {payload!r}"
+        log.hello = payload
+    elif kind == "heartbeat":
+        log.heartbeats += 1
+    elif kind == "error":
+        log.errors.append(payload)
+    else:
+        raise AssertionError(f"unexpected frame: {payload!r}")
+    return False
+
+
+def _full(log: StreamLog, drop_after: int | None) -> bool:
+    return drop_after is not None and len(log.events) >= drop_after
+
+
+async def stored_log(client: TestClient[Any, Any], job_id: str) -> list[str]:
+    """The job's whole log as stored: each event's JSON line from the NDJSON export."""
+    response = await client.get(
+        f"/v1/jobs/{job_id}/events", headers={"Accept": "application/x-ndjson"}
+    )
+    assert response.status == 200, await response.text()
+    body = await response.text()
+    return body.splitlines()

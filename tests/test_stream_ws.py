@@ -1,0 +1,241 @@
+"""The WebSocket stream through the real app on a real socket (protocol v1, "WebSocket
+frames" and "Close codes")."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+from aiohttp import ClientWebSocketResponse, WSMessage, WSMsgType
+from aiohttp.test_utils import TestClient
+
+from tests.conftest import ClientFactory, ConfigFactory, append, create_job
+from tests.streams import read_ws, stored_log
+
+WAIT = 10.0  # bound on any one wait; a healthy server answers in milliseconds
+
+
+def stream_path(job_id: str, after: int | str | None = None) -> str:
+    query = "" if after is None else f"?after={after}"
+    return f"/v1/jobs/{job_id}/stream{query}"
+
+
+async def receive(ws: ClientWebSocketResponse) -> WSMessage:
+    async with asyncio.timeout(WAIT):
+        return await ws.receive()
+
+
+async def receive_json(ws: ClientWebSocketResponse) -> dict[str, Any]:
+    message = await receive(ws)
+    assert message.type == WSMsgType.TEXT, message
+    payload: dict[str, Any] = json.loads(message.data)
+    return payload
+
+
+async def expect_close(ws: ClientWebSocketResponse, code: int) -> None:
+    message = await receive(ws)
+    assert message.type == WSMsgType.CLOSE, message
+    assert ws.close_code == code
+
+
+async def running_job(client: TestClient[Any, Any], job_id: str, events: int) -> int:
+    """A job with ``events`` progress events after `created`; its last_seq."""
+    await create_job(client, job_id=job_id)
+    last_seq = 1
+    for n in range(events):
+        last_seq = (await append(client, job_id, {"type": "progress", "current": n}))["last_seq"]
+    return last_seq
+
+
+async def test_hello_is_the_first_frame(client: TestClient[Any, Any]) -> None:
+    """The first frame is hello with job_id, status, after and the log's end."""
+    await running_job(client, "ws-hello", 2)
+    async with client.ws_connect(stream_path("ws-hello", 1)) as ws:
+        hello = await receive_json(ws)
+    assert hello == {
+        "type": "hello",
+        "job_id": "ws-hello",
+        "status": "running",
+        "after": 1,
+        "last_seq": 3,
+    }
+
+
+async def test_after_defaults_to_zero(client: TestClient[Any, Any]) -> None:
+    """Without ?after= the subscriber gets the whole log from seq 1."""
+    await running_job(client, "ws-default", 1)
+    async with client.ws_connect(stream_path("ws-default")) as ws:
+        assert (await receive_json(ws))["after"] == 0
+        assert (await receive_json(ws))["seq"] == 1
+
+
+async def test_replays_events_after_the_offset(client: TestClient[Any, Any]) -> None:
+    """Every event with seq > after is sent in order, exactly as stored."""
+    last_seq = await running_job(client, "ws-replay", 5)
+    stored = await stored_log(client, "ws-replay")
+    async with client.ws_connect(stream_path("ws-replay", 2)) as ws:
+        await receive_json(ws)
+        received = [(await receive(ws)).data for _ in range(3, last_seq + 1)]
+    assert received == stored[2:]
+
+
+async def test_live_events_follow_the_replay(client: TestClient[Any, Any]) -> None:
+    """After the replay, newly appended events arrive as they are committed."""
+    await running_job(client, "ws-live", 1)
+    async with client.ws_connect(stream_path("ws-live", 0)) as ws:
+        await receive_json(ws)
+        assert [(await receive_json(ws))["seq"] for _ in range(2)] == [1, 2]
+        await append(client, "ws-live", {"type": "log", "message": "a"})
+        await append(client, "ws-live", {"type": "log", "message": "b"}, {"type": "notice"})
+        live = [await receive_json(ws) for _ in range(3)]
+    assert [event["seq"] for event in live] == [3, 4, 5]
+    assert [event["type"] for event in live] == ["log", "log", "notice"]
+
+
+async def test_closes_1000_after_the_terminal_event(client: TestClient[Any, Any]) -> None:
+    """The terminal event is the last frame; then the server closes with 1000."""
+    await running_job(client, "ws-done", 1)
+    await append(client, "ws-done", {"type": "failed", "error": {"message": "boom"}})
+    log = await read_ws(client, stream_path("ws-done", 0))
+    assert log.seqs == [1, 2, 3]
+    assert json.loads(log.events[-1])["type"] == "failed"
+    assert log.ended
+    assert log.close_code == 1000
+
+
+async def test_finished_job_at_its_end_closes_at_once(client: TestClient[Any, Any]) -> None:
+    """A finished job with after = last_seq: hello, no events, close 1000."""
+    await create_job(client, job_id="ws-end")
+    last_seq = (await append(client, "ws-end", {"type": "cancelled"}))["last_seq"]
+    log = await read_ws(client, stream_path("ws-end", last_seq))
+    assert log.hello is not None
+    assert log.hello["status"] == "cancelled"
+    assert log.events == []
+    assert log.close_code == 1000
+
+
+async def test_all_frames_are_text(client: TestClient[Any, Any]) -> None:
+    """hello, events and the rest are text frames holding one JSON object each."""
+    await running_job(client, "ws-text", 2)
+    await append(client, "ws-text", {"type": "completed", "result": {"ok": "é ✓"}})
+    kinds = []
+    async with client.ws_connect(stream_path("ws-text", 0)) as ws:
+        while (message := await receive(ws)).type != WSMsgType.CLOSE:
+            kinds.append(message.type)
+            assert isinstance(json.loads(message.data), dict)
+    assert kinds == [WSMsgType.TEXT] * 5
+
+
+async def test_ping_is_answered_with_pong(client: TestClient[Any, Any]) -> None:
+    """A client {"type": "ping"} gets {"type": "pong"}."""
+    last_seq = await running_job(client, "ws-ping", 0)
+    async with client.ws_connect(stream_path("ws-ping", last_seq)) as ws:
+        await receive_json(ws)
+        await ws.send_str('{"type": "ping"}')
+        assert await receive_json(ws) == {"type": "pong"}
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        pytest.param('{"type": "subscribe"}', id="other-json"),
+        pytest.param("[1, 2]", id="json-array"),
+        pytest.param("{not json", id="invalid-json"),
+        pytest.param(b"\x00\x01binary", id="binary"),
+    ],
+)
+async def test_other_client_frames_get_an_error_frame(
+    client: TestClient[Any, Any], frame: str | bytes
+) -> None:
+    """Anything but a ping is answered with an error frame, and the stream goes on."""
+    last_seq = await running_job(client, "ws-other", 0)
+    async with client.ws_connect(stream_path("ws-other", last_seq)) as ws:
+        await receive_json(ws)
+        if isinstance(frame, bytes):
+            await ws.send_bytes(frame)
+        else:
+            await ws.send_str(frame)
+        error = await receive_json(ws)
+        assert error["type"] == "error"
+        assert isinstance(error["code"], str)
+        assert isinstance(error["message"], str)
+        await append(client, "ws-other", {"type": "log", "message": "still here"})
+        assert (await receive_json(ws))["seq"] == last_seq + 1
+        await ws.send_str('{"type": "ping"}')
+        assert await receive_json(ws) == {"type": "pong"}
+
+
+async def test_too_large_client_frame_closes_1009(
+    make_config: ConfigFactory, make_client: ClientFactory
+) -> None:
+    """A client frame over stream.max_client_frame_bytes closes the socket with 1009."""
+    client = await make_client(make_config(stream__max_client_frame_bytes=1024))
+    last_seq = await running_job(client, "ws-big", 0)
+    async with client.ws_connect(stream_path("ws-big", last_seq)) as ws:
+        await receive_json(ws)
+        await ws.send_str(json.dumps({"type": "ping", "pad": "x" * 1024}))
+        await expect_close(ws, 1009)
+
+
+async def test_frame_at_the_limit_is_accepted(
+    make_config: ConfigFactory, make_client: ClientFactory
+) -> None:
+    """A client frame of exactly stream.max_client_frame_bytes is read (and answered)."""
+    client = await make_client(make_config(stream__max_client_frame_bytes=1024))
+    last_seq = await running_job(client, "ws-limit", 0)
+    frame = '{"type": "ping", "pad": "'
+    frame += "x" * (1024 - len(frame) - 2) + '"}'
+    assert len(frame) == 1024
+    async with client.ws_connect(stream_path("ws-limit", last_seq)) as ws:
+        await receive_json(ws)
+        await ws.send_str(frame)
+        assert await receive_json(ws) == {"type": "pong"}
+
+
+async def test_unknown_job_is_an_error_frame_then_4004(client: TestClient[Any, Any]) -> None:
+    """No such job: an error frame with code job_not_found, then close 4004."""
+    async with client.ws_connect(stream_path("no-such-job", 0)) as ws:
+        error = await receive_json(ws)
+        assert error["type"] == "error"
+        assert error["code"] == "job_not_found"
+        assert isinstance(error["message"], str)
+        await expect_close(ws, 4004)
+
+
+@pytest.mark.parametrize("after", ["-1", "abc", "1.5", "5"])
+async def test_bad_after_is_an_error_frame_then_4400(
+    client: TestClient[Any, Any], after: str
+) -> None:
+    """after not an integer >= 0, or past the log's end (last_seq is 2): error, then 4400."""
+    await running_job(client, "ws-bad", 1)
+    async with client.ws_connect(stream_path("ws-bad", after)) as ws:
+        error = await receive_json(ws)
+        assert error["type"] == "error"
+        assert error["code"] == "invalid_parameter"
+        await expect_close(ws, 4400)
+
+
+async def test_heartbeat_when_idle(make_config: ConfigFactory, make_client: ClientFactory) -> None:
+    """Nothing to send for stream.heartbeat_seconds: a heartbeat frame with last_seq."""
+    client = await make_client(make_config(stream__heartbeat_seconds=0.2))
+    last_seq = await running_job(client, "ws-beat", 1)
+    async with client.ws_connect(stream_path("ws-beat", 0)) as ws:
+        await receive_json(ws)
+        assert [(await receive_json(ws))["seq"] for _ in range(last_seq)] == [1, 2]
+        assert await receive_json(ws) == {"type": "heartbeat", "last_seq": last_seq}
+
+
+async def test_get_without_upgrade_or_accept_is_400(client: TestClient[Any, Any]) -> None:
+    """A plain GET on /stream is neither transport: 400 in the error shape."""
+    await running_job(client, "ws-plain", 0)
+    response = await client.get(stream_path("ws-plain"))
+    assert response.status == 400
+    assert response.content_type == "application/json"
+    body = await response.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"code", "message", "details"}
+    assert isinstance(body["error"]["code"], str)
+    assert isinstance(body["error"]["message"], str)
+    assert body["error"]["details"] == []
