@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
+import os
 import re
 import time
-import uuid
 import weakref
 from collections.abc import AsyncIterator
 
@@ -22,6 +23,10 @@ from .store import Store
 log = structlog.get_logger("jobfeed.http")
 
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+# Generated request ids: a per-process random prefix and a counter. Unique within the log and
+# across restarts, without a urandom syscall per request (uuid4 was 2 % of W1's profile).
+_ID_PREFIX = os.urandom(4).hex()
+_id_counter = itertools.count(1)
 _HTTP_CODES = {
     400: "bad_request",
     404: "not_found",
@@ -35,7 +40,7 @@ _HTTP_CODES = {
 async def access_log_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """One structured line per request; binds ``request_id`` for every line logged within."""
     given = request.headers.get("X-Request-ID", "")
-    request_id = given if _REQUEST_ID_RE.match(given) else uuid.uuid4().hex[:16]
+    request_id = given if _REQUEST_ID_RE.match(given) else f"{_ID_PREFIX}-{next(_id_counter):x}"
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=request_id)
     request[REQUEST_ID] = request_id
