@@ -24,6 +24,7 @@ from .app import create_app
 from .config import Config, ConfigError, ensure_storage_dir, load_config
 from .logs import configure_logging
 from .migrate import MigrationError, apply_migrations
+from .store import StorageCorrupt
 
 log = structlog.get_logger("jobfeed")
 
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             log.info("migrated", path=str(config.storage.path), applied=applied)
             return 0
         _run(_serve(config), _loop_factory(config))
-    except (MigrationError, sqlite3.DatabaseError, OSError) as exc:
+    except (MigrationError, StorageCorrupt, sqlite3.DatabaseError, OSError) as exc:
         sys.stderr.write(f"jobfeed: cannot start: {exc}\n")
         return 1
     return 0

@@ -14,7 +14,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from .config import Config
-from .errors import ServiceError, WSClose, error_body
+from .errors import ServiceError, StorageUnavailable, WSClose, error_body
 from .handlers import health, jobs, stream
 from .hub import Hub
 from .keys import CONFIG, HUB, REQUEST_ID, STORE, STREAMS
@@ -76,7 +76,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         response: web.StreamResponse = await handler(request)
         return response
     except ServiceError as exc:
-        if exc.status >= 500:
+        # A storage fault is logged by the writer, once per fault (storage_failed).
+        if exc.status >= 500 and not isinstance(exc, StorageUnavailable):
             log.warning("request_refused", code=exc.code, message=exc.message)
         return web.Response(
             body=exc.body(),

@@ -42,6 +42,8 @@ class StorageConfig(_Section):
     checkpoint_seconds: float = Field(1.0, gt=0)
     job_cache_size: int = Field(10_000, ge=1)
     busy_timeout_ms: int = Field(5_000, ge=0)
+    probe_seconds: float = Field(1.0, gt=0)
+    integrity_check: bool = True
 
 
 class StreamConfig(_Section):

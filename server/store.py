@@ -4,6 +4,9 @@ One aiosqlite connection writes (``server.writer``); a small pool reads, so repl
 pages never wait behind a commit (WAL readers see the last committed state). WAL checkpoints
 run from a separate connection on a timer instead of inside the writer's commits, which keeps
 the append path's p99 flat (see ``../shared/notes/measured-here.md``).
+
+At open, before migrations, ``PRAGMA quick_check`` refuses a damaged file
+(``storage.integrity_check``).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import itertools
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiosqlite
 import structlog
@@ -25,6 +29,36 @@ from .hub import Hub
 from .writer import Writer
 
 log = structlog.get_logger("jobfeed.store")
+
+
+class StorageCorrupt(Exception):
+    """The database file is damaged or is not a SQLite database; the message is one line."""
+
+
+def check_integrity(db_path: Path) -> None:
+    """Refuse a damaged file before anything writes to it (``PRAGMA quick_check``).
+
+    quick_check verifies every b-tree page and record, but not that indexes match their
+    tables; it reads the whole file, so it can be turned off for huge databases.
+    """
+    if not db_path.exists():
+        return
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        rows = conn.execute("PRAGMA quick_check(10)").fetchall()
+    except sqlite3.DatabaseError as exc:  # e.g. "file is not a database"
+        raise StorageCorrupt(f"{db_path}: integrity check failed: {exc}") from exc
+    finally:
+        conn.close()
+    problems = [str(row[0]) for row in rows]
+    if problems != ["ok"]:
+        # A problem may span lines ("*** in database main ***\nPage 5: ..."); keep one line.
+        first = " ".join(problems[0].split())
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise StorageCorrupt(
+            f"{db_path}: integrity check failed: {first}{more}; restore from a backup "
+            "(storage.integrity_check = false skips this check)"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +93,8 @@ class Store:
 
     async def open(self) -> None:
         storage = self._config.storage
+        if storage.integrity_check:
+            await asyncio.to_thread(check_integrity, storage.path)
         applied = await asyncio.to_thread(migrate.apply_migrations, storage.path)
         if applied:
             log.info("migrations_applied", names=applied, path=self.path)
@@ -75,6 +111,7 @@ class Store:
             max_pending=storage.max_pending_appends,
             max_event_bytes=self._config.limits.max_event_bytes,
             job_cache_size=storage.job_cache_size,
+            probe_seconds=storage.probe_seconds,
         )
         await self._writer.start()
         self._checkpoint_task = asyncio.create_task(self._checkpoint_loop(), name="checkpoint")
@@ -126,16 +163,25 @@ class Store:
     async def _checkpoint_loop(self) -> None:
         assert self._checkpoint_conn is not None
         last_commits = -1
+        failing = False
         while True:
             await asyncio.sleep(self._config.storage.checkpoint_seconds)
             commits = self.writer.commits
-            if commits == last_commits:
+            if commits == last_commits and not failing:
                 continue
             last_commits = commits
             try:
                 await self._checkpoint_conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
             except sqlite3.Error as exc:
-                log.warning("checkpoint_failed", error=str(exc))
+                # Logged once per fault, not once a second: the WAL keeps every commit
+                # meanwhile, and the next checkpoint that succeeds copies them all.
+                if not failing:
+                    log.warning("checkpoint_failed", error=f"{type(exc).__name__}: {exc}")
+                failing = True
+            else:
+                if failing:
+                    log.info("checkpoint_recovered")
+                failing = False
 
     # -- reads ---------------------------------------------------------------------------
 
@@ -185,7 +231,7 @@ class Store:
         if self._writer is None or not self._readers:
             return "storage is not open"
         if not self._writer.healthy:
-            return f"last commit failed: {self._writer.last_error}"
+            return f"the log cannot be written: {self._writer.last_error}"
         try:
             await self._read("SELECT 1 FROM schema_migrations LIMIT 1", ())
         except sqlite3.Error as exc:

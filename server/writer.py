@@ -9,6 +9,12 @@ A request is planned against a scratch copy of the job states; a request that fa
 checks (unknown job, closed log, oversize event) is refused alone and leaves nothing behind,
 while the others in its group go on. A failed commit refuses the whole group with
 ``StorageUnavailable`` and leaves the in-memory state as it was before the group.
+
+A storage fault (disk full, file not writable, locked by another process, I/O error) makes the
+writer unhealthy until a commit succeeds again. Appends keep trying, and while none arrives the
+writer itself commits a small probe transaction every ``probe_seconds``, so an idle server
+becomes ready again by itself once the fault clears. A fault is logged once when it starts
+(``storage_failed``) and once when it ends (``storage_recovered``), not once per request.
 """
 
 from __future__ import annotations
@@ -115,6 +121,7 @@ class Writer:
         max_pending: int,
         max_event_bytes: int,
         job_cache_size: int,
+        probe_seconds: float = 1.0,
     ) -> None:
         self._conn = conn
         self._hub = hub
@@ -122,6 +129,7 @@ class Writer:
         self._max_pending = max_pending
         self._max_event_bytes = max_event_bytes
         self._job_cache_size = job_cache_size
+        self._probe_seconds = probe_seconds
         self._queue: asyncio.Queue[_Op | None] = asyncio.Queue()
         self._pending_weight = 0
         self._jobs: OrderedDict[str, JobState] = OrderedDict()
@@ -133,6 +141,11 @@ class Writer:
         self.last_error: str | None = None
         self.commits = 0
         self.events_written = 0
+        self.probes = 0  # probe transactions attempted (only while unhealthy)
+        # The current outage: when it began, failed attempts, and requests refused in it.
+        self._fault_since = 0.0
+        self._fault_failures = 0
+        self._fault_refused = 0
 
     async def start(self) -> None:
         # The newest event by id also has the newest ts: the writer keeps ts monotonic.
@@ -181,7 +194,7 @@ class Writer:
     async def _run(self) -> None:
         stop_seen = False
         while not stop_seen:
-            first = await self._queue.get()
+            first = await self._next_op()
             if first is None:
                 break
             ops, weight = [first], first.weight
@@ -201,6 +214,82 @@ class Writer:
                         op.future.set_exception(exc)
             finally:
                 self._pending_weight -= weight
+
+    async def _next_op(self) -> _Op | None:
+        """The next request; while unhealthy and idle, probe the write path meanwhile."""
+        while not self.healthy:
+            try:
+                return await asyncio.wait_for(self._queue.get(), self._probe_seconds)
+            except TimeoutError:
+                await self._probe()
+        return await self._queue.get()
+
+    async def _probe(self) -> None:
+        """Commit one small transaction through the same connection, as an append would.
+
+        It rewrites the one row of ``storage_probe`` and, within the same transaction, grows
+        it by one event's worth of bytes and shrinks it again: a file that cannot grow by that
+        much (disk full, ``max_page_count``) fails the probe as it would fail an append.
+        """
+        self.probes += 1
+        conn = self._conn
+        try:
+            await conn.execute("BEGIN IMMEDIATE")
+            try:
+                await conn.execute(
+                    "UPDATE storage_probe SET probed_at = ?, probes = probes + 1,"
+                    " pad = zeroblob(?) WHERE id = 1",
+                    (utc_now(), self._max_event_bytes),
+                )
+                await conn.execute("UPDATE storage_probe SET pad = NULL WHERE id = 1")
+                await conn.execute("COMMIT")
+            except BaseException:
+                await self._rollback()
+                raise
+        except sqlite3.Error as exc:
+            self._fault(exc, "probe", refused=0)
+            return
+        self._recovered("probe")
+
+    async def _rollback(self) -> None:
+        try:
+            await self._conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            # After SQLITE_FULL / IOERR / BUSY SQLite may have rolled back already.
+            log.debug("rollback_failed")
+
+    def _fault(self, exc: sqlite3.Error, stage: str, refused: int) -> None:
+        """Record a failed write; log it only when a fault starts or changes."""
+        error = f"{type(exc).__name__}: {exc}"
+        if self.healthy:
+            self._fault_since = time.monotonic()
+            self._fault_failures = self._fault_refused = 0
+        self._fault_failures += 1
+        self._fault_refused += refused
+        if self.healthy or error != self.last_error:
+            log.error(
+                "storage_failed",
+                stage=stage,
+                error=error,
+                sqlite_error=getattr(exc, "sqlite_errorname", None),
+                refused=refused,
+            )
+        self.healthy = False
+        self.last_error = error
+
+    def _recovered(self, stage: str) -> None:
+        if self.healthy:
+            return
+        log.info(
+            "storage_recovered",
+            stage=stage,
+            last_error=self.last_error,
+            failures=self._fault_failures,
+            refused=self._fault_refused,
+            seconds=round(time.monotonic() - self._fault_since, 3),
+        )
+        self.healthy = True
+        self.last_error = None
 
     async def _commit_group(self, ops: list[_Op]) -> None:
         started = time.perf_counter()
@@ -238,8 +327,7 @@ class Writer:
             self._last_ts = ts
             self.commits += 1
             self.events_written += len(group.event_rows)
-            self.healthy = True
-            self.last_error = None
+            self._recovered("commit")
             for state in group.touched.values():
                 self._remember(state)
             for job_id, frames in group.frames.items():
@@ -255,15 +343,12 @@ class Writer:
         )
 
     def _fail(self, ops: Iterable[_Op], exc: sqlite3.Error, stage: str) -> None:
-        self.healthy = False
-        self.last_error = f"{type(exc).__name__}: {exc}"
-        ops = list(ops)
-        log.error("storage_failed", stage=stage, error=self.last_error, ops=len(ops))
-        for op in ops:
-            if not op.future.done():
-                op.future.set_exception(
-                    StorageUnavailable(f"the event log cannot be written right now ({exc})")
-                )
+        refused = [op for op in ops if not op.future.done()]
+        self._fault(exc, stage, refused=len(refused))
+        for op in refused:
+            op.future.set_exception(
+                StorageUnavailable(f"the event log cannot be written right now ({exc})")
+            )
 
     async def _load_states(self, job_ids: set[str]) -> dict[str, JobState | None]:
         states: dict[str, JobState | None] = {}
@@ -472,10 +557,7 @@ class Writer:
                 )
             await conn.execute("COMMIT")
         except BaseException:
-            try:
-                await conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                log.warning("rollback_failed")  # SQLite may have rolled back already
+            await self._rollback()
             raise
 
     def _remember(self, state: JobState) -> None:

@@ -22,6 +22,8 @@ from server.migrate import Migration, MigrationError, apply_migrations, bundled_
 
 REPO = Path(__file__).resolve().parent.parent
 INITIAL = "0001_initial.sql"
+ALL = [m.name for m in bundled_migrations()]
+RECORDED = [(m.version, m.name) for m in bundled_migrations()]
 CLI_TIMEOUT = 30.0
 
 
@@ -68,15 +70,18 @@ def write_config(directory: Path, db: str) -> Path:
 
 
 def test_fresh_database_gets_the_schema_and_its_record(tmp_path: Path) -> None:
-    """On a new file every migration is applied: the tables exist and schema_migrations holds
-    (1, the file's name, the file's sha256, an ISO timestamp)."""
+    """On a new file every migration is applied, in order: the tables exist and
+    schema_migrations holds (version, the file's name, the file's sha256, an ISO timestamp)
+    for each."""
     db = tmp_path / "fresh.db"
-    assert apply_migrations(db) == [INITIAL]
-    assert {"jobs", "events", "schema_migrations"} <= table_names(db)
-    ((version, name, checksum, applied_at),) = schema_rows(db)
-    assert (version, name) == (1, INITIAL)
-    assert checksum == hashlib.sha256((REPO / "migrations" / INITIAL).read_bytes()).hexdigest()
-    assert datetime.fromisoformat(applied_at).tzinfo is not None
+    assert apply_migrations(db) == ALL
+    assert ALL[0] == INITIAL
+    assert {"jobs", "events", "storage_probe", "schema_migrations"} <= table_names(db)
+    rows = schema_rows(db)
+    assert [row[:2] for row in rows] == RECORDED
+    for _, name, checksum, applied_at in rows:
+        assert checksum == hashlib.sha256((REPO / "migrations" / name).read_bytes()).hexdigest()
+        assert datetime.fromisoformat(applied_at).tzinfo is not None
 
 
 def test_rerun_applies_nothing_and_changes_nothing(tmp_path: Path) -> None:
@@ -94,10 +99,10 @@ def test_edited_migration_file_is_refused_naming_it(tmp_path: Path) -> None:
     db = tmp_path / "edited.db"
     apply_migrations(db)
     before = schema_rows(db)
-    (initial,) = bundled_migrations()
+    initial, *later = bundled_migrations()
     edited = Migration(initial.version, initial.name, initial.sql + "\n-- edited later\n")
     with pytest.raises(MigrationError, match=INITIAL):
-        apply_migrations(db, [edited])
+        apply_migrations(db, [edited, *later])
     assert schema_rows(db) == before
 
 
@@ -119,8 +124,8 @@ def test_schema_newer_than_the_code_is_refused(tmp_path: Path) -> None:
     execute(
         db,
         "INSERT INTO schema_migrations (version, name, checksum, applied_at) VALUES (?,?,?,?)",
-        2,
-        "0002_from_the_future.sql",
+        len(ALL) + 1,
+        "9999_from_the_future.sql",
         "f" * 64,
         "2030-01-01T00:00:00+00:00",
     )
@@ -132,12 +137,14 @@ def test_failing_migration_leaves_neither_its_changes_nor_its_record(tmp_path: P
     """A migration that fails half-way is rolled back together with its record: the table
     its first statement created does not exist and its version is not recorded."""
     db = tmp_path / "broken.db"
-    (initial,) = bundled_migrations()
-    broken = Migration(2, "0002_broken.sql", "CREATE TABLE half (a INTEGER);\nNOT SQL AT ALL;\n")
+    shipped = bundled_migrations()
+    broken = Migration(
+        len(shipped) + 1, "9999_broken.sql", "CREATE TABLE half (a INTEGER);\nNOT SQL AT ALL;\n"
+    )
     with pytest.raises(MigrationError):
-        apply_migrations(db, [initial, broken])
+        apply_migrations(db, [*shipped, broken])
     assert "half" not in table_names(db)
-    assert [row[:2] for row in schema_rows(db)] == [(1, INITIAL)]
+    assert [row[:2] for row in schema_rows(db)] == RECORDED
 
 
 def test_cli_migrate_creates_the_database(tmp_path: Path) -> None:
@@ -150,7 +157,7 @@ def test_cli_migrate_creates_the_database(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     db = tmp_path / "etc" / "data" / "jobfeed.db"
     assert {"jobs", "events", "schema_migrations"} <= table_names(db)
-    assert [row[:2] for row in schema_rows(db)] == [(1, INITIAL)]
+    assert [row[:2] for row in schema_rows(db)] == RECORDED
     assert not (elsewhere / "data").exists()
 
 
