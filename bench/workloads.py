@@ -1,0 +1,302 @@
+"""Workloads W1-W4 (appends, live latency, fan-out) and what all workloads share; W5-W7 are
+in ``bench.streams``. Each starts its own server on a clean database, drives it from
+generator processes, and returns its measured phases.
+
+``target`` is ``"jobfeed"`` or ``"raw"`` (``bench.rawws``, the fan-out ceiling): W3, W4, W5 and
+W7 run unchanged against both, so each jobfeed figure has a raw aiohttp figure beside it.
+Server CPU is read from /proc over the same window the generators measure their own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Coroutine, Iterator, Sequence
+from typing import Any, Literal, TypeVar
+
+import uvloop
+
+from . import loadgen, server, subscribers
+from .fleet import Workers
+from .profiles import Profile
+from .stats import Phase, latency_ms, samples
+
+Target = Literal["jobfeed", "raw"]
+T = TypeVar("T")
+
+GATHER_SLACK = 60.0  # seconds a phase may overrun its nominal length before it is an error
+ACK_QUANTILES = (50, 99)
+LIVE_QUANTILES = (50, 99, 99.9, 100)
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    return uvloop.run(coro)
+
+
+def split(items: Sequence[T], parts: int) -> list[tuple[T, ...]]:
+    """``items`` in ``parts`` contiguous shares (no empty share)."""
+    parts = max(1, min(parts, len(items)))
+    size, extra = divmod(len(items), parts)
+    shares, start = [], 0
+    for index in range(parts):
+        end = start + size + (1 if index < extra else 0)
+        shares.append(tuple(items[start:end]))
+        start = end
+    return shares
+
+
+@contextlib.contextmanager
+def target_server(target: Target, durability: str = "full") -> Iterator[server.ServerProcess]:
+    if target == "jobfeed":
+        with server.jobfeed(durability) as process:
+            yield process
+    else:
+        with server.raw_ws() as process:
+            yield process
+
+
+def cpu_during(process: server.ServerProcess, warmup: float, duration: float) -> float:
+    """Server CPU seconds over [now + warmup, now + warmup + duration] (sleeps through it)."""
+    time.sleep(warmup)
+    before = process.cpu_seconds()
+    time.sleep(duration)
+    return process.cpu_seconds() - before
+
+
+def order_notes(reports: Sequence[dict[str, Any]], what: str) -> list[str]:
+    holes = sum(r["holes"] for r in reports)
+    duplicates = sum(r["duplicates"] for r in reports)
+    if holes or duplicates:
+        return [f"{what}: {holes} missing and {duplicates} duplicate seqs (must be 0)"]
+    return []
+
+
+def status_notes(statuses: Sequence[dict[int, int]], what: str) -> list[str]:
+    refused: dict[int, int] = {}
+    for counts in statuses:
+        for status, count in counts.items():
+            if status not in (200, 201):
+                refused[status] = refused.get(status, 0) + count
+    return [f"{what}: answers other than 201: {refused}"] if refused else []
+
+
+# -- W1, W1b, W2: closed-loop appends --------------------------------------------------------
+
+
+def closed_loop_append(
+    profile: Profile,
+    name: str,
+    *,
+    batch: int,
+    depth: int,
+    durability: str = "full",
+    target: Target = "jobfeed",
+) -> list[Phase]:
+    with target_server(target, durability) as process:
+        job_ids = [f"producer-{i:02d}" for i in range(profile.producers)]
+        run_async(loadgen.create_jobs(process.base_url, job_ids))
+        specs = [
+            loadgen.AppendSpec(
+                process.base_url,
+                share,
+                depth,
+                batch,
+                profile.warmup,
+                profile.duration,
+                time_limit=profile.warmup + profile.duration + GATHER_SLACK,
+            )
+            for share in split(job_ids, profile.generator_processes)
+        ]
+        with Workers("producer", loadgen.append_closed_loop, specs) as producers:
+            producers.gather("ready", GATHER_SLACK)
+            producers.send("go")
+            server_cpu = cpu_during(process, profile.warmup, profile.duration)
+            results = producers.gather("result", GATHER_SLACK)
+    latencies = samples(r["latencies"] for r in results)
+    metrics = {"events/s": sum(r["events"] for r in results) / profile.duration}
+    metrics.update(latency_ms(latencies, "ack", ACK_QUANTILES))
+    return [
+        Phase(
+            name,
+            metrics,
+            server_cpu,
+            sum(r["cpu_s"] for r in results),
+            status_notes([r["statuses"] for r in results], name),
+        )
+    ]
+
+
+def w1_name(profile: Profile) -> str:
+    return (
+        f"W1 durable append: {profile.producers} producers x {profile.depth} in flight, "
+        "1 event/request, full"
+    )
+
+
+def w1b_name(profile: Profile) -> str:
+    return (
+        f"W1b durable append: {profile.producers} producers x {profile.batch_depth} in flight, "
+        f"{profile.batch} events/request, full"
+    )
+
+
+def w2_name(profile: Profile) -> str:
+    return (
+        f"W2 append: {profile.producers} producers x {profile.depth} in flight, "
+        "1 event/request, normal"
+    )
+
+
+def w1(profile: Profile) -> list[Phase]:
+    return closed_loop_append(
+        profile, w1_name(profile), batch=1, depth=profile.depth, durability="full"
+    )
+
+
+def w1b(profile: Profile) -> list[Phase]:
+    return closed_loop_append(
+        profile,
+        w1b_name(profile),
+        batch=profile.batch,
+        depth=profile.batch_depth,
+        durability="full",
+    )
+
+
+def w2(profile: Profile) -> list[Phase]:
+    return closed_loop_append(
+        profile, w2_name(profile), batch=1, depth=profile.depth, durability="normal"
+    )
+
+
+# -- W3 and W4: live subscribers with a producer ---------------------------------------------
+
+
+def live_subscribers(
+    process: server.ServerProcess, profile: Profile, job_id: str, count: int
+) -> list[subscribers.SubscribeSpec]:
+    return [
+        subscribers.SubscribeSpec(
+            process.base_url,
+            job_id,
+            afters=tuple(0 for _ in share),
+            connect_parallel=100,
+            warmup=profile.warmup,
+            duration=profile.duration,
+            time_limit=profile.warmup + profile.duration + 2 * GATHER_SLACK,
+        )
+        for share in split(range(count), profile.generator_processes)
+    ]
+
+
+def w3(profile: Profile, target: Target = "jobfeed") -> list[Phase]:
+    """At the specified rate, then (full profile) at a tenth of it, below saturation here."""
+    phases = live_latency(profile, target, profile.w3_rate, "W3 live latency")
+    if profile.w3_light:
+        light = profile.w3_rate // 10
+        phases += live_latency(profile, target, light, "W3 live latency, light load")
+    return phases
+
+
+def live_latency(profile: Profile, target: Target, rate: int, title: str) -> list[Phase]:
+    name = f"{title}: {rate:,} events/s → {profile.w3_subscribers} WS"
+    with target_server(target) as process:
+        run_async(loadgen.create_jobs(process.base_url, ["w3"]))
+        producer_spec = loadgen.PacedSpec(
+            process.base_url,
+            "w3",
+            rate=rate,
+            batch=1,
+            max_in_flight=32,
+            warmup=profile.warmup,
+            duration=profile.duration,
+            finish=False,
+            time_limit=profile.warmup + profile.duration + GATHER_SLACK,
+        )
+        subscriber_specs = live_subscribers(process, profile, "w3", profile.w3_subscribers)
+        with (
+            Workers("subscriber", subscribers.subscribe_window, subscriber_specs) as subs,
+            Workers("producer", loadgen.append_paced, [producer_spec]) as producer,
+        ):
+            subs.gather("ready", GATHER_SLACK)
+            producer.gather("ready", GATHER_SLACK)
+            subs.send("go")
+            producer.send("go")
+            server_cpu = cpu_during(process, profile.warmup, profile.duration)
+            (produced,) = producer.gather("result", GATHER_SLACK)
+            time.sleep(0.5)  # the last events reach every subscriber
+            subs.send("stop")
+            results = subs.gather("result", GATHER_SLACK)
+    latencies = samples(r["latencies"] for r in results)
+    reports = [s for r in results for s in r["subscribers"]]
+    expected = produced["sent_events"] * profile.w3_subscribers
+    received = sum(s["count"] for s in reports)
+    metrics = {"producer events/s": produced["sent_rate"]}
+    metrics.update(latency_ms(latencies, "latency", LIVE_QUANTILES))
+    notes = order_notes(reports, name) + status_notes([produced["statuses"]], name)
+    if received < expected:
+        notes.append(f"{name}: {expected - received} of {expected} deliveries never arrived")
+    return [
+        Phase(
+            name,
+            metrics,
+            server_cpu,
+            sum(r["cpu_s"] for r in results) + produced["cpu_s"],
+            notes,
+        )
+    ]
+
+
+def w4(profile: Profile, target: Target = "jobfeed") -> list[Phase]:
+    name = (
+        f"W4 fan-out: {profile.w4_subscribers:,} WS, producer batches of {profile.w4_batch} "
+        "as fast as allowed"
+    )
+    with target_server(target) as process:
+        run_async(loadgen.create_jobs(process.base_url, ["w4"]))
+        producer_spec = loadgen.AppendSpec(
+            process.base_url,
+            ("w4",),
+            depth=1,
+            batch=profile.w4_batch,
+            warmup=profile.warmup,
+            duration=profile.duration,
+            time_limit=profile.warmup + profile.duration + GATHER_SLACK,
+        )
+        subscriber_specs = live_subscribers(process, profile, "w4", profile.w4_subscribers)
+        with (
+            Workers("subscriber", subscribers.subscribe_window, subscriber_specs) as subs,
+            Workers("producer", loadgen.append_closed_loop, [producer_spec]) as producer,
+        ):
+            subs.gather("ready", GATHER_SLACK)
+            producer.gather("ready", GATHER_SLACK)
+            rss_before = process.rss_bytes()
+            subs.send("go")
+            producer.send("go")
+            server_cpu = cpu_during(process, profile.warmup, profile.duration)
+            (produced,) = producer.gather("result", GATHER_SLACK)
+            subs.send("stop")
+            peak_rss = process.peak_rss_bytes()
+            results = subs.gather("result", GATHER_SLACK)
+    latencies = samples(r["latencies"] for r in results)
+    reports = [s for r in results for s in r["subscribers"]]
+    metrics = {
+        "deliveries/s": sum(r["deliveries"] for r in results) / profile.duration,
+        "appended events/s": produced["events"] / profile.duration,
+    }
+    metrics.update(latency_ms(latencies, "latency", ACK_QUANTILES))
+    # How far behind the log's end the slowest subscriber was when the producer stopped.
+    metrics["max lag at end, events"] = produced["last_seq"] - min(s["last"] for s in reports)
+    metrics["server peak RSS MB"] = peak_rss / 2**20
+    notes = order_notes(reports, name)
+    notes += status_notes([produced["statuses"]], name)
+    notes.append(f"{name} [{target}]: RSS before load {rss_before / 2**20:.0f} MB")
+    return [
+        Phase(
+            name,
+            metrics,
+            server_cpu,
+            sum(r["cpu_s"] for r in results) + produced["cpu_s"],
+            notes,
+        )
+    ]
