@@ -23,6 +23,7 @@ from aiohttp import web
 from . import __version__
 from .app import create_app
 from .config import Config, ConfigError, ensure_storage_dir, load_config
+from .limits import ConnectionCappedRunner
 from .logs import configure_logging
 from .migrate import MigrationError, apply_migrations
 from .store import StorageCorrupt
@@ -91,8 +92,9 @@ def _tune_gc() -> None:
 
 async def _serve(config: Config) -> None:
     app = create_app(config)
-    runner = web.AppRunner(
+    runner = ConnectionCappedRunner(
         app,
+        max_connections=config.server.max_connections,
         access_log=None,  # our middleware writes one structured line per request
         handle_signals=False,
         shutdown_timeout=config.server.shutdown_timeout,
@@ -114,6 +116,14 @@ async def _serve(config: Config) -> None:
                 loop=type(asyncio.get_running_loop()).__module__,
                 fd_limit=soft,
                 fd_limit_hard=hard,
+                max_connections=config.server.max_connections,
+            )
+        if config.server.max_connections > soft:
+            # Past the fd limit accept() fails before the cap can answer 503 (docs/operations.md).
+            log.warning(
+                "max_connections_above_fd_limit",
+                max_connections=config.server.max_connections,
+                fd_limit=soft,
             )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import re
 import time
@@ -14,10 +15,11 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from .config import Config
-from .errors import ServiceError, StorageUnavailable, WSClose, error_body
+from .errors import RateLimited, ServiceError, StorageUnavailable, WSClose, error_body
 from .handlers import health, jobs, stream
 from .hub import Hub
-from .keys import CONFIG, HUB, REQUEST_ID, STORE, STREAMS
+from .keys import CONFIG, HUB, JOB_STREAMS, RATE_LIMITER, REQUEST_ID, STORE, STREAMS
+from .limits import JobStreamSlots, RateLimiter
 from .store import Store
 
 log = structlog.get_logger("jobfeed.http")
@@ -27,6 +29,9 @@ _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 # across restarts, without a urandom syscall per request (uuid4 was 2 % of W1's profile).
 _ID_PREFIX = os.urandom(4).hex()
 _id_counter = itertools.count(1)
+# Liveness and readiness probes come from the orchestrator's address; throttling them would
+# turn a busy server into a restarted one.
+_UNTHROTTLED_PATHS = frozenset({"/healthz", "/readyz"})
 _HTTP_CODES = {
     400: "bad_request",
     404: "not_found",
@@ -105,13 +110,39 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         )
 
 
+@web.middleware
+async def rate_limit_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """429 ``rate_limited`` for a client address over ``limits.rate_per_client``.
+
+    Keyed on the peer address: ``X-Forwarded-For`` is not trusted (any client can send it),
+    so behind a proxy the limit applies to the proxy as a whole (docs/operations.md).
+    """
+    limiter = request.app.get(RATE_LIMITER)
+    if limiter is None or request.path in _UNTHROTTLED_PATHS:
+        return await handler(request)
+    wait = limiter.take(request.remote or "")
+    if wait > 0:
+        raise RateLimited(
+            f"more than {limiter.rate:g} requests per second from this address "
+            "(limits.rate_per_client); slow down",
+            retry_after=max(1, math.ceil(wait)),
+        )
+    return await handler(request)
+
+
 def create_app(config: Config) -> web.Application:
     app = web.Application(
         client_max_size=config.limits.max_body_bytes,
-        middlewares=[access_log_middleware, error_middleware],
+        middlewares=[access_log_middleware, error_middleware, rate_limit_middleware],
     )
     app[CONFIG] = config
     app[HUB] = Hub(config.stream.cache_events_per_job, config.stream.cache_bytes)
+    app[JOB_STREAMS] = JobStreamSlots(config.stream.max_subscribers_per_job)
+    limits = config.limits
+    if limits.rate_per_client > 0:
+        app[RATE_LIMITER] = RateLimiter(
+            limits.rate_per_client, limits.rate_burst, limits.rate_max_clients
+        )
     app[STREAMS] = weakref.WeakSet[web.StreamResponse]()
     app.cleanup_ctx.append(_store_ctx)
     app.on_shutdown.append(_close_streams)

@@ -31,6 +31,10 @@ class ServerConfig(_Section):
     port: int = Field(8080, ge=0, le=65535)
     shutdown_timeout: float = Field(10.0, gt=0)
     event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
+    # Open TCP connections (streams, keep-alive and in-flight requests). Past it a new
+    # connection's request is answered 503 overloaded and the connection closed. Below the
+    # fd limit, so that the process refuses politely before accept() starts failing.
+    max_connections: int = Field(20_000, ge=1)
 
 
 class StorageConfig(_Section):
@@ -52,6 +56,12 @@ class StreamConfig(_Section):
     send_timeout: float = Field(30.0, gt=0)
     max_client_frame_bytes: int = Field(65_536, ge=128)
     max_subscribers: int = Field(10_000, ge=1)
+    # Kernel send buffer of each stream socket (SO_SNDBUF; 0 = the kernel's autotuning, which
+    # grows to 4 MiB on Linux). A small buffer bounds what a stuck subscriber pins in kernel
+    # memory and lets send_timeout notice it after kilobytes, not megabytes, of backlog.
+    send_buffer_bytes: int = Field(262_144, ge=0)
+    # Open streams on any one job, so that one hot job cannot take every stream slot.
+    max_subscribers_per_job: int = Field(10_000, ge=1)
     page_events: int = Field(500, ge=1)
     cache_events_per_job: int = Field(1_024, ge=0)
     cache_bytes: int = Field(64 * 1024 * 1024, ge=0)
@@ -64,6 +74,11 @@ class LimitsConfig(_Section):
     page_size_max: int = Field(1_000, ge=1)
     page_size_default: int = Field(1_000, ge=1)
     jobs_page_default: int = Field(50, ge=1)
+    # Requests per second per client address (token bucket), 0 = off. Off by default: behind
+    # a proxy every client shares the proxy's address, so only the operator knows a safe rate.
+    rate_per_client: float = Field(0.0, ge=0)
+    rate_burst: int = Field(100, ge=1)  # requests a client may send at once, on top of the rate
+    rate_max_clients: int = Field(100_000, ge=1)  # addresses remembered (least recent forgotten)
 
 
 class LogConfig(_Section):

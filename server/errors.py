@@ -100,6 +100,17 @@ class ValidationFailed(ServiceError):
     code = "validation_error"
 
 
+class RateLimited(ServiceError):
+    """One client address sent more than ``limits.rate_per_client`` requests per second."""
+
+    status = 429
+    code = "rate_limited"
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.headers = {"Retry-After": str(retry_after)}
+
+
 class Overloaded(ServiceError):
     status = 503
     code = "overloaded"

@@ -239,3 +239,19 @@ async def test_get_without_upgrade_or_accept_is_400(client: TestClient[Any, Any]
     assert isinstance(body["error"]["code"], str)
     assert isinstance(body["error"]["message"], str)
     assert body["error"]["details"] == []
+
+
+async def test_a_client_close_frees_its_slot_at_once(
+    make_config: ConfigFactory, make_client: ClientFactory
+) -> None:
+    """A subscriber that closes its socket while idle releases its stream slot right away
+    (not at the next heartbeat): with one slot per job, an immediate reconnect is served."""
+    client = await make_client(
+        make_config(stream__max_subscribers_per_job=1, stream__heartbeat_seconds=60)
+    )
+    last_seq = await running_job(client, "ws-slot", 1)
+    for _ in range(3):
+        async with client.ws_connect(stream_path("ws-slot", last_seq)) as ws:
+            hello = await receive_json(ws)
+            assert hello["type"] == "hello", hello
+            await ws.close()

@@ -16,7 +16,8 @@ from aiohttp import web
 from ..errors import InvalidParameter, JobNotFound, Overloaded
 from ..follow import Cursor, StreamClosing, follow
 from ..frames import control_frame
-from ..keys import CONFIG, HUB, STORE, STREAMS
+from ..keys import CONFIG, HUB, JOB_STREAMS, STORE, STREAMS
+from ..limits import bound_send_buffer
 from .request import parse_int
 
 log = structlog.get_logger("jobfeed.stream")
@@ -24,13 +25,27 @@ log = structlog.get_logger("jobfeed.stream")
 
 async def serve_sse(request: web.Request, job_id: str) -> web.StreamResponse:
     config = request.app[CONFIG].stream
-    store = request.app[STORE]
     raw_after = request.headers.get("Last-Event-ID") or request.query.get("after") or "0"
     after = parse_int("after", raw_after)
     if len(request.app[STREAMS]) >= config.max_subscribers:
         raise Overloaded(
             f"the server has {config.max_subscribers} open streams (stream.max_subscribers)"
         )
+    slots = request.app[JOB_STREAMS]
+    if not slots.acquire(job_id):
+        raise Overloaded(
+            f"job {job_id} has {config.max_subscribers_per_job} open streams "
+            "(stream.max_subscribers_per_job)"
+        )
+    try:
+        return await _serve_sse(request, job_id, after)
+    finally:
+        slots.release(job_id)
+
+
+async def _serve_sse(request: web.Request, job_id: str, after: int) -> web.StreamResponse:
+    config = request.app[CONFIG].stream
+    store = request.app[STORE]
     head = await store.job_head(job_id)
     if head is None:
         raise JobNotFound(job_id)
@@ -45,6 +60,7 @@ async def serve_sse(request: web.Request, job_id: str) -> web.StreamResponse:
         }
     )
     await response.prepare(request)
+    bound_send_buffer(request, config.send_buffer_bytes)
     request.app[STREAMS].add(response)
     hello = control_frame(
         {

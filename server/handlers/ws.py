@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import weakref
 
 import orjson
 import structlog
@@ -19,13 +20,16 @@ from aiohttp import WSMsgType, web
 from ..errors import InvalidParameter, WSClose
 from ..follow import Cursor, StreamClosing, follow
 from ..frames import control_frame
-from ..keys import CONFIG, HUB, STORE, STREAMS
+from ..keys import CONFIG, HUB, JOB_STREAMS, STORE, STREAMS
+from ..limits import bound_send_buffer
 from ..store import JobHead
 from .request import parse_int
 
 log = structlog.get_logger("jobfeed.stream")
 
 _PONG = control_frame({"type": "pong"})
+# Sockets whose sender is closing them for not draining (see _close_stuck).
+_CLOSING_STUCK: weakref.WeakSet[web.WebSocketResponse] = weakref.WeakSet()
 # The close code the server chose, by outcome (ws.close_code holds the peer's reply).
 _CLOSE_CODES = {
     "done": WSClose.DONE,
@@ -44,13 +48,16 @@ async def serve_websocket(request: web.Request, job_id: str) -> web.WebSocketRes
         compress=False,  # compression halves fan-out throughput; events are small
     )
     await ws.prepare(request)
+    bound_send_buffer(request, config.send_buffer_bytes)
     request.app[STREAMS].add(ws)
     started = time.monotonic()
     cursor = Cursor(job_id, 0)
     outcome = "client_gone"
     refused_with: int | None = None
+    has_slot = False
     try:
-        head = await _open(request, ws, job_id, cursor)
+        has_slot = await _take_slot(request, ws, job_id)
+        head = await _open(request, ws, job_id, cursor) if has_slot else None
         if head is None:
             outcome = "refused"
             refused_with = ws.close_code
@@ -59,12 +66,17 @@ async def serve_websocket(request: web.Request, job_id: str) -> web.WebSocketRes
         try:
             await _receive_until_closed(ws)
         finally:
-            if not sender.done():
+            # A sender closing a stuck peer is left to finish (its close is bounded) so that
+            # its outcome is known and the peer gets aborted. Otherwise the peer went away or
+            # the close is done, and the cursor has nobody to send to.
+            if not sender.done() and ws not in _CLOSING_STUCK:
                 sender.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 outcome = await sender
     finally:
         request.app[STREAMS].discard(ws)
+        if has_slot:
+            request.app[JOB_STREAMS].release(job_id)
         log.info(
             "stream_closed",
             transport="ws",
@@ -78,15 +90,28 @@ async def serve_websocket(request: web.Request, job_id: str) -> web.WebSocketRes
     return ws
 
 
+async def _take_slot(request: web.Request, ws: web.WebSocketResponse, job_id: str) -> bool:
+    """Count this stream against the server's and the job's caps; refuse (1013) past either."""
+    config = request.app[CONFIG].stream
+    limit = config.max_subscribers
+    if len(request.app[STREAMS]) > limit:  # this socket is already counted
+        message = f"the server has {limit} open streams (stream.max_subscribers); resume later"
+        await _refuse(ws, WSClose.OVERLOADED, "overloaded", message)
+        return False
+    if not request.app[JOB_STREAMS].acquire(job_id):
+        message = (
+            f"job {job_id} has {config.max_subscribers_per_job} open streams "
+            "(stream.max_subscribers_per_job); resume later"
+        )
+        await _refuse(ws, WSClose.OVERLOADED, "overloaded", message)
+        return False
+    return True
+
+
 async def _open(
     request: web.Request, ws: web.WebSocketResponse, job_id: str, cursor: Cursor
 ) -> JobHead | None:
     """Validate the subscription and send hello; None if it was refused (and closed)."""
-    limit = request.app[CONFIG].stream.max_subscribers
-    if len(request.app[STREAMS]) > limit:  # this socket is already counted
-        message = f"the server has {limit} open streams (stream.max_subscribers); resume later"
-        await _refuse(ws, WSClose.OVERLOADED, "overloaded", message)
-        return None
     try:
         after = parse_int("after", request.query.get("after") or "0")
     except InvalidParameter as exc:
@@ -152,7 +177,7 @@ async def _send_events(
         return "shutdown"
     except TimeoutError:
         # The peer stopped reading. Dropping it bounds what we hold; it resumes by offset.
-        await _close_stuck(ws)
+        await _close_stuck(request, ws)
         return "send_timeout"
     except ConnectionError:
         return "client_gone"
@@ -163,10 +188,21 @@ async def _send_events(
         return "error"
 
 
-async def _close_stuck(ws: web.WebSocketResponse) -> None:
-    with contextlib.suppress(Exception):
+async def _close_stuck(request: web.Request, ws: web.WebSocketResponse) -> None:
+    """Send close 1013 without waiting for the backlog to drain; abort if the peer does not
+    answer within a second. ``drain=False`` matters: the send timeout cancelled aiohttp's
+    drain waiter, and a second drain would re-raise that cancellation at once (the close
+    would end with a bare CancelledError and the connection would linger until ping timeout).
+    """
+    _CLOSING_STUCK.add(ws)
+    try:
         async with asyncio.timeout(1):
-            await ws.close(code=WSClose.OVERLOADED, message=b"send timeout")
+            await ws.close(code=WSClose.OVERLOADED, message=b"send timeout", drain=False)
+    except Exception:
+        # The peer (not reading) never answered the close: drop the connection; it sees
+        # 1006 if the close frame was stuck behind its backlog, and resumes by offset.
+        if request.transport is not None:
+            request.transport.abort()
 
 
 async def _receive_until_closed(ws: web.WebSocketResponse) -> None:

@@ -1,0 +1,168 @@
+"""Overload limits: the open-connection cap, per-job stream slots, per-client request rate.
+
+Each limit refuses in the protocol's error shape (503 ``overloaded`` / 429 ``rate_limited``,
+with ``Retry-After``) and holds a bounded amount of memory however many clients there are.
+
+The connection cap lives below the application, in the low-level ``web.Server`` that is the
+listening socket's protocol factory: only it sees a connection open and close (the app sees
+requests). A connection past the cap is still accepted and its first request is read, then
+answered 503 and closed — answering before the request is read would race the client's
+write against our close (the client may see a reset instead of the 503).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections import OrderedDict
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from .errors import error_body
+
+log = structlog.get_logger("jobfeed.limits")
+
+# A refused connection gets this long to send its request and read the 503; then it is closed
+# whatever it is doing, so that refused connections cannot pile up behind the cap.
+REFUSED_GRACE_SECONDS = 2.0
+
+
+class ConnectionCappedServer(web.Server):
+    """aiohttp's low-level server with at most ``max_connections`` admitted connections.
+
+    Built from the server ``AppRunner`` makes for the app (same handler, request factory and
+    handler options); refused connections are not counted, so a flood of them cannot keep
+    the cap full once admitted connections close.
+    """
+
+    def __init__(self, inner: web.Server, max_connections: int) -> None:
+        super().__init__(
+            inner.request_handler,
+            request_factory=inner.request_factory,
+            handler_cancellation=inner.handler_cancellation,
+            **inner._kwargs,
+        )
+        self.max_connections = max_connections
+        self._admit = inner.request_handler
+        self.request_handler = self._handle_or_refuse
+        self._admitted: set[web.RequestHandler] = set()
+        self._refused: set[web.RequestHandler] = set()
+
+    @property
+    def admitted(self) -> int:
+        return len(self._admitted)
+
+    def connection_made(self, handler: web.RequestHandler, transport: asyncio.Transport) -> None:
+        super().connection_made(handler, transport)
+        if len(self._admitted) < self.max_connections:
+            self._admitted.add(handler)
+            return
+        self._refused.add(handler)
+        asyncio.get_running_loop().call_later(REFUSED_GRACE_SECONDS, transport.close)
+
+    def connection_lost(
+        self, handler: web.RequestHandler, exc: BaseException | None = None
+    ) -> None:
+        super().connection_lost(handler, exc)
+        self._admitted.discard(handler)
+        self._refused.discard(handler)
+
+    async def _handle_or_refuse(self, request: web.BaseRequest) -> web.StreamResponse:
+        if request.protocol not in self._refused:
+            return await self._admit(request)
+        log.debug("connection_refused", remote=request.remote, open=len(self._admitted))
+        message = (
+            f"the server has {self.max_connections} open connections "
+            "(server.max_connections); retry later"
+        )
+        response = web.Response(
+            body=error_body("overloaded", message),
+            status=503,
+            content_type="application/json",
+            headers={"Retry-After": "1"},
+        )
+        response.force_close()  # Connection: close; the slot was never ours
+        return response
+
+
+class ConnectionCappedRunner(web.AppRunner):
+    """``AppRunner`` whose sites accept through a ``ConnectionCappedServer``."""
+
+    def __init__(self, app: web.Application, *, max_connections: int, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._max_connections = max_connections
+
+    async def _make_server(self) -> web.Server:
+        return ConnectionCappedServer(await super()._make_server(), self._max_connections)
+
+
+class JobStreamSlots:
+    """Open streams per job, at most ``per_job`` each; only jobs with an open stream are kept."""
+
+    def __init__(self, per_job: int) -> None:
+        self.per_job = per_job
+        self._open: dict[str, int] = {}
+
+    def acquire(self, job_id: str) -> bool:
+        count = self._open.get(job_id, 0)
+        if count >= self.per_job:
+            return False
+        self._open[job_id] = count + 1
+        return True
+
+    def release(self, job_id: str) -> None:
+        count = self._open.get(job_id, 0) - 1
+        if count > 0:
+            self._open[job_id] = count
+        else:
+            self._open.pop(job_id, None)
+
+
+class RateLimiter:
+    """A token bucket per client address: ``rate`` requests per second, ``burst`` at once.
+
+    The table holds at most ``max_clients`` addresses; the least recently seen is forgotten
+    first (it comes back with a full bucket, which errs on the side of serving it).
+    """
+
+    def __init__(self, rate: float, burst: int, max_clients: int) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self.max_clients = max_clients
+        # address -> (tokens, monotonic time they were counted)
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def take(self, client: str, now: float | None = None) -> float:
+        """Spend a token of ``client``'s; 0.0 if it had one, else seconds until it will."""
+        now = time.monotonic() if now is None else now
+        entry = self._buckets.pop(client, None)
+        if entry is None:
+            tokens = self.burst
+            if len(self._buckets) >= self.max_clients:
+                self._buckets.popitem(last=False)
+        else:
+            tokens = min(self.burst, entry[0] + (now - entry[1]) * self.rate)
+        if tokens >= 1.0:
+            self._buckets[client] = (tokens - 1.0, now)
+            return 0.0
+        self._buckets[client] = (tokens, now)
+        return (1.0 - tokens) / self.rate
+
+
+def bound_send_buffer(request: web.BaseRequest, size: int) -> None:
+    """Cap a stream socket's kernel send buffer at ``size`` bytes (0: leave it to the kernel).
+
+    Linux autotunes it up to 4 MiB per socket: a subscriber that stops reading would pin that
+    much kernel memory, and ``stream.send_timeout`` would only start counting once it was full.
+    """
+    sock = None if request.transport is None else request.transport.get_extra_info("socket")
+    if size and sock is not None:
+        with contextlib.suppress(OSError):  # not a TCP socket, e.g. a Unix socket
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
