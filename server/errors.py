@@ -80,6 +80,14 @@ class JobFinished(ServiceError):
         super().__init__(f"job {job_id} is {status}; its log is closed")
 
 
+class LogReset(ServiceError):
+    """The subscriber's ``epoch``/``after`` do not belong to this job's log as it is now: the
+    job was re-created, the database replaced, or the log restored to before ``after``."""
+
+    status = 409
+    code = "log_reset"
+
+
 class BodyTooLarge(ServiceError):
     status = 413
     code = "body_too_large"
@@ -148,3 +156,4 @@ class WSClose:
     OVERLOADED = 1013
     JOB_NOT_FOUND = 4004
     BAD_REQUEST = 4400
+    LOG_RESET = 4409

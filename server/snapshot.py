@@ -7,6 +7,7 @@ appends; tests replay stored logs through it and compare with the stored snapsho
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -31,6 +32,9 @@ class JobState:
     finished_at: str | None = None
     result: Any = None
     error: Any = None
+    # The log's identity (``log_epoch`` of the created event). None only for a snapshot stored
+    # before migration 0003, which backfills it; loading one must still work.
+    epoch: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -54,6 +58,7 @@ class JobState:
             "metadata": self.metadata,
             "result": self.result,
             "error": self.error,
+            "epoch": self.epoch,
         }
 
     def to_json(self) -> bytes:
@@ -62,6 +67,21 @@ class JobState:
     @classmethod
     def from_json(cls, raw: bytes | str) -> JobState:
         return cls(**orjson.loads(raw))
+
+
+_UNIX_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def log_epoch(created_id: int, created_ts: str) -> str:
+    """The identity of a job's log: ``{created event id}-{created ts in µs since 1970, hex}``.
+
+    A job deleted and re-created, or the same job id in another (or a wiped) database, gets
+    another epoch even when its created event has the same id, because its ts differs.
+    Migration 0003 computes the same string in SQL for snapshots stored before epochs.
+    """
+    micros = (datetime.fromisoformat(created_ts) - _UNIX_EPOCH) // _MICROSECOND
+    return f"{created_id}-{micros:x}"
 
 
 _PROGRESS_FIELDS = ("progress", "phase", "message", "current", "total")
@@ -102,6 +122,7 @@ def apply_event(state: JobState | None, event: dict[str, Any]) -> JobState:
             created_at=ts,
             updated_at=ts,
             metadata=event.get("metadata"),
+            epoch=log_epoch(event["id"], ts),
         )
     if state is None:
         raise ValueError(f"event {event_type!r} before the job's created event")

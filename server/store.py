@@ -63,10 +63,12 @@ def check_integrity(db_path: Path) -> None:
 
 @dataclass(frozen=True, slots=True)
 class JobHead:
-    """What a subscriber needs to start: the job's status and the end of its log."""
+    """What a subscriber needs to start: the job's status, the end of its log and the log's
+    identity (``epoch``, see ``server.snapshot.log_epoch``)."""
 
     status: str
     last_seq: int
+    epoch: str | None = None
 
 
 class Store:
@@ -190,8 +192,14 @@ class Store:
         return bytes(rows[0][0]) if rows else None
 
     async def job_head(self, job_id: str) -> JobHead | None:
-        rows = await self._read("SELECT status, last_seq FROM jobs WHERE job_id = ?", (job_id,))
-        return JobHead(rows[0][0].decode(), rows[0][1]) if rows else None
+        rows = await self._read(
+            "SELECT status, last_seq, json_extract(snapshot, '$.epoch') FROM jobs WHERE job_id = ?",
+            (job_id,),
+        )
+        if not rows:
+            return None
+        status, last_seq, epoch = rows[0]
+        return JobHead(status.decode(), last_seq, None if epoch is None else epoch.decode())
 
     async def list_jobs(
         self, status: str | None, kind: str | None, limit: int, before: int | None

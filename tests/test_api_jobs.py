@@ -39,6 +39,7 @@ SNAPSHOT_FIELDS = {
     "metadata",
     "result",
     "error",
+    "epoch",
 }
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 from hypothesis import HealthCheck, given, settings
@@ -68,6 +69,27 @@ def test_created_makes_a_queued_job(queued: JobState) -> None:
     assert queued.created_at == queued.updated_at == T0
     assert queued.finished_at is None
     assert not queued.finished
+    # The created event's id, then its ts in microseconds since 1970 in hex.
+    assert queued.epoch == f"1-{1795428000 * 10**6:x}"
+
+
+def test_epoch_depends_on_created_id_and_ts() -> None:
+    """Another created id, or the same id at another time (a re-created job, a wiped
+    database), gives another epoch; later events never change it."""
+    first = apply_event(None, created())
+    assert apply_event(None, created(id=2)).epoch != first.epoch
+    assert apply_event(None, created(ts=T1)).epoch != first.epoch
+    assert apply_event(None, created(ts="2026-11-23T10:00:00.000001Z")).epoch == (
+        f"1-{1795428000 * 10**6 + 1:x}"
+    )
+    assert apply_event(first, stored(2, "log", message="m")).epoch == first.epoch
+
+
+def test_snapshot_stored_before_epochs_still_loads() -> None:
+    """JSON without ``epoch`` (stored before migration 0003) loads with epoch None."""
+    old = apply_event(None, created()).to_dict()
+    del old["epoch"]
+    assert JobState.from_json(orjson.dumps(old)).epoch is None
 
 
 def test_created_without_kind_or_metadata() -> None:
@@ -176,7 +198,7 @@ def test_apply_event_does_not_change_its_input(running: JobState) -> None:
 
 
 def test_snapshot_has_the_fixed_shape(running: JobState) -> None:
-    """to_dict always has the protocol's 15 fields, null where there is no value."""
+    """to_dict always has the protocol's 16 fields, null where there is no value."""
     assert list(running.to_dict()) == [
         "job_id",
         "kind",
@@ -193,6 +215,7 @@ def test_snapshot_has_the_fixed_shape(running: JobState) -> None:
         "metadata",
         "result",
         "error",
+        "epoch",
     ]
     assert running.to_dict()["finished_at"] is None
 

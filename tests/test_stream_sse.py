@@ -66,6 +66,7 @@ async def test_response_is_an_event_stream(client: TestClient[Any, Any]) -> None
 async def test_hello_comes_first_without_id(client: TestClient[Any, Any]) -> None:
     """The first event is `event: hello` with no id (so it never moves Last-Event-ID)."""
     await running_job(client, "sse-hello", 2)
+    epoch = (await (await client.get("/v1/jobs/sse-hello")).json())["epoch"]
     async with client.get(stream_path("sse-hello", 1), headers=SSE) as response:
         hello = await next_event(sse_items(response))
     assert hello.event == "hello"
@@ -76,6 +77,7 @@ async def test_hello_comes_first_without_id(client: TestClient[Any, Any]) -> Non
         "status": "running",
         "after": 1,
         "last_seq": 3,
+        "epoch": epoch,
     }
 
 

@@ -50,8 +50,9 @@ async def running_job(client: TestClient[Any, Any], job_id: str, events: int) ->
 
 
 async def test_hello_is_the_first_frame(client: TestClient[Any, Any]) -> None:
-    """The first frame is hello with job_id, status, after and the log's end."""
+    """The first frame is hello with job_id, status, after, the log's end and its epoch."""
     await running_job(client, "ws-hello", 2)
+    epoch = (await (await client.get("/v1/jobs/ws-hello")).json())["epoch"]
     async with client.ws_connect(stream_path("ws-hello", 1)) as ws:
         hello = await receive_json(ws)
     assert hello == {
@@ -60,6 +61,7 @@ async def test_hello_is_the_first_frame(client: TestClient[Any, Any]) -> None:
         "status": "running",
         "after": 1,
         "last_seq": 3,
+        "epoch": epoch,
     }
 
 

@@ -1,6 +1,7 @@
 """Server-Sent Events transport: hello, the replay, then live events; ends after the terminal.
 
-Unknown jobs and bad offsets are refused with a plain HTTP error before the stream starts.
+Unknown jobs, bad offsets and a stale ``epoch`` (409 ``log_reset``) are refused with a plain
+HTTP error before the stream starts.
 ``Last-Event-ID`` (sent by browsers on reconnect) takes precedence over ``?after=``.
 """
 
@@ -13,8 +14,8 @@ import time
 import structlog
 from aiohttp import web
 
-from ..errors import InvalidParameter, JobNotFound, Overloaded
-from ..follow import Cursor, StreamClosing, follow
+from ..errors import JobNotFound, Overloaded
+from ..follow import Cursor, StreamClosing, check_offset, follow
 from ..frames import control_frame
 from ..keys import CONFIG, HUB, JOB_STREAMS, STORE, STREAMS
 from ..limits import bound_send_buffer
@@ -49,8 +50,7 @@ async def _serve_sse(request: web.Request, job_id: str, after: int) -> web.Strea
     head = await store.job_head(job_id)
     if head is None:
         raise JobNotFound(job_id)
-    if after > head.last_seq:
-        raise InvalidParameter(f"after={after} is past the end of the log ({head.last_seq})")
+    check_offset(job_id, head, after, request.query.get("epoch") or None)
 
     response = web.StreamResponse(
         headers={
@@ -69,6 +69,7 @@ async def _serve_sse(request: web.Request, job_id: str, after: int) -> web.Strea
             "status": head.status,
             "after": after,
             "last_seq": head.last_seq,
+            "epoch": head.epoch,
         }
     )
     cursor = Cursor(job_id, after)

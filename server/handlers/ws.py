@@ -3,7 +3,7 @@
 Only this handler's task calls ``receive()`` (client pings, client closes); a sender task
 runs the cursor. Close codes follow protocol v1: 1000 after the terminal event, 1001 on
 shutdown, 1009 for a client frame over ``stream.max_client_frame_bytes``, 1011 on a bug,
-1013 for a peer that does not drain within ``stream.send_timeout``, 4004 / 4400 final.
+1013 for a peer that does not drain within ``stream.send_timeout``, 4004 / 4400 / 4409 final.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import orjson
 import structlog
 from aiohttp import WSMsgType, web
 
-from ..errors import InvalidParameter, WSClose
-from ..follow import Cursor, StreamClosing, follow
+from ..errors import InvalidParameter, LogReset, ServiceError, WSClose
+from ..follow import Cursor, StreamClosing, check_offset, follow
 from ..frames import control_frame
 from ..keys import CONFIG, HUB, JOB_STREAMS, STORE, STREAMS
 from ..limits import bound_send_buffer
@@ -121,9 +121,11 @@ async def _open(
     if head is None:
         await _refuse(ws, WSClose.JOB_NOT_FOUND, "job_not_found", f"job {job_id} does not exist")
         return None
-    if after > head.last_seq:
-        message = f"after={after} is past the end of the log ({head.last_seq})"
-        await _refuse(ws, WSClose.BAD_REQUEST, "invalid_parameter", message)
+    try:
+        check_offset(job_id, head, after, request.query.get("epoch") or None)
+    except ServiceError as exc:
+        code = WSClose.LOG_RESET if isinstance(exc, LogReset) else WSClose.BAD_REQUEST
+        await _refuse(ws, code, exc.code, exc.message)
         return None
     cursor.after = after
     await ws.send_frame(
@@ -134,6 +136,7 @@ async def _open(
                 "status": head.status,
                 "after": after,
                 "last_seq": head.last_seq,
+                "epoch": head.epoch,
             }
         ),
         WSMsgType.TEXT,
