@@ -14,6 +14,7 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from . import openapi
 from .config import Config
 from .errors import RateLimited, ServiceError, StorageUnavailable, WSClose, error_body
 from .handlers import health, jobs, stream
@@ -160,6 +161,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/jobs/{job_id}/stream", stream.stream)
     app.router.add_get("/healthz", health.healthz)
     app.router.add_get("/readyz", health.readyz)
+    app.router.add_get("/v1/openapi.json", openapi.openapi_json)
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:

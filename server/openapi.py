@@ -1,0 +1,478 @@
+"""The HTTP API as an OpenAPI 3.1 document, served at ``GET /v1/openapi.json``.
+
+Request bodies come from the same pydantic models the handlers validate with
+(``server.models``), so the document cannot drift from what the server accepts; response
+shapes are written here, next to the protocol they describe (docs/protocol.md). Limits that
+operators may change (``limits.max_batch_events``, ``limits.page_size_max``, body sizes) are
+read from the running config.
+
+The stream endpoint is listed for completeness only: WebSocket and Server-Sent Events are
+outside OpenAPI's request/response model (tests exclude it from schemathesis).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel
+
+from .config import Config
+from .keys import CONFIG
+from .models import (
+    JOB_ID_PATTERN,
+    JOB_STATUSES,
+    RESERVED_TYPES,
+    CancelledIn,
+    CompletedIn,
+    CreateJobIn,
+    CustomIn,
+    FailedIn,
+    LogIn,
+    ProgressIn,
+)
+
+REF = "#/components/schemas/{model}"
+EVENT_MODELS: tuple[type[BaseModel], ...] = (
+    ProgressIn,
+    LogIn,
+    CompletedIn,
+    FailedIn,
+    CancelledIn,
+    CustomIn,
+)
+# Integer query parameters are plain decimal digits, at most 18 of them (handlers/request.py).
+_MAX_QUERY_INT = 10**18 - 1
+JSON = "application/json"
+
+Schema = dict[str, Any]
+
+
+def _ref(name: str) -> Schema:
+    return {"$ref": REF.format(model=name)}
+
+
+def _nullable(schema: Schema) -> Schema:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def _model_schemas() -> dict[str, Schema]:
+    """components/schemas for every input model (nested models, e.g. ErrorInfo, included)."""
+    schemas: dict[str, Schema] = {}
+    models: tuple[type[BaseModel], ...] = (*EVENT_MODELS, CreateJobIn)
+    for model in models:
+        schema = model.model_json_schema(ref_template=REF, mode="validation")
+        for name, sub in schema.pop("$defs", {}).items():
+            schemas[name] = sub
+        schemas[model.__name__] = schema
+    for schema in schemas.values():
+        _fix_bounds(schema)
+    # The models check these in code; say them in the schema too, so that the event models
+    # are disjoint (``oneOf`` holds) and generated examples are the ones the server takes.
+    custom_type = schemas["CustomIn"]["properties"]["type"]
+    custom_type["not"] = {"enum": sorted(RESERVED_TYPES)}
+    custom_type["description"] = "a custom event type; not a reserved word"
+    progress = schemas["ProgressIn"]
+    fields = ("progress", "phase", "message", "current", "total", "data")
+    progress["anyOf"] = [
+        {"required": [name], "properties": {name: {"not": {"type": "null"}}}} for name in fields
+    ]
+    progress["description"] = (
+        "At least one of progress, phase, message, current, total, data (not null); "
+        "current <= total (else 422)."
+    )
+    return schemas
+
+
+_BOUNDS = {"ge": "minimum", "le": "maximum", "gt": "exclusiveMinimum", "lt": "exclusiveMaximum"}
+
+
+def _fix_bounds(node: Any) -> None:
+    """pydantic writes a constraint behind a BeforeValidator (``Count``) as ``ge``/``le``,
+    which JSON Schema ignores; spell it ``minimum``/``maximum``."""
+    if isinstance(node, dict):
+        if node.get("type") in ("integer", "number"):
+            for old, new in _BOUNDS.items():
+                if old in node:
+                    node[new] = node.pop(old)
+        for value in node.values():
+            _fix_bounds(value)
+    elif isinstance(node, list):
+        for value in node:
+            _fix_bounds(value)
+
+
+def _response_schemas() -> dict[str, Schema]:
+    string_or_null = _nullable({"type": "string"})
+    timestamp = {"type": "string", "format": "date-time"}
+    snapshot: Schema = {
+        "type": "object",
+        "description": "A job's snapshot: a fixed shape, null where there is no value.",
+        "properties": {
+            "job_id": {"type": "string"},
+            "kind": string_or_null,
+            "status": {"enum": list(JOB_STATUSES)},
+            "progress": _nullable({"type": "number", "minimum": 0, "maximum": 100}),
+            "phase": string_or_null,
+            "message": string_or_null,
+            "current": _nullable({"type": "integer", "minimum": 0}),
+            "total": _nullable({"type": "integer", "minimum": 0}),
+            "last_seq": {"type": "integer", "minimum": 1},
+            "created_at": timestamp,
+            "updated_at": timestamp,
+            "finished_at": _nullable(timestamp),
+            "metadata": _nullable({"type": "object"}),
+            "result": {"description": "the completed event's result (any JSON), else null"},
+            "error": _nullable({"type": "object"}),
+        },
+    }
+    snapshot["required"] = list(snapshot["properties"])
+    # The log's identity: changes when a job_id's log is replaced (see server.snapshot).
+    snapshot["properties"]["epoch"] = _nullable({"type": "string"})
+    snapshot["additionalProperties"] = False
+    return {
+        "Snapshot": snapshot,
+        "Event": {
+            "type": "object",
+            "description": "A stored event: server-set fields, then the event's own fields "
+            "(absent ones omitted).",
+            "properties": {
+                "job_id": {"type": "string"},
+                "seq": {"type": "integer", "minimum": 1},
+                "id": {"type": "integer", "minimum": 1},
+                "type": {"type": "string"},
+                "ts": timestamp,
+            },
+            "required": ["job_id", "seq", "id", "type", "ts"],
+        },
+        "JobList": {
+            "type": "object",
+            "properties": {
+                "jobs": {"type": "array", "items": _ref("Snapshot")},
+                "next_cursor": string_or_null,
+            },
+            "required": ["jobs", "next_cursor"],
+            "additionalProperties": False,
+        },
+        "AppendResult": {
+            "type": "object",
+            "properties": {
+                "job_id": {"type": "string"},
+                "last_seq": {"type": "integer", "minimum": 1},
+                "events": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "seq": {"type": "integer", "minimum": 1},
+                            "id": {"type": "integer", "minimum": 1},
+                            "ts": timestamp,
+                            "duplicate": {"const": True},
+                        },
+                        "required": ["seq", "id", "ts"],
+                        "additionalProperties": False,
+                    },
+                },
+            },
+            "required": ["job_id", "last_seq", "events"],
+            "additionalProperties": False,
+        },
+        "EventsPage": {
+            "type": "object",
+            "properties": {
+                "events": {"type": "array", "items": _ref("Event")},
+                "last_seq": {"type": "integer", "minimum": 0},
+                "next_after": _nullable({"type": "integer", "minimum": 1}),
+            },
+            "required": ["events", "last_seq", "next_after"],
+            "additionalProperties": False,
+        },
+        "Error": {
+            "type": "object",
+            "properties": {
+                "error": {
+                    "type": "object",
+                    "properties": {
+                        "code": {"type": "string"},
+                        "message": {"type": "string"},
+                        "details": {
+                            "type": "array",
+                            "description": "field errors, for 422; empty otherwise",
+                            "items": {
+                                "type": "object",
+                                "properties": {
+                                    "loc": {
+                                        "type": "array",
+                                        "items": {"type": ["string", "integer"]},
+                                    },
+                                    "msg": {"type": "string"},
+                                    "type": {"type": "string"},
+                                },
+                            },
+                        },
+                    },
+                    "required": ["code", "message", "details"],
+                    "additionalProperties": False,
+                },
+            },
+            "required": ["error"],
+            "additionalProperties": False,
+        },
+        "Health": {
+            "type": "object",
+            "properties": {"status": {"type": "string"}},
+            "required": ["status"],
+        },
+    }
+
+
+_ERRORS = {
+    400: "invalid_json (body), invalid_parameter (query) or bad_request",
+    404: "job_not_found",
+    405: "method_not_allowed: another method on this path (with an Allow header)",
+    409: "job_exists or job_finished",
+    413: "body_too_large (limits.max_body_bytes) or event_too_large (limits.max_event_bytes)",
+    415: "unsupported_media_type: a body without Content-Type: application/json",
+    422: "validation_error: JSON that breaks the schema; details lists the fields",
+    429: "rate_limited (limits.rate_per_client; off by default); has Retry-After",
+    503: "overloaded, storage_unavailable or shutting_down; has Retry-After; safe to retry",
+}
+
+
+def _error_responses(*statuses: int) -> dict[str, Any]:
+    return {str(status): {"$ref": f"#/components/responses/E{status}"} for status in statuses}
+
+
+def _json(schema: Schema, description: str, **extra: Any) -> dict[str, Any]:
+    return {"description": description, "content": {JSON: {"schema": schema}}, **extra}
+
+
+def _query_int(name: str, minimum: int, maximum: int, description: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "description": description,
+        "schema": {"type": "integer", "minimum": minimum, "maximum": maximum},
+    }
+
+
+def build_openapi(config: Config) -> dict[str, Any]:
+    """The OpenAPI 3.1 document for a server running with ``config``."""
+    limits = config.limits
+    job_id_param = {
+        "name": "job_id",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "pattern": JOB_ID_PATTERN},
+    }
+    common = (429, 503)
+    schemas = {**_model_schemas(), **_response_schemas()}
+    schemas["AppendBody"] = {
+        "description": "One event, or a batch appended atomically and in order "
+        "(keys unique within the batch).",
+        "oneOf": [
+            _ref("EventIn"),
+            {
+                "type": "object",
+                "properties": {
+                    "events": {
+                        "type": "array",
+                        "items": _ref("EventIn"),
+                        "minItems": 1,
+                        "maxItems": limits.max_batch_events,
+                    }
+                },
+                "required": ["events"],
+                "additionalProperties": False,
+            },
+        ],
+    }
+    schemas["EventIn"] = {"oneOf": [_ref(model.__name__) for model in EVENT_MODELS]}
+    responses = {
+        f"E{status}": _json(_ref("Error"), description, **_error_headers(status))
+        for status, description in _ERRORS.items()
+    }
+    paths: dict[str, Any] = {
+        "/v1/jobs": {
+            "post": {
+                "operationId": "createJob",
+                "summary": "Create a job; its log starts with the created event (seq 1).",
+                "requestBody": {
+                    "required": False,
+                    "description": "May be absent (a job with a server-made id).",
+                    "content": {JSON: {"schema": _ref("CreateJobIn")}},
+                },
+                "responses": {
+                    "201": _json(
+                        _ref("Snapshot"),
+                        "the new job's snapshot",
+                        headers={"Location": {"schema": {"type": "string"}}},
+                    ),
+                    **_error_responses(400, 405, 409, 413, 415, 422, *common),
+                },
+            },
+            "get": {
+                "operationId": "listJobs",
+                "summary": "List jobs, newest first.",
+                "parameters": [
+                    {
+                        "name": "status",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"enum": list(JOB_STATUSES)},
+                    },
+                    {
+                        "name": "kind",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "string"},
+                    },
+                    _query_int(
+                        "limit",
+                        1,
+                        limits.page_size_max,
+                        f"jobs per page (default "
+                        f"{min(limits.jobs_page_default, limits.page_size_max)})",
+                    ),
+                    {
+                        "name": "cursor",
+                        "in": "query",
+                        "required": False,
+                        "description": "next_cursor of the previous page",
+                        "schema": {"type": "string", "pattern": "^[1-9][0-9]{0,17}$"},
+                    },
+                ],
+                "responses": {
+                    "200": _json(_ref("JobList"), "a page of snapshots"),
+                    **_error_responses(400, 405, *common),
+                },
+            },
+        },
+        "/v1/jobs/{job_id}": {
+            "parameters": [job_id_param],
+            "get": {
+                "operationId": "getJob",
+                "summary": "One job's snapshot.",
+                "responses": {
+                    "200": _json(_ref("Snapshot"), "the snapshot"),
+                    **_error_responses(404, 405, *common),
+                },
+            },
+        },
+        "/v1/jobs/{job_id}/events": {
+            "parameters": [job_id_param],
+            "post": {
+                "operationId": "appendEvents",
+                "summary": "Append one event, or a batch atomically and in order.",
+                "requestBody": {
+                    "required": True,
+                    "content": {JSON: {"schema": _ref("AppendBody")}},
+                },
+                "responses": {
+                    "201": _json(_ref("AppendResult"), "appended"),
+                    "200": _json(_ref("AppendResult"), "every event was a duplicate key"),
+                    **_error_responses(400, 404, 405, 409, 413, 415, 422, *common),
+                },
+            },
+            "get": {
+                "operationId": "readEvents",
+                "summary": "A page of the log (or, with Accept: application/x-ndjson, "
+                "the whole log from after, one event per line).",
+                "parameters": [
+                    _query_int("after", 0, _MAX_QUERY_INT, "the last seq the client has"),
+                    _query_int(
+                        "limit",
+                        1,
+                        limits.page_size_max,
+                        f"events per page (default "
+                        f"{min(limits.page_size_default, limits.page_size_max)})",
+                    ),
+                ],
+                "responses": {
+                    "200": {
+                        "description": "a page of events",
+                        "content": {
+                            JSON: {"schema": _ref("EventsPage")},
+                            "application/x-ndjson": {"schema": {"type": "string"}},
+                        },
+                    },
+                    **_error_responses(400, 404, 405, *common),
+                },
+            },
+        },
+        "/v1/jobs/{job_id}/stream": {
+            "parameters": [job_id_param],
+            "get": {
+                "operationId": "streamJob",
+                "summary": "Live stream: WebSocket on an Upgrade request, Server-Sent Events "
+                "on Accept: text/event-stream.",
+                "description": "WebSocket and SSE are outside OpenAPI's request/response model; "
+                "frames, close codes and the catch-up guarantee are in docs/protocol.md. "
+                "Last-Event-ID, when present, is after (SSE).",
+                "parameters": [
+                    _query_int("after", 0, _MAX_QUERY_INT, "the last seq the client has"),
+                ],
+                "responses": {
+                    "101": {"description": "WebSocket: hello, the log, then live events"},
+                    "200": {
+                        "description": "SSE: hello, the log, then live events",
+                        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                    },
+                    **_error_responses(400, 404, 405, *common),
+                },
+            },
+        },
+        "/healthz": {
+            "get": {
+                "operationId": "healthz",
+                "summary": "Liveness (never throttled).",
+                "responses": {"200": _json(_ref("Health"), "the process answers")},
+            }
+        },
+        "/readyz": {
+            "get": {
+                "operationId": "readyz",
+                "summary": "Readiness: database open, migrations applied, writable.",
+                "responses": {
+                    "200": _json(_ref("Health"), "ready"),
+                    "503": _json(_ref("Health"), "not ready, with a reason"),
+                },
+            }
+        },
+        "/v1/openapi.json": {
+            "get": {
+                "operationId": "openapi",
+                "summary": "This document.",
+                "responses": {
+                    "200": _json({"type": "object"}, "the OpenAPI 3.1 document"),
+                    **_error_responses(*common),
+                },
+            }
+        },
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "jobfeed",
+            "version": "1",
+            "description": "A durable job-progress log that streams to late and reconnecting "
+            "subscribers. The full contract is docs/protocol.md.",
+        },
+        "paths": paths,
+        "components": {"schemas": schemas, "responses": responses},
+    }
+
+
+def _error_headers(status: int) -> dict[str, Any]:
+    if status in (429, 503):
+        return {"headers": {"Retry-After": {"schema": {"type": "string"}}}}
+    if status == 405:
+        return {"headers": {"Allow": {"schema": {"type": "string"}}}}
+    return {}
+
+
+async def openapi_json(request: web.Request) -> web.Response:
+    """``GET /v1/openapi.json``: built per request (rarely asked; a few milliseconds)."""
+    return web.json_response(build_openapi(request.app[CONFIG]))
