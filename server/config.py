@@ -54,6 +54,7 @@ class StreamConfig(_Section):
     heartbeat_seconds: float = Field(15.0, gt=0)
     ping_seconds: float = Field(20.0, gt=0)
     send_timeout: float = Field(30.0, gt=0)
+    client_frames_per_second: float = Field(20.0, gt=0)
     max_client_frame_bytes: int = Field(65_536, ge=128)
     max_subscribers: int = Field(10_000, ge=1)
     # Kernel send buffer of each stream socket (SO_SNDBUF; 0 = the kernel's autotuning, which

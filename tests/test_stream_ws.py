@@ -257,3 +257,22 @@ async def test_a_client_close_frees_its_slot_at_once(
             hello = await receive_json(ws)
             assert hello["type"] == "hello", hello
             await ws.close()
+
+
+async def test_a_ping_flood_is_dropped_not_answered(
+    make_config: ConfigFactory, make_client: ClientFactory
+) -> None:
+    """Client frames beyond stream.client_frames_per_second are dropped: the first one of
+    the flood gets a rate_limited error frame, the rest nothing, and the stream goes on."""
+    client = await make_client(make_config(stream__client_frames_per_second=0.01))
+    last_seq = await running_job(client, "ws-flood", 0)
+    async with client.ws_connect(stream_path("ws-flood", last_seq)) as ws:
+        assert (await receive_json(ws))["type"] == "hello"
+        for _ in range(50):
+            await ws.send_str('{"type": "ping"}')
+        assert await receive_json(ws) == {"type": "pong"}
+        error = await receive_json(ws)
+        assert (error["type"], error["code"]) == ("error", "rate_limited")
+        await append(client, "ws-flood", {"type": "log", "message": "still here"})
+        event = await receive_json(ws)
+        assert (event["type"], event["seq"]) == ("log", last_seq + 1)

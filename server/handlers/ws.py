@@ -21,7 +21,7 @@ from ..errors import InvalidParameter, LogReset, ServiceError, WSClose
 from ..follow import Cursor, StreamClosing, check_offset, follow
 from ..frames import control_frame
 from ..keys import CONFIG, HUB, JOB_STREAMS, STORE, STREAMS
-from ..limits import bound_send_buffer
+from ..limits import RateLimiter, bound_send_buffer
 from ..store import JobHead
 from .request import parse_int
 
@@ -64,7 +64,7 @@ async def serve_websocket(request: web.Request, job_id: str) -> web.WebSocketRes
             return ws
         sender = asyncio.create_task(_send_events(request, ws, cursor, head))
         try:
-            await _receive_until_closed(ws)
+            await _receive_until_closed(ws, config.client_frames_per_second)
         finally:
             # A sender closing a stuck peer is left to finish (its close is bounded) so that
             # its outcome is known and the peer gets aborted. Otherwise the peer went away or
@@ -208,9 +208,28 @@ async def _close_stuck(request: web.Request, ws: web.WebSocketResponse) -> None:
             request.transport.abort()
 
 
-async def _receive_until_closed(ws: web.WebSocketResponse) -> None:
-    """Answer client pings; refuse anything else politely; return when the socket closes."""
+async def _receive_until_closed(ws: web.WebSocketResponse, frames_per_second: float) -> None:
+    """Answer client pings; refuse anything else politely; return when the socket closes.
+
+    Client frames beyond ``stream.client_frames_per_second`` (a burst of twice that) are
+    read and dropped unanswered, so a ping flood cannot make the server write for it; the
+    first dropped frame of each flood gets one ``rate_limited`` error frame.
+    """
+    budget = RateLimiter(frames_per_second, max(1, int(2 * frames_per_second)), 1)
+    warned = False
     async for message in ws:
+        if budget.take("") > 0:
+            if not warned:
+                warned = True
+                error = {
+                    "type": "error",
+                    "code": "rate_limited",
+                    "message": f"more than {frames_per_second:g} client frames per second "
+                    "(stream.client_frames_per_second); extra frames are ignored",
+                }
+                await ws.send_frame(control_frame(error), WSMsgType.TEXT)
+            continue
+        warned = False
         if message.type == WSMsgType.TEXT:
             try:
                 payload = orjson.loads(message.data)
