@@ -95,6 +95,7 @@ async def _serve(config: Config) -> None:
     runner = ConnectionCappedRunner(
         app,
         max_connections=config.server.max_connections,
+        header_timeout=config.server.header_timeout,
         access_log=None,  # our middleware writes one structured line per request
         handle_signals=False,
         shutdown_timeout=config.server.shutdown_timeout,

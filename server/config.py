@@ -30,6 +30,7 @@ class ServerConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     shutdown_timeout: float = Field(10.0, gt=0)
+    header_timeout: float = Field(10.0, gt=0)
     event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
     # Open TCP connections (streams, keep-alive and in-flight requests). Past it a new
     # connection's request is answered 503 overloaded and the connection closed. Below the
@@ -70,6 +71,7 @@ class StreamConfig(_Section):
 
 class LimitsConfig(_Section):
     max_event_bytes: int = Field(65_536, ge=256)
+    body_timeout: float = Field(30.0, gt=0)
     max_body_bytes: int = Field(1_048_576, ge=1024)
     max_batch_events: int = Field(1_000, ge=1)
     page_size_max: int = Field(1_000, ge=1)

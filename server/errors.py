@@ -88,6 +88,11 @@ class LogReset(ServiceError):
     code = "log_reset"
 
 
+class BodyTimeout(ServiceError):
+    status = 408
+    code = "body_timeout"
+
+
 class BodyTooLarge(ServiceError):
     status = 413
     code = "body_too_large"

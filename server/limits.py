@@ -39,7 +39,9 @@ class ConnectionCappedServer(web.Server):
     the cap full once admitted connections close.
     """
 
-    def __init__(self, inner: web.Server, max_connections: int) -> None:
+    def __init__(
+        self, inner: web.Server, max_connections: int, header_timeout: float = 10.0
+    ) -> None:
         super().__init__(
             inner.request_handler,
             request_factory=inner.request_factory,
@@ -49,8 +51,11 @@ class ConnectionCappedServer(web.Server):
         self.max_connections = max_connections
         self._admit = inner.request_handler
         self.request_handler = self._handle_or_refuse
+        self.header_timeout = header_timeout
         self._admitted: set[web.RequestHandler] = set()
         self._refused: set[web.RequestHandler] = set()
+        # Admitted connections whose first request's headers have not arrived yet.
+        self._silent: set[web.RequestHandler] = set()
 
     @property
     def admitted(self) -> int:
@@ -60,6 +65,12 @@ class ConnectionCappedServer(web.Server):
         super().connection_made(handler, transport)
         if len(self._admitted) < self.max_connections:
             self._admitted.add(handler)
+            # aiohttp has no deadline for a request's headers: a peer trickling them (or
+            # sending nothing) would hold its slot forever. Keep-alive idling is aiohttp's.
+            self._silent.add(handler)
+            asyncio.get_running_loop().call_later(
+                self.header_timeout, self._drop_if_silent, handler, transport
+            )
             return
         self._refused.add(handler)
         asyncio.get_running_loop().call_later(REFUSED_GRACE_SECONDS, transport.close)
@@ -70,9 +81,17 @@ class ConnectionCappedServer(web.Server):
         super().connection_lost(handler, exc)
         self._admitted.discard(handler)
         self._refused.discard(handler)
+        self._silent.discard(handler)
+
+    def _drop_if_silent(self, handler: web.RequestHandler, transport: asyncio.Transport) -> None:
+        if handler in self._silent:
+            self._silent.discard(handler)
+            log.info("connection_dropped", reason="header_timeout", seconds=self.header_timeout)
+            transport.close()
 
     async def _handle_or_refuse(self, request: web.BaseRequest) -> web.StreamResponse:
         if request.protocol not in self._refused:
+            self._silent.discard(request.protocol)
             return await self._admit(request)
         log.debug("connection_refused", remote=request.remote, open=len(self._admitted))
         message = (
@@ -92,12 +111,22 @@ class ConnectionCappedServer(web.Server):
 class ConnectionCappedRunner(web.AppRunner):
     """``AppRunner`` whose sites accept through a ``ConnectionCappedServer``."""
 
-    def __init__(self, app: web.Application, *, max_connections: int, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        app: web.Application,
+        *,
+        max_connections: int,
+        header_timeout: float = 10.0,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(app, **kwargs)
         self._max_connections = max_connections
+        self._header_timeout = header_timeout
 
     async def _make_server(self) -> web.Server:
-        return ConnectionCappedServer(await super()._make_server(), self._max_connections)
+        return ConnectionCappedServer(
+            await super()._make_server(), self._max_connections, self._header_timeout
+        )
 
 
 class JobStreamSlots:

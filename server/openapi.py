@@ -231,6 +231,7 @@ _ERRORS = {
     400: "invalid_json (body), invalid_parameter (query) or bad_request",
     404: "job_not_found",
     405: "method_not_allowed: another method on this path (with an Allow header)",
+    408: "body_timeout: the body did not arrive within limits.body_timeout",
     409: "job_exists or job_finished",
     413: "body_too_large (limits.max_body_bytes) or event_too_large (limits.max_event_bytes)",
     415: "unsupported_media_type: a body without Content-Type: application/json",
@@ -310,7 +311,7 @@ def build_openapi(config: Config) -> dict[str, Any]:
                         "the new job's snapshot",
                         headers={"Location": {"schema": {"type": "string"}}},
                     ),
-                    **_error_responses(400, 405, 409, 413, 415, 422, *common),
+                    **_error_responses(400, 405, 408, 409, 413, 415, 422, *common),
                 },
             },
             "get": {
@@ -373,7 +374,7 @@ def build_openapi(config: Config) -> dict[str, Any]:
                 "responses": {
                     "201": _json(_ref("AppendResult"), "appended"),
                     "200": _json(_ref("AppendResult"), "every event was a duplicate key"),
-                    **_error_responses(400, 404, 405, 409, 413, 415, 422, *common),
+                    **_error_responses(400, 404, 405, 408, 409, 413, 415, 422, *common),
                 },
             },
             "get": {

@@ -439,3 +439,47 @@ async def test_stuck_subscribers_are_cut_off_while_readers_get_everything(
         assert seqs == full_log[: len(seqs)]  # in order, no hole, and not the whole log
         assert len(seqs) < EVENTS
         assert close_code in (None, 1013)  # the close frame may not fit the full buffer
+
+
+# --- slow clients ------------------------------------------------------------------------------
+
+
+@pytest.mark.process
+async def test_a_connection_trickling_headers_is_closed(jobfeed_process: Launcher) -> None:
+    """A new connection whose first request's headers do not arrive within
+    server.header_timeout is closed (a slow-header attack holds no slot for long), while a
+    normal connection opened at the same time is served."""
+    server = await jobfeed_process.start(server__header_timeout=0.5)
+    slow = await RawConnection.open(server.host, server.port)
+    slow.writer.write(b"GET /v1/jobs HTTP/1.1\r\nHost: jobfeed\r\n")  # never finished
+    normal = await RawConnection.open(server.host, server.port)
+    assert (await normal.get("/healthz")).status == 200
+    assert await slow.at_eof()
+    await slow.close()
+    await normal.close()
+
+
+async def test_a_body_slower_than_body_timeout_is_408(
+    make_config: ConfigFactory, make_client: ClientFactory
+) -> None:
+    """A request body that has not fully arrived within limits.body_timeout is answered
+    408 body_timeout in the error shape, and nothing is written."""
+    client = await make_client(make_config(limits__body_timeout=0.3))
+    created = await client.post("/v1/jobs", json={"job_id": "slow-body"})
+    assert created.status == 201
+    port = client.server.port
+    assert port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        b"POST /v1/jobs/slow-body/events HTTP/1.1\r\nHost: jobfeed\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+    )
+    async with asyncio.timeout(WAIT):
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        body = json.loads(await reader.readexactly(length))
+    assert head.startswith(b"HTTP/1.1 408")
+    assert_error_shape(body, "body_timeout")
+    writer.close()
+    log = await (await client.get("/v1/jobs/slow-body")).json()
+    assert log["last_seq"] == 1

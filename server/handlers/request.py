@@ -7,13 +7,14 @@ Duplicate object keys: the last one wins, as in RFC 8259's common reading (docs/
 
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from ..errors import BodyTooLarge, InvalidJson, InvalidParameter, UnsupportedMediaType
+from ..errors import BodyTimeout, BodyTooLarge, InvalidJson, InvalidParameter, UnsupportedMediaType
 from ..keys import CONFIG
 
 _DIGITS = re.compile(r"^[0-9]{1,18}$")
@@ -35,10 +36,16 @@ async def read_json(request: web.Request, *, allow_empty: bool = False) -> Any:
         raise UnsupportedMediaType(
             f"the body must be {JSON_TYPE}, not {request.content_type or 'missing'}"
         )
+    timeout = request.app[CONFIG].limits.body_timeout
     try:
-        raw = await request.read()
+        async with asyncio.timeout(timeout):
+            raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise _too_large(limit) from None
+    except TimeoutError:
+        # A body trickled in slower than this holds a connection and a buffer for nothing.
+        message = f"the body did not arrive within {timeout:g} s (limits.body_timeout)"
+        raise BodyTimeout(message) from None
     if not raw and allow_empty:
         return {}
     try:
