@@ -59,11 +59,24 @@ def main(argv: list[str] | None = None) -> int:
         help="sample jobfeed with py-spy during this workload's first run "
         "(bench/results/flame-<workload>.svg; needs py-spy in the venv)",
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=N",
+        help="override a profile size, e.g. --set w6_subscribers=2000 (see bench/profiles.py)",
+    )
     args = parser.parse_args(argv)
 
     profile = QUICK if args.quick else FULL
     if args.runs is not None:
         profile = dataclasses.replace(profile, runs=max(1, args.runs))
+    for assignment in args.set:
+        name, _, value = assignment.partition("=")
+        current = getattr(profile, name, None)
+        if current is None or not value:
+            parser.error(f"--set {assignment}: no profile field {name!r}")
+        profile = dataclasses.replace(profile, **{name: type(current)(value)})
     wanted = {key.strip().lower() for key in args.only.split(",") if key.strip()}
     selected = [w for w in SUITE if not wanted or w.key.lower() in wanted]
     if not selected:
