@@ -10,7 +10,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from server.models import (
@@ -417,3 +420,60 @@ def test_field_errors_prefix_locs() -> None:
     assert isinstance(error["msg"], str)
     assert isinstance(error["type"], str)
     assert set(error) == {"loc", "msg", "type"}
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=12,
+)
+event_like = st.fixed_dictionaries(
+    {
+        "type": st.sampled_from(
+            ["progress", "log", "completed", "failed", "cancelled", "note", "created", "X"]
+        )
+    },
+    optional={
+        name: json_values
+        for name in (
+            "progress",
+            "phase",
+            "message",
+            "current",
+            "total",
+            "data",
+            "level",
+            "result",
+            "error",
+            "reason",
+            "key",
+            "extra",
+        )
+    },
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    body=json_values
+    | event_like
+    | st.fixed_dictionaries({"events": st.lists(event_like, max_size=4)})
+)
+def test_any_json_body_gives_events_or_field_errors(body: Any) -> None:
+    """For any JSON value, parse_append_body returns valid events or field errors (never an
+    exception); valid events' stored fields serialize to JSON, with no null among them."""
+    events, errors = parse_append_body(body, 1_000)
+    assert bool(events) != bool(errors)
+    for error in errors:
+        assert isinstance(error["loc"], list)
+        assert isinstance(error["msg"], str)
+    for event in events:
+        fields = event.stored_fields()
+        assert None not in fields.values()
+        orjson.dumps(fields)

@@ -483,3 +483,22 @@ async def test_a_body_slower_than_body_timeout_is_408(
     writer.close()
     log = await (await client.get("/v1/jobs/slow-body")).json()
     assert log["last_seq"] == 1
+
+
+@pytest.mark.process
+async def test_a_silent_peer_is_dropped_by_protocol_pings(jobfeed_process: Launcher) -> None:
+    """A half-open WebSocket peer (handshake done, then silence: no reads, no pongs) on an
+    idle job is dropped after stream.ping_seconds without a pong, and its stream is logged
+    as closed; the server keeps serving."""
+    server = await jobfeed_process.start(stream__ping_seconds=0.3, log__access="false")
+    async with aiohttp.ClientSession(server.url) as session:
+        async with session.post("/v1/jobs", json={"job_id": "silent"}) as response:
+            assert response.status == 201
+        peer = await StuckSubscriber.connect(server.host, server.port, stream_path("silent"))
+        closed = await asyncio.to_thread(
+            wait_for_records, server, 1, WAIT, event="stream_closed", job_id="silent"
+        )
+        assert closed == 1
+        async with session.get("/healthz") as response:
+            assert response.status == 200
+    await asyncio.to_thread(peer.drain)
