@@ -31,6 +31,28 @@ log = structlog.get_logger("jobfeed.limits")
 REFUSED_GRACE_SECONDS = 2.0
 
 
+class JsonErrorRequestHandler(web.RequestHandler):
+    """aiohttp's connection protocol, with the errors it answers itself (a malformed request
+    line, too many or too large headers) in the protocol's error shape instead of text."""
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        # The parent logs the error and refuses when a response was already under way.
+        plain = super().handle_error(request, status, exc, message)
+        if status >= 500:
+            body = error_body("internal_error", "an internal error occurred; it has been logged")
+        else:
+            body = error_body("bad_request", message or plain.reason or "bad request")
+        response = web.Response(status=status, body=body, content_type="application/json")
+        response.force_close()
+        return response
+
+
 class ConnectionCappedServer(web.Server):
     """aiohttp's low-level server with at most ``max_connections`` admitted connections.
 
@@ -56,6 +78,9 @@ class ConnectionCappedServer(web.Server):
         self._refused: set[web.RequestHandler] = set()
         # Admitted connections whose first request's headers have not arrived yet.
         self._silent: set[web.RequestHandler] = set()
+
+    def __call__(self) -> web.RequestHandler:
+        return JsonErrorRequestHandler(self, loop=self._loop, **self._kwargs)
 
     @property
     def admitted(self) -> int:

@@ -502,3 +502,29 @@ async def test_a_silent_peer_is_dropped_by_protocol_pings(jobfeed_process: Launc
         async with session.get("/healthz") as response:
             assert response.status == 200
     await asyncio.to_thread(peer.drain)
+
+
+@pytest.mark.process
+@pytest.mark.parametrize(
+    "headers",
+    [
+        "".join(f"X-Flood-{i}: v\r\n" for i in range(500)),  # too many
+        f"X-Big: {'v' * 20_000}\r\n",  # one too large
+    ],
+    ids=["many-headers", "huge-header"],
+)
+async def test_a_header_flood_is_refused_in_the_error_shape(
+    jobfeed_process: Launcher, headers: str
+) -> None:
+    """Too many or too large request headers are refused by the HTTP parser with 400, in
+    the protocol's error shape, and the connection is closed."""
+    server = await jobfeed_process.start()
+    connection = await RawConnection.open(server.host, server.port)
+    connection.writer.write(f"GET /healthz HTTP/1.1\r\nHost: jobfeed\r\n{headers}\r\n".encode())
+    async with asyncio.timeout(WAIT):
+        raw = await connection.reader.read()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.split()[1] == b"400", head
+    assert b"application/json" in head
+    assert_error_shape(json.loads(body), "bad_request")
+    await connection.close()
