@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from .errors import InvalidParameter, LogReset
 from .frames import Frame
 from .hub import Hub
 from .store import JobHead, Store
@@ -31,31 +30,6 @@ class Cursor:
     after: int
     sent: int = 0
     done: bool = False
-
-
-def check_offset(job_id: str, head: JobHead, after: int, epoch: str | None) -> None:
-    """Refuse a resume point that is not in the job's log as it is now.
-
-    Without ``epoch`` only the offset is checked: ``after`` past ``last_seq`` is a bad
-    parameter. With ``epoch`` (the one the subscriber saw in its earlier ``hello``), a
-    different epoch means another log under the same job id (re-created job, other or wiped
-    database), and the same epoch with ``after`` past ``last_seq`` means the log lost events
-    the subscriber already had (restored from an older backup): both are ``LogReset``.
-    """
-    if epoch is not None:
-        if epoch != head.epoch:
-            raise LogReset(
-                f"job {job_id}'s log is epoch {head.epoch}, not {epoch}: the job was "
-                "re-created or the database replaced; start again from after=0"
-            )
-        if after > head.last_seq:
-            raise LogReset(
-                f"after={after} is past the end of job {job_id}'s log ({head.last_seq}) in "
-                "the same epoch: the log lost events you had (restored from a backup); "
-                "start again from after=0"
-            )
-    if after > head.last_seq:
-        raise InvalidParameter(f"after={after} is past the end of the log ({head.last_seq})")
 
 
 async def follow(

@@ -14,44 +14,23 @@ import time
 import structlog
 from aiohttp import web
 
-from ..errors import JobNotFound, Overloaded
-from ..follow import Cursor, StreamClosing, check_offset, follow
-from ..frames import control_frame
-from ..keys import CONFIG, HUB, JOB_STREAMS, STORE, STREAMS
+from ..follow import Cursor, StreamClosing, follow
+from ..keys import CONFIG, HUB, STORE, STREAMS
 from ..limits import bound_send_buffer
-from .request import parse_int
+from .subscription import Subscription, subscribe
 
 log = structlog.get_logger("jobfeed.stream")
 
 
 async def serve_sse(request: web.Request, job_id: str) -> web.StreamResponse:
-    config = request.app[CONFIG].stream
     raw_after = request.headers.get("Last-Event-ID") or request.query.get("after") or "0"
-    after = parse_int("after", raw_after)
-    if len(request.app[STREAMS]) >= config.max_subscribers:
-        raise Overloaded(
-            f"the server has {config.max_subscribers} open streams (stream.max_subscribers)"
-        )
-    slots = request.app[JOB_STREAMS]
-    if not slots.acquire(job_id):
-        raise Overloaded(
-            f"job {job_id} has {config.max_subscribers_per_job} open streams "
-            "(stream.max_subscribers_per_job)"
-        )
-    try:
-        return await _serve_sse(request, job_id, after)
-    finally:
-        slots.release(job_id)
+    async with subscribe(request, job_id, raw_after) as subscription:
+        return await _stream(request, subscription)
 
 
-async def _serve_sse(request: web.Request, job_id: str, after: int) -> web.StreamResponse:
+async def _stream(request: web.Request, subscription: Subscription) -> web.StreamResponse:
     config = request.app[CONFIG].stream
-    store = request.app[STORE]
-    head = await store.job_head(job_id)
-    if head is None:
-        raise JobNotFound(job_id)
-    check_offset(job_id, head, after, request.query.get("epoch") or None)
-
+    job_id, after = subscription.job_id, subscription.after
     response = web.StreamResponse(
         headers={
             "Content-Type": "text/event-stream",
@@ -62,27 +41,17 @@ async def _serve_sse(request: web.Request, job_id: str, after: int) -> web.Strea
     await response.prepare(request)
     bound_send_buffer(request, config.send_buffer_bytes)
     request.app[STREAMS].add(response)
-    hello = control_frame(
-        {
-            "type": "hello",
-            "job_id": job_id,
-            "status": head.status,
-            "after": after,
-            "last_seq": head.last_seq,
-            "epoch": head.epoch,
-        }
-    )
     cursor = Cursor(job_id, after)
     started = time.monotonic()
     outcome = "client_gone"
     try:
         async with asyncio.timeout(config.send_timeout):
-            await response.write(b"event: hello\ndata: %s\n\n" % hello)
+            await response.write(b"event: hello\ndata: %s\n\n" % subscription.hello())
         batches = follow(
-            store,
+            request.app[STORE],
             request.app[HUB],
             cursor,
-            head,
+            subscription.head,
             page_events=config.page_events,
             idle_seconds=config.heartbeat_seconds,
         )

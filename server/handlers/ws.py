@@ -17,13 +17,13 @@ import orjson
 import structlog
 from aiohttp import WSMsgType, web
 
-from ..errors import InvalidParameter, LogReset, ServiceError, WSClose
-from ..follow import Cursor, StreamClosing, check_offset, follow
+from ..errors import ServiceError, WSClose
+from ..follow import Cursor, StreamClosing, follow
 from ..frames import control_frame
-from ..keys import CONFIG, HUB, JOB_STREAMS, STORE, STREAMS
+from ..keys import CONFIG, HUB, STORE, STREAMS
 from ..limits import RateLimiter, bound_send_buffer
 from ..store import JobHead
-from .request import parse_int
+from .subscription import close_code_for, subscribe
 
 log = structlog.get_logger("jobfeed.stream")
 
@@ -49,99 +49,44 @@ async def serve_websocket(request: web.Request, job_id: str) -> web.WebSocketRes
     )
     await ws.prepare(request)
     bound_send_buffer(request, config.send_buffer_bytes)
-    request.app[STREAMS].add(ws)
     started = time.monotonic()
     cursor = Cursor(job_id, 0)
     outcome = "client_gone"
-    refused_with: int | None = None
-    has_slot = False
+    closed_with: int | None = None
+    after = None
     try:
-        has_slot = await _take_slot(request, ws, job_id)
-        head = await _open(request, ws, job_id, cursor) if has_slot else None
-        if head is None:
-            outcome = "refused"
-            refused_with = ws.close_code
-            return ws
-        sender = asyncio.create_task(_send_events(request, ws, cursor, head))
-        try:
-            await _receive_until_closed(ws, config.client_frames_per_second)
-        finally:
-            # A sender closing a stuck peer is left to finish (its close is bounded) so that
-            # its outcome is known and the peer gets aborted. Otherwise the peer went away or
-            # the close is done, and the cursor has nobody to send to.
-            if not sender.done() and ws not in _CLOSING_STUCK:
-                sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                outcome = await sender
+        async with subscribe(request, job_id, request.query.get("after") or "0") as subscription:
+            after = cursor.after = subscription.after
+            request.app[STREAMS].add(ws)
+            await ws.send_frame(subscription.hello(), WSMsgType.TEXT)
+            sender = asyncio.create_task(_send_events(request, ws, cursor, subscription.head))
+            try:
+                await _receive_until_closed(ws, config.client_frames_per_second)
+            finally:
+                # A sender closing a stuck peer is left to finish (its close is bounded) so
+                # that its outcome is known and the peer gets aborted. Otherwise the peer went
+                # away or the close is done, and the cursor has nobody to send to.
+                if not sender.done() and ws not in _CLOSING_STUCK:
+                    sender.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    outcome = await sender
+    except ServiceError as exc:
+        outcome = "refused"
+        closed_with = close_code_for(exc)
+        await _refuse(ws, closed_with, exc.code, exc.message)
     finally:
         request.app[STREAMS].discard(ws)
-        if has_slot:
-            request.app[JOB_STREAMS].release(job_id)
         log.info(
             "stream_closed",
             transport="ws",
-            after=cursor.after - cursor.sent,
+            after=after,
             sent=cursor.sent,
             last_seq=cursor.after,
             outcome=outcome,
-            close_code=refused_with or _CLOSE_CODES.get(outcome, ws.close_code),
+            close_code=closed_with or _CLOSE_CODES.get(outcome, ws.close_code),
             seconds=round(time.monotonic() - started, 3),
         )
     return ws
-
-
-async def _take_slot(request: web.Request, ws: web.WebSocketResponse, job_id: str) -> bool:
-    """Count this stream against the server's and the job's caps; refuse (1013) past either."""
-    config = request.app[CONFIG].stream
-    limit = config.max_subscribers
-    if len(request.app[STREAMS]) > limit:  # this socket is already counted
-        message = f"the server has {limit} open streams (stream.max_subscribers); resume later"
-        await _refuse(ws, WSClose.OVERLOADED, "overloaded", message)
-        return False
-    if not request.app[JOB_STREAMS].acquire(job_id):
-        message = (
-            f"job {job_id} has {config.max_subscribers_per_job} open streams "
-            "(stream.max_subscribers_per_job); resume later"
-        )
-        await _refuse(ws, WSClose.OVERLOADED, "overloaded", message)
-        return False
-    return True
-
-
-async def _open(
-    request: web.Request, ws: web.WebSocketResponse, job_id: str, cursor: Cursor
-) -> JobHead | None:
-    """Validate the subscription and send hello; None if it was refused (and closed)."""
-    try:
-        after = parse_int("after", request.query.get("after") or "0")
-    except InvalidParameter as exc:
-        await _refuse(ws, WSClose.BAD_REQUEST, "invalid_parameter", exc.message)
-        return None
-    head = await request.app[STORE].job_head(job_id)
-    if head is None:
-        await _refuse(ws, WSClose.JOB_NOT_FOUND, "job_not_found", f"job {job_id} does not exist")
-        return None
-    try:
-        check_offset(job_id, head, after, request.query.get("epoch") or None)
-    except ServiceError as exc:
-        code = WSClose.LOG_RESET if isinstance(exc, LogReset) else WSClose.BAD_REQUEST
-        await _refuse(ws, code, exc.code, exc.message)
-        return None
-    cursor.after = after
-    await ws.send_frame(
-        control_frame(
-            {
-                "type": "hello",
-                "job_id": job_id,
-                "status": head.status,
-                "after": after,
-                "last_seq": head.last_seq,
-                "epoch": head.epoch,
-            }
-        ),
-        WSMsgType.TEXT,
-    )
-    return head
 
 
 async def _refuse(ws: web.WebSocketResponse, code: int, error: str, message: str) -> None:

@@ -1,0 +1,104 @@
+"""What both stream transports do before their first frame: admit the subscriber under the
+stream caps, check its resume point against the job's log, and build the hello frame.
+
+Every refusal is a ``ServiceError``: SSE answers it as an HTTP error, the WebSocket handler as
+an error frame and a close code (``close_code_for``), so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from ..errors import InvalidParameter, JobNotFound, LogReset, Overloaded, ServiceError, WSClose
+from ..frames import control_frame
+from ..keys import CONFIG, JOB_STREAMS, STORE, STREAMS
+from ..store import JobHead
+from .request import parse_int
+
+_CLOSE_CODES: dict[type[ServiceError], int] = {
+    Overloaded: WSClose.OVERLOADED,
+    JobNotFound: WSClose.JOB_NOT_FOUND,
+    LogReset: WSClose.LOG_RESET,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Subscription:
+    job_id: str
+    after: int
+    head: JobHead
+
+    def hello(self) -> bytes:
+        return control_frame(
+            {
+                "type": "hello",
+                "job_id": self.job_id,
+                "status": self.head.status,
+                "after": self.after,
+                "last_seq": self.head.last_seq,
+                "epoch": self.head.epoch,
+            }
+        )
+
+
+def close_code_for(error: ServiceError) -> int:
+    """The WebSocket close code for a refused subscription (4400 for a bad request)."""
+    return _CLOSE_CODES.get(type(error), WSClose.BAD_REQUEST)
+
+
+@asynccontextmanager
+async def subscribe(
+    request: web.Request, job_id: str, raw_after: str
+) -> AsyncIterator[Subscription]:
+    """Admit a subscriber to ``job_id`` from offset ``raw_after``; its per-job stream slot is
+    held until the block ends. Raises ``ServiceError`` for any refusal."""
+    config = request.app[CONFIG].stream
+    after = parse_int("after", raw_after)
+    if len(request.app[STREAMS]) >= config.max_subscribers:
+        raise Overloaded(
+            f"the server has {config.max_subscribers} open streams (stream.max_subscribers); "
+            "resume later"
+        )
+    slots = request.app[JOB_STREAMS]
+    if not slots.acquire(job_id):
+        raise Overloaded(
+            f"job {job_id} has {config.max_subscribers_per_job} open streams "
+            "(stream.max_subscribers_per_job); resume later"
+        )
+    try:
+        head = await request.app[STORE].job_head(job_id)
+        if head is None:
+            raise JobNotFound(job_id)
+        check_offset(job_id, head, after, request.query.get("epoch") or None)
+        yield Subscription(job_id, after, head)
+    finally:
+        slots.release(job_id)
+
+
+def check_offset(job_id: str, head: JobHead, after: int, epoch: str | None) -> None:
+    """Refuse a resume point that is not in the job's log as it is now.
+
+    Without ``epoch`` only the offset is checked: ``after`` past ``last_seq`` is a bad
+    parameter. With ``epoch`` (the one the subscriber saw in its earlier ``hello``), a
+    different epoch means another log under the same job id (re-created job, other or wiped
+    database), and the same epoch with ``after`` past ``last_seq`` means the log lost events
+    the subscriber already had (restored from an older backup): both are ``LogReset``.
+    """
+    if epoch is not None:
+        if epoch != head.epoch:
+            raise LogReset(
+                f"job {job_id}'s log is epoch {head.epoch}, not {epoch}: the job was "
+                "re-created or the database replaced; start again from after=0"
+            )
+        if after > head.last_seq:
+            raise LogReset(
+                f"after={after} is past the end of job {job_id}'s log ({head.last_seq}) in "
+                "the same epoch: the log lost events you had (restored from a backup); "
+                "start again from after=0"
+            )
+    if after > head.last_seq:
+        raise InvalidParameter(f"after={after} is past the end of the log ({head.last_seq})")
