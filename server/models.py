@@ -49,7 +49,9 @@ def _integral(value: Any) -> Any:
     return value
 
 
-Count = Annotated[int, BeforeValidator(_integral), Field(ge=0, le=2**53)]
+# The bounds come before the validator: after it, pydantic's JSON Schema spells them ge/le,
+# which JSON Schema (and so /v1/openapi.json) would ignore.
+Count = Annotated[int, Field(ge=0, le=2**53), BeforeValidator(_integral)]
 Percent = Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)]
 Text = Annotated[str, Field(max_length=65_536)]
 JsonObject = dict[str, Any]

@@ -65,8 +65,6 @@ def _model_schemas() -> dict[str, Schema]:
         for name, sub in schema.pop("$defs", {}).items():
             schemas[name] = sub
         schemas[model.__name__] = schema
-    for schema in schemas.values():
-        _fix_bounds(schema)
     # The models check these in code; say them in the schema too, so that the event models
     # are disjoint (``oneOf`` holds) and generated examples are the ones the server takes.
     custom_type = schemas["CustomIn"]["properties"]["type"]
@@ -82,24 +80,6 @@ def _model_schemas() -> dict[str, Schema]:
         "current <= total (else 422)."
     )
     return schemas
-
-
-_BOUNDS = {"ge": "minimum", "le": "maximum", "gt": "exclusiveMinimum", "lt": "exclusiveMaximum"}
-
-
-def _fix_bounds(node: Any) -> None:
-    """pydantic writes a constraint behind a BeforeValidator (``Count``) as ``ge``/``le``,
-    which JSON Schema ignores; spell it ``minimum``/``maximum``."""
-    if isinstance(node, dict):
-        if node.get("type") in ("integer", "number"):
-            for old, new in _BOUNDS.items():
-                if old in node:
-                    node[new] = node.pop(old)
-        for value in node.values():
-            _fix_bounds(value)
-    elif isinstance(node, list):
-        for value in node:
-            _fix_bounds(value)
 
 
 def _response_schemas() -> dict[str, Schema]:
