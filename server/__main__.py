@@ -14,8 +14,9 @@ import resource
 import signal
 import sqlite3
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -72,9 +73,11 @@ def _loop_factory(config: Config) -> Callable[[], asyncio.AbstractEventLoop] | N
     return uvloop.new_event_loop
 
 
-def _run(coro: object, loop_factory: Callable[[], asyncio.AbstractEventLoop] | None) -> None:
+def _run(
+    coro: Coroutine[Any, Any, None], loop_factory: Callable[[], asyncio.AbstractEventLoop] | None
+) -> None:
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(coro)  # type: ignore[arg-type]
+        runner.run(coro)
 
 
 def _tune_gc() -> None:

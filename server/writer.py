@@ -107,6 +107,13 @@ class _Group:
     answers: list[tuple[_Op, Any]] = field(default_factory=list)
 
 
+def _filled(answers: list[AppendedEvent | None]) -> list[AppendedEvent]:
+    """A request's answers once every event has one (stored before, or appended now)."""
+    filled = [answer for answer in answers if answer is not None]
+    assert len(filled) == len(answers), "an event of the request was neither stored nor new"
+    return filled
+
+
 def utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
@@ -448,7 +455,7 @@ class Writer:
                 fresh.append((index, event))
         if not fresh:
             # A pure retry: answered from what is stored, even after the job has finished.
-            group.answers.append((op, AppendResult(op.job_id, state.last_seq, answers)))  # type: ignore[arg-type]
+            group.answers.append((op, AppendResult(op.job_id, state.last_seq, _filled(answers))))
             return next_id
         rows, frames, new_keys = [], [], {}
         for index, event in fresh:
@@ -482,7 +489,7 @@ class Writer:
         group.event_rows.extend(rows)
         group.frames.setdefault(op.job_id, []).extend(frames)
         group.keys.update(new_keys)
-        group.answers.append((op, AppendResult(op.job_id, state.last_seq, answers)))  # type: ignore[arg-type]
+        group.answers.append((op, AppendResult(op.job_id, state.last_seq, _filled(answers))))
         return next_id
 
     @staticmethod
