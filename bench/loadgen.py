@@ -23,6 +23,7 @@ import aiohttp
 import orjson
 
 from .fleet import Link
+from .http1 import Http1Connection
 
 JSON_HEADERS = {"Content-Type": "application/json"}
 READY_TIMEOUT = 120.0  # how long a worker waits for the coordinator's next command
@@ -105,49 +106,54 @@ class AppendSpec:
     time_limit: float
 
 
+async def open_connections(base_url: str, count: int) -> list[Http1Connection]:
+    """``count`` keep-alive connections, open before the clock starts."""
+    connections = [Http1Connection(base_url) for _ in range(count)]
+    await asyncio.gather(*(c.open() for c in connections))
+    return connections
+
+
 async def append_closed_loop(link: Link, spec: AppendSpec) -> None:
-    slots = len(spec.job_ids) * spec.depth
-    connector = aiohttp.TCPConnector(limit=slots)
-    async with aiohttp.ClientSession(connector=connector, timeout=REQUEST_TIMEOUT) as session:
-        await warm_connections(session, spec.base_url, slots)
-        link.send("ready")
-        await link.expect("go", READY_TIMEOUT)
-        w0 = time.perf_counter_ns() + int(spec.warmup * 1e9)
-        w1 = w0 + int(spec.duration * 1e9)
-        cpu = CpuWindow(w0, w1)
-        latencies = array("q")
-        statuses: collections.Counter[int] = collections.Counter()
-        events = last_seq = 0
+    connections = await open_connections(spec.base_url, len(spec.job_ids) * spec.depth)
+    link.send("ready")
+    await link.expect("go", READY_TIMEOUT)
+    w0 = time.perf_counter_ns() + int(spec.warmup * 1e9)
+    w1 = w0 + int(spec.duration * 1e9)
+    cpu = CpuWindow(w0, w1)
+    latencies = array("q")
+    statuses: collections.Counter[int] = collections.Counter()
+    events = last_seq = 0
 
-        async def slot(url: str) -> None:
-            nonlocal events, last_seq
-            counter = 0
-            while (t0 := time.perf_counter_ns()) < w1:
-                body = append_body(spec.batch, counter)
-                counter += spec.batch
-                async with session.post(url, data=body, headers=JSON_HEADERS) as response:
-                    answer = await response.read()
-                    status = response.status
-                t1 = time.perf_counter_ns()
-                statuses[status] += 1
-                if status == 201:
-                    last_seq = max(last_seq, orjson.loads(answer)["last_seq"])
-                    if t0 >= w0 and t1 <= w1:
-                        latencies.append(t1 - t0)
-                        events += spec.batch
-                elif status == 503:
-                    await asyncio.sleep(0.005)  # overloaded: back off as a producer should
+    async def slot(connection: Http1Connection, job_id: str) -> None:
+        nonlocal events, last_seq
+        head = connection.head(f"/v1/jobs/{job_id}/events")
+        counter = 0
+        while (t0 := time.perf_counter_ns()) < w1:
+            body = append_body(spec.batch, counter)
+            counter += spec.batch
+            status, answer = await connection.post(head, body)
+            t1 = time.perf_counter_ns()
+            statuses[status] += 1
+            if status == 201:
+                last_seq = max(last_seq, orjson.loads(answer)["last_seq"])
+                if t0 >= w0 and t1 <= w1:
+                    latencies.append(t1 - t0)
+                    events += spec.batch
+            elif status == 503:
+                await asyncio.sleep(0.005)  # overloaded: back off as a producer should
 
-        urls = [f"{spec.base_url}/v1/jobs/{job_id}/events" for job_id in spec.job_ids]
-        await asyncio.gather(*(slot(url) for url in urls for _ in range(spec.depth)))
-        link.send(
-            "result",
-            events=events,
-            last_seq=last_seq,  # the highest seq acknowledged (one job: its log's end)
-            latencies=latencies.tobytes(),
-            statuses=dict(statuses),
-            cpu_s=await cpu.result(),
-        )
+    jobs = [job_id for job_id in spec.job_ids for _ in range(spec.depth)]
+    await asyncio.gather(*(slot(c, j) for c, j in zip(connections, jobs, strict=True)))
+    for connection in connections:
+        connection.close()
+    link.send(
+        "result",
+        events=events,
+        last_seq=last_seq,  # the highest seq acknowledged (one job: its log's end)
+        latencies=latencies.tobytes(),
+        statuses=dict(statuses),
+        cpu_s=await cpu.result(),
+    )
 
 
 @dataclass(frozen=True)
@@ -167,62 +173,64 @@ class PacedSpec:
 
 
 async def append_paced(link: Link, spec: PacedSpec) -> None:
-    url = f"{spec.base_url}/v1/jobs/{spec.job_id}/events"
-    connector = aiohttp.TCPConnector(limit=spec.max_in_flight)
-    async with aiohttp.ClientSession(connector=connector, timeout=REQUEST_TIMEOUT) as session:
-        await warm_connections(session, spec.base_url, spec.max_in_flight)
-        link.send("ready")
-        await link.expect("go", READY_TIMEOUT)
-        start = time.perf_counter_ns()
-        w0 = start + int(spec.warmup * 1e9)
-        end = math.inf if spec.duration is None else w0 + spec.duration * 1e9
-        cpu = CpuWindow(w0, int(min(end, start + spec.time_limit * 1e9)))
-        in_flight: set[asyncio.Task[None]] = set()
-        statuses: collections.Counter[int] = collections.Counter()
-        sent = 0
-        last_seq = 0
+    idle = await open_connections(spec.base_url, spec.max_in_flight)
+    head = idle[0].head(f"/v1/jobs/{spec.job_id}/events")
+    link.send("ready")
+    await link.expect("go", READY_TIMEOUT)
+    start = time.perf_counter_ns()
+    w0 = start + int(spec.warmup * 1e9)
+    end = math.inf if spec.duration is None else w0 + spec.duration * 1e9
+    cpu = CpuWindow(w0, int(min(end, start + spec.time_limit * 1e9)))
+    in_flight: set[asyncio.Task[None]] = set()
+    statuses: collections.Counter[int] = collections.Counter()
+    sent = 0
+    last_seq = 0
 
-        async def post(counter: int) -> None:
-            nonlocal last_seq
-            body = append_body(spec.batch, counter)
-            async with session.post(url, data=body, headers=JSON_HEADERS) as response:
-                answer = await response.read()
-                statuses[response.status] += 1
-            if response.status == 201:
-                last_seq = max(last_seq, orjson.loads(answer)["last_seq"])
+    async def post(body: bytes) -> None:
+        nonlocal last_seq
+        connection = idle.pop()  # there is one: at most max_in_flight posts run at once
+        try:
+            status, answer = await connection.post(head, body)
+        finally:
+            idle.append(connection)
+        statuses[status] += 1
+        if status == 201:
+            last_seq = max(last_seq, orjson.loads(answer)["last_seq"])
 
-        per_second = spec.rate / spec.batch
-        while (now := time.perf_counter_ns()) < end:
-            if spec.duration is None and link.pending():
-                await link.expect("stop", 1.0)
-                break
-            due = int((now - start) / 1e9 * per_second) - sent
-            while due > 0 and len(in_flight) < spec.max_in_flight:
-                task = asyncio.create_task(post(sent * spec.batch))
-                in_flight.add(task)
-                task.add_done_callback(in_flight.discard)
-                sent += 1
-                due -= 1
-            await asyncio.sleep(0.001)
-        if in_flight:
-            await asyncio.wait(in_flight, timeout=30)
-        elapsed = (time.perf_counter_ns() - start) / 1e9
-        cpu_s = await cpu.result() if spec.duration is not None else time.process_time()
-        if spec.finish:
-            done = orjson.dumps({"type": "completed", "message": "benchmark finished"})
-            async with session.post(url, data=done, headers=JSON_HEADERS) as response:
-                answer = await response.read()
-                statuses[response.status] += 1
-                if response.status == 201:
-                    last_seq = orjson.loads(answer)["last_seq"]
-        link.send(
-            "result",
-            sent_events=sent * spec.batch,
-            sent_rate=sent * spec.batch / elapsed,
-            statuses=dict(statuses),
-            last_seq=last_seq,
-            cpu_s=cpu_s,
-        )
+    per_second = spec.rate / spec.batch
+    while (now := time.perf_counter_ns()) < end:
+        if spec.duration is None and link.pending():
+            await link.expect("stop", 1.0)
+            break
+        due = int((now - start) / 1e9 * per_second) - sent
+        while due > 0 and len(in_flight) < spec.max_in_flight:
+            # The body (and its data.t) is made as the request is sent, not when it runs.
+            task = asyncio.create_task(post(append_body(spec.batch, sent * spec.batch)))
+            in_flight.add(task)
+            task.add_done_callback(in_flight.discard)
+            sent += 1
+            due -= 1
+        await asyncio.sleep(0.001)
+    if in_flight:
+        await asyncio.wait(in_flight, timeout=30)
+    elapsed = (time.perf_counter_ns() - start) / 1e9
+    cpu_s = await cpu.result() if spec.duration is not None else time.process_time()
+    if spec.finish:
+        done = orjson.dumps({"type": "completed", "message": "benchmark finished"})
+        status, answer = await idle[0].post(head, done)
+        statuses[status] += 1
+        if status == 201:
+            last_seq = orjson.loads(answer)["last_seq"]
+    for connection in idle:
+        connection.close()
+    link.send(
+        "result",
+        sent_events=sent * spec.batch,
+        sent_rate=sent * spec.batch / elapsed,
+        statuses=dict(statuses),
+        last_seq=last_seq,
+        cpu_s=cpu_s,
+    )
 
 
 # -- the coordinator's own setup calls --------------------------------------------------------
