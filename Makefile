@@ -36,13 +36,17 @@ unit: $(VENV)/.installed-dev
 
 test: lint typecheck unit
 
-bench: $(VENV)/.installed-dev
+$(VENV)/.installed-bench: $(VENV)/.installed-dev
+	$(PIP) install -c constraints.txt -e '.[dev,bench]'
+	@touch $@
+
+bench: $(VENV)/.installed-bench
 	$(BIN)/python -m bench
 
 # Re-pin after changing dependencies: resolve fresh, then record exact versions.
 lock:
 	rm -rf /tmp/jobfeed-lock && $(PYTHON) -m venv /tmp/jobfeed-lock
-	/tmp/jobfeed-lock/bin/pip install -q '.[dev]'
+	/tmp/jobfeed-lock/bin/pip install -q '.[dev,bench]'
 	/tmp/jobfeed-lock/bin/pip freeze --exclude jobfeed > constraints.txt
 
 clean:

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shutil
 import sys
 import time
 import traceback
 from datetime import UTC, datetime
 
 from . import ceilings as ceilings_module
-from . import report, server
+from . import chart, report, server, targets
 from .fleet import raise_fd_limit
 from .profiles import FULL, QUICK, Profile
 from .stats import Phase
@@ -28,6 +29,27 @@ def _summary(phases: list[Phase]) -> str:
         label = phase.ceiling or phase.name.split(":")[-1].strip()
         parts.append(f"{label}: {figures}")
     return "; ".join(parts)
+
+
+def _chart(
+    stamp: str,
+    measured: list[Phase],
+    compared: list[Phase],
+    verdicts: list[targets.Verdict],
+    title: str,
+    failures: list[str],
+) -> str | None:
+    """The PNG beside the report (and as latest.png); its file name, or None without
+    matplotlib (``make bench`` installs it)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        failures.append("chart: matplotlib is not installed (make bench installs the bench extra)")
+        return None
+    report.RESULTS.mkdir(parents=True, exist_ok=True)
+    path = chart.render(report.RESULTS / f"{stamp}.png", measured, compared, verdicts, title)
+    shutil.copyfile(path, report.RESULTS / "latest.png")
+    return path.name
 
 
 def _attempt(
@@ -52,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="", help="comma-separated workloads, e.g. W1,W4")
     parser.add_argument("--runs", type=int, default=None, help="runs per workload (3; quick: 1)")
     parser.add_argument("--no-ceilings", action="store_true", help="skip the ceiling runs")
+    parser.add_argument(
+        "--no-peers", action="store_true", help="skip NATS JetStream and Redis Streams"
+    )
     parser.add_argument(
         "--flame",
         metavar="WORKLOAD",
@@ -101,9 +126,15 @@ def main(argv: list[str] | None = None) -> int:
             _attempt(tag, workload.run, profile, measured, failures)
             if workload.ceiling is not None and not args.no_ceilings:
                 _attempt(f"{tag} ceiling", workload.ceiling, profile, ceilings, failures)
+            if not args.no_peers:
+                for index, peer in enumerate(workload.peers):
+                    _attempt(f"{tag} peer {index + 1}", peer, profile, ceilings, failures)
     elapsed = time.monotonic() - started
 
     title = f"jobfeed benchmark, {profile.name} profile ({profile.runs} run(s)), {stamp}"
+    report.write_phases(stamp, measured, ceilings)
+    verdicts = targets.judge(measured, ceilings)
+    chart_name = _chart(stamp, measured, ceilings, verdicts, title, failures)
     text = report.render(
         title=title,
         command=command.strip(),
@@ -112,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         failures=failures,
         elapsed=elapsed,
         cpu_capacity=capacity,
+        targets=targets.table(verdicts, report.fmt),
+        chart=chart_name,
     )
     path = report.write(text, stamp)
     print(report.results_table(measured, ceilings))

@@ -80,16 +80,6 @@ async def bounded_gather(
     return await asyncio.gather(*(one(f) for f in factories))
 
 
-async def warm_connections(session: aiohttp.ClientSession, base_url: str, count: int) -> None:
-    """Open ``count`` keep-alive connections before the clock starts."""
-
-    async def one() -> None:
-        async with session.get(base_url + "/healthz") as response:
-            await response.read()
-
-    await asyncio.gather(*(one() for _ in range(count)))
-
-
 # -- producers -----------------------------------------------------------------------------
 
 

@@ -41,6 +41,9 @@ class Profile:
     # W7: idle subscribers
     w7_subscribers: int = 10_000
     w7_processes: int = 4
+    # W8: many jobs, one producer and one subscriber each
+    w8_jobs: int = 1_000
+    w8_rate: float = 2.0  # events/s per job
     # ceilings
     sqlite_seconds: float = 3.0
 
@@ -62,5 +65,6 @@ QUICK = Profile(
     w6_cap=10.0,
     w7_subscribers=1_000,
     w7_processes=2,
+    w8_jobs=200,
     sqlite_seconds=1.0,
 )

@@ -3,6 +3,7 @@ the ceiling and both sides' CPU), the ceilings themselves, and what the runs not
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import math
 import os
@@ -14,6 +15,8 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import orjson
 
 from .server import REPO
 from .stats import Phase, Spread
@@ -185,7 +188,7 @@ def results_table(measured: Sequence[Phase], ceilings: Sequence[Phase]) -> str:
     for ceiling in rows(ceilings):
         bounds.setdefault((ceiling.phase, ceiling.metric), []).append(ceiling)
     lines = [
-        f"| workload | metric | median | min{DASH}max | vs ceiling "
+        f"| workload | metric | median | min{DASH}max | vs ceiling or peer "
         "| server CPU s | generator CPU s |",
         "|---|---|--:|--:|---|--:|--:|",
     ]
@@ -203,7 +206,8 @@ def results_table(measured: Sequence[Phase], ceilings: Sequence[Phase]) -> str:
 
 def ceilings_table(ceilings: Sequence[Phase]) -> str:
     lines = [
-        f"| ceiling | for | metric | median | min{DASH}max | server CPU s | generator CPU s |",
+        f"| ceiling or peer | for | metric | median | min{DASH}max | server CPU s "
+        "| generator CPU s |",
         "|---|---|---|--:|--:|--:|--:|",
     ]
     for row in rows(ceilings):
@@ -219,8 +223,10 @@ def ceilings_table(ceilings: Sequence[Phase]) -> str:
 EXPLAIN = """\
 How to read it
 - Every figure is the median over the runs, with min-max when there was more than one.
-- *vs ceiling*: for rates, jobfeed's median as a share of the ceiling's median; for times and
-  sizes, jobfeed's median as a multiple of the ceiling's (1.0x = as good). Ceilings: stdlib
+- *vs ceiling or peer*: for rates, jobfeed's median as a share of the other's median; for times
+  and sizes, jobfeed's median as a multiple of the other's (1.0x = as good). Peers: NATS
+  JetStream and Redis Streams on this machine, driven by generators in the same framework
+  (their notes say where a peer's nearest equivalent differs from jobfeed's). Ceilings: stdlib
   sqlite3 alone committing the same rows in groups as large as the load allows (W1/W1b/W2);
   *raw aiohttp* is `bench.rawws` driven by the same generators: the same URLs and frames, the
   log in a Python list, each frame sent to each socket from the append's own task. It is the
@@ -248,6 +254,8 @@ def render(
     failures: Sequence[str],
     elapsed: float,
     cpu_capacity: Sequence[float],
+    targets: str,
+    chart: str | None,
 ) -> str:
     notes = list(dict.fromkeys(note for phase in [*measured, *ceilings] for note in phase.notes))
     parts = [
@@ -259,13 +267,18 @@ def render(
         "|---|---|",
         *(f"| {key} | {value} |" for key, value in machine(cpu_capacity)),
         "",
+        "## Targets",
+        "",
+        targets,
+        "",
+        *([f"![jobfeed beside its peers and ceilings]({chart})", ""] if chart else []),
         "## Results",
         "",
         results_table(measured, ceilings),
         "",
         EXPLAIN,
         "",
-        "## Ceilings",
+        "## Ceilings and peers",
         "",
         ceilings_table(ceilings) if ceilings else "(not measured)",
     ]
@@ -274,6 +287,25 @@ def render(
     if failures:
         parts += ["", "## Failed runs", "", *(f"- {failure}" for failure in failures)]
     return "\n".join(parts) + "\n"
+
+
+def write_phases(
+    stamp: str, measured: Sequence[Phase], compared: Sequence[Phase], directory: Path = RESULTS
+) -> Path:
+    """Every phase of every run as JSON (``<stamp>.json``), to re-render or re-analyse."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{stamp}.json"
+    body = {
+        "measured": [dataclasses.asdict(p) for p in measured],
+        "compared": [dataclasses.asdict(p) for p in compared],
+    }
+    path.write_bytes(orjson.dumps(body, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
+    return path
+
+
+def read_phases(path: Path) -> tuple[list[Phase], list[Phase]]:
+    body = orjson.loads(path.read_bytes())
+    return [Phase(**p) for p in body["measured"]], [Phase(**p) for p in body["compared"]]
 
 
 def write(text: str, stamp: str, directory: Path = RESULTS) -> Path:

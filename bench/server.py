@@ -204,6 +204,8 @@ def sampled(process: ServerProcess) -> Iterator[None]:
         return
     argv = [str(BIN / "py-spy"), "record", "--pid", str(process.pid), "--nonblocking"]
     argv += ["--rate", "200", "--duration", "600", "--output", str(target)]
+    if target.suffix == ".txt":
+        argv += ["--format", "raw"]  # collapsed stacks, for flamegraph.pl or a script
     spy = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         yield

@@ -93,8 +93,13 @@ def replay_http(
     return Phase(name, metrics, server_cpu, result["cpu_s"], notes)
 
 
+def w5_label(profile: Profile) -> str:
+    """What W5's phase names start with; each adds ``: <reader>`` (``: 1 WS subscriber``)."""
+    return f"W5 replay of {profile.w5_events:,} events"
+
+
 def w5(profile: Profile, target: Target = "jobfeed") -> list[Phase]:
-    label = f"W5 replay of {profile.w5_events:,} events"
+    label = w5_label(profile)
     with target_server(target) as process:
         run_async(loadgen.create_jobs(process.base_url, ["w5"]))
         started, cpu0 = time.perf_counter(), process.cpu_seconds()

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import ceilings, streams, workloads
+from . import ceilings, manyjobs, streams, workloads
+from .peers import nats, redis
 from .profiles import Profile
 from .stats import Phase
 from .workloads import Target
@@ -15,9 +16,17 @@ Run = Callable[[Profile], list[Phase]]
 
 @dataclass(frozen=True)
 class Workload:
+    """A workload: jobfeed's run, the machine's ceiling for it, and the peers that can do it.
+
+    A ceiling's or a peer's phases carry the name of the jobfeed phase they compare with and
+    a ``ceiling`` label (``"raw aiohttp"``, ``"NATS JetStream, sync always"``), so the report
+    puts their figures beside jobfeed's as ratios from the same run.
+    """
+
     key: str
     run: Run
     ceiling: Run | None = None
+    peers: tuple[Run, ...] = ()
 
 
 def _raw(workload: Callable[[Profile, Target], list[Phase]]) -> Run:
@@ -33,12 +42,13 @@ def _raw(workload: Callable[[Profile, Target], list[Phase]]) -> Run:
 
 
 SUITE = (
-    Workload("W1", workloads.w1, ceilings.w1_ceilings),
-    Workload("W1b", workloads.w1b, ceilings.w1b_ceilings),
-    Workload("W2", workloads.w2, ceilings.w2_ceilings),
-    Workload("W3", workloads.w3, _raw(workloads.w3)),
-    Workload("W4", workloads.w4, _raw(workloads.w4)),
-    Workload("W5", streams.w5, _raw(streams.w5)),
+    Workload("W1", workloads.w1, ceilings.w1_ceilings, peers=(nats.w1, redis.w1)),
+    Workload("W1b", workloads.w1b, ceilings.w1b_ceilings, peers=(nats.w1b, redis.w1b)),
+    Workload("W2", workloads.w2, ceilings.w2_ceilings, peers=(nats.w2, redis.w2)),
+    Workload("W3", workloads.w3, _raw(workloads.w3), peers=(nats.w3, redis.w3)),
+    Workload("W4", workloads.w4, _raw(workloads.w4), peers=(redis.w4,)),
+    Workload("W5", streams.w5, _raw(streams.w5), peers=(nats.w5, redis.w5)),
     Workload("W6", streams.w6),
     Workload("W7", streams.w7, _raw(streams.w7)),
+    Workload("W8", manyjobs.w8, _raw(manyjobs.w8)),
 )

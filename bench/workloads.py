@@ -12,12 +12,13 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Coroutine, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 import uvloop
 
 from . import loadgen, server, subscribers
-from .fleet import Workers
+from .fleet import Worker, Workers, WorkerSpec
 from .profiles import Profile
 from .stats import Phase, latency_ms, samples
 
@@ -80,6 +81,26 @@ def status_notes(statuses: Sequence[dict[int, int]], what: str) -> list[str]:
     return [f"{what}: answers other than 201: {refused}"] if refused else []
 
 
+def run_producers(
+    process: server.ServerProcess, profile: Profile, worker: Worker, specs: Sequence[WorkerSpec]
+) -> tuple[float, list[dict[str, Any]]]:
+    """Closed-loop producers over the profile's window: the server's CPU and their results."""
+    with Workers("producer", worker, specs) as producers:
+        producers.gather("ready", GATHER_SLACK)
+        producers.send("go")
+        server_cpu = cpu_during(process, profile.warmup, profile.duration)
+        results = producers.gather("result", GATHER_SLACK)
+    return server_cpu, results
+
+
+def append_metrics(results: Sequence[dict[str, Any]], profile: Profile) -> dict[str, float]:
+    """Acknowledged events/s and ack latency p50/p99 of ``run_producers``' results."""
+    latencies = samples(r["latencies"] for r in results)
+    metrics = {"events/s": sum(r["events"] for r in results) / profile.duration}
+    metrics.update(latency_ms(latencies, "ack", ACK_QUANTILES))
+    return metrics
+
+
 # -- W1, W1b, W2: closed-loop appends --------------------------------------------------------
 
 
@@ -107,14 +128,8 @@ def closed_loop_append(
             )
             for share in split(job_ids, profile.generator_processes)
         ]
-        with Workers("producer", loadgen.append_closed_loop, specs) as producers:
-            producers.gather("ready", GATHER_SLACK)
-            producers.send("go")
-            server_cpu = cpu_during(process, profile.warmup, profile.duration)
-            results = producers.gather("result", GATHER_SLACK)
-    latencies = samples(r["latencies"] for r in results)
-    metrics = {"events/s": sum(r["events"] for r in results) / profile.duration}
-    metrics.update(latency_ms(latencies, "ack", ACK_QUANTILES))
+        server_cpu, results = run_producers(process, profile, loadgen.append_closed_loop, specs)
+    metrics = append_metrics(results, profile)
     return [
         Phase(
             name,
@@ -198,8 +213,65 @@ def w3(profile: Profile, target: Target = "jobfeed") -> list[Phase]:
     return phases
 
 
+def w3_name(profile: Profile, rate: int, title: str) -> str:
+    return f"{title}: {rate:,} events/s → {profile.w3_subscribers} WS"
+
+
+@dataclass(frozen=True)
+class LiveRun:
+    """What a live-latency run (jobfeed's or a peer's) brought back."""
+
+    server_cpu: float
+    produced: dict[str, Any]
+    results: list[dict[str, Any]]
+
+
+def run_live(
+    process: server.ServerProcess,
+    profile: Profile,
+    subscriber: tuple[Worker, Sequence[WorkerSpec]],
+    producer: tuple[Worker, WorkerSpec],
+) -> LiveRun:
+    """Subscribers and one paced producer started together; the producer's window, then
+    half a second for the last events to arrive, then the subscribers stop."""
+    sub_worker, sub_specs = subscriber
+    producer_worker, producer_spec = producer
+    with (
+        Workers("subscriber", sub_worker, sub_specs) as subs,
+        Workers("producer", producer_worker, [producer_spec]) as producers,
+    ):
+        subs.gather("ready", GATHER_SLACK)
+        producers.gather("ready", GATHER_SLACK)
+        subs.send("go")
+        producers.send("go")
+        server_cpu = cpu_during(process, profile.warmup, profile.duration)
+        (produced,) = producers.gather("result", GATHER_SLACK)
+        time.sleep(0.5)  # the last events reach every subscriber
+        subs.send("stop")
+        results = subs.gather("result", GATHER_SLACK)
+    return LiveRun(server_cpu, produced, results)
+
+
+def live_phase(
+    name: str, run: LiveRun, subscribers_count: int, notes: list[str], ceiling: str | None = None
+) -> Phase:
+    """The latency phase of a ``run_live``: quantiles, order and missing deliveries."""
+    latencies = samples(r["latencies"] for r in run.results)
+    reports = [s for r in run.results for s in r["subscribers"]]
+    expected = run.produced["sent_events"] * subscribers_count
+    received = sum(s["count"] for s in reports)
+    metrics = {"producer events/s": run.produced["sent_rate"]}
+    metrics.update(latency_ms(latencies, "latency", LIVE_QUANTILES))
+    what = name if ceiling is None else f"{name} [{ceiling}]"
+    notes = order_notes(reports, what) + notes
+    if received < expected:
+        notes.append(f"{what}: {expected - received} of {expected} deliveries never arrived")
+    generator_cpu = sum(r["cpu_s"] for r in run.results) + run.produced["cpu_s"]
+    return Phase(name, metrics, run.server_cpu, generator_cpu, notes, ceiling)
+
+
 def live_latency(profile: Profile, target: Target, rate: int, title: str) -> list[Phase]:
-    name = f"{title}: {rate:,} events/s → {profile.w3_subscribers} WS"
+    name = w3_name(profile, rate, title)
     with target_server(target) as process:
         run_async(loadgen.create_jobs(process.base_url, ["w3"]))
         producer_spec = loadgen.PacedSpec(
@@ -214,44 +286,25 @@ def live_latency(profile: Profile, target: Target, rate: int, title: str) -> lis
             time_limit=profile.warmup + profile.duration + GATHER_SLACK,
         )
         subscriber_specs = live_subscribers(process, profile, "w3", profile.w3_subscribers)
-        with (
-            Workers("subscriber", subscribers.subscribe_window, subscriber_specs) as subs,
-            Workers("producer", loadgen.append_paced, [producer_spec]) as producer,
-        ):
-            subs.gather("ready", GATHER_SLACK)
-            producer.gather("ready", GATHER_SLACK)
-            subs.send("go")
-            producer.send("go")
-            server_cpu = cpu_during(process, profile.warmup, profile.duration)
-            (produced,) = producer.gather("result", GATHER_SLACK)
-            time.sleep(0.5)  # the last events reach every subscriber
-            subs.send("stop")
-            results = subs.gather("result", GATHER_SLACK)
-    latencies = samples(r["latencies"] for r in results)
-    reports = [s for r in results for s in r["subscribers"]]
-    expected = produced["sent_events"] * profile.w3_subscribers
-    received = sum(s["count"] for s in reports)
-    metrics = {"producer events/s": produced["sent_rate"]}
-    metrics.update(latency_ms(latencies, "latency", LIVE_QUANTILES))
-    notes = order_notes(reports, name) + status_notes([produced["statuses"]], name)
-    if received < expected:
-        notes.append(f"{name}: {expected - received} of {expected} deliveries never arrived")
-    return [
-        Phase(
-            name,
-            metrics,
-            server_cpu,
-            sum(r["cpu_s"] for r in results) + produced["cpu_s"],
-            notes,
+        run = run_live(
+            process,
+            profile,
+            (subscribers.subscribe_window, subscriber_specs),
+            (loadgen.append_paced, producer_spec),
         )
-    ]
+    notes = status_notes([run.produced["statuses"]], name)
+    return [live_phase(name, run, profile.w3_subscribers, notes)]
 
 
-def w4(profile: Profile, target: Target = "jobfeed") -> list[Phase]:
-    name = (
+def w4_name(profile: Profile) -> str:
+    return (
         f"W4 fan-out: {profile.w4_subscribers:,} WS, producer batches of {profile.w4_batch} "
         "as fast as allowed"
     )
+
+
+def w4(profile: Profile, target: Target = "jobfeed") -> list[Phase]:
+    name = w4_name(profile)
     with target_server(target) as process:
         run_async(loadgen.create_jobs(process.base_url, ["w4"]))
         producer_spec = loadgen.AppendSpec(

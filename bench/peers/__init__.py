@@ -1,0 +1,1 @@
+"""The peers jobfeed is measured against, driven like its workloads: NATS JetStream, Redis."""

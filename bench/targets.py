@@ -1,0 +1,216 @@
+"""The issue's targets, each checked against this run's medians: met, missed, or not measured.
+
+A target compares one jobfeed figure either with a peer's or ceiling's figure from the same run
+(a ratio) or with a fixed bound. Phases are found by how their names start or end, so that a
+``--set`` or ``--quick`` size change still finds them (the verdict is then about that size).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from .stats import Phase, Spread
+
+NamePredicate = Callable[[str], bool]
+
+
+def starts(prefix: str) -> NamePredicate:
+    return lambda name: name.startswith(prefix)
+
+
+def both(prefix: str, suffix: str) -> NamePredicate:
+    return lambda name: name.startswith(prefix) and name.endswith(suffix)
+
+
+@dataclass(frozen=True)
+class Target:
+    """``ours / theirs >= ratio`` (rates) or ``ours <= bound`` / ``ours <= theirs * ratio``
+    (times and sizes), ``theirs`` being the comparator's figure for the same metric."""
+
+    workload: str
+    wording: str
+    phase: NamePredicate
+    metric: str
+    higher_is_better: bool
+    ratio: float | None = None  # against the comparator
+    comparator: str | None = None  # a ceiling label's prefix: "NATS JetStream", "raw aiohttp"
+    comparator_phase: NamePredicate | None = None  # when it is another phase's figure
+    bound: float | None = None  # a fixed limit instead of a comparator
+
+
+TARGETS = (
+    Target(
+        "W1",
+        "≥ 2x JetStream (sync always) events/s",
+        both("W1 durable append:", "1 event/request, full"),
+        "events/s",
+        True,
+        ratio=2.0,
+        comparator="NATS JetStream",
+    ),
+    Target(
+        "W2",
+        "≥ 1x JetStream (default sync) events/s",
+        starts("W2 append:"),
+        "events/s",
+        True,
+        ratio=1.0,
+        comparator="NATS JetStream",
+    ),
+    Target(
+        "W3",
+        "p99 ≤ Redis's p99 at 1,000 events/s",
+        starts("W3 live latency:"),
+        "latency p99 ms",
+        False,
+        ratio=1.0,
+        comparator="Redis Streams",
+    ),
+    Target(
+        "W3",
+        "p99 < 20 ms at 1,000 events/s",
+        starts("W3 live latency:"),
+        "latency p99 ms",
+        False,
+        bound=20.0,
+    ),
+    Target(
+        "W4",
+        "≥ 0.9x raw aiohttp fan-out deliveries/s",
+        starts("W4 fan-out"),
+        "deliveries/s",
+        True,
+        ratio=0.9,
+        comparator="raw aiohttp",
+    ),
+    Target(
+        "W5",
+        "WebSocket replay ≥ 0.8x raw aiohttp",
+        both("W5 replay", ": 1 WS subscriber"),
+        "events/s",
+        True,
+        ratio=0.8,
+        comparator="raw aiohttp",
+    ),
+    Target(
+        "W5",
+        "SSE replay ≥ 1x JetStream's replay",
+        both("W5 replay", ": 1 SSE subscriber"),
+        "events/s",
+        True,
+        ratio=1.0,
+        comparator="NATS JetStream",
+        comparator_phase=both("W5 replay", ": 1 WS subscriber"),
+    ),
+    Target(
+        "W5",
+        "NDJSON export ≥ 1x JetStream's replay",
+        both("W5 replay", ": NDJSON export"),
+        "events/s",
+        True,
+        ratio=1.0,
+        comparator="NATS JetStream",
+        comparator_phase=both("W5 replay", ": 1 WS subscriber"),
+    ),
+    Target(
+        "W6",
+        "every subscriber exact",
+        starts("W6 reconnect storm"),
+        "subscribers with a wrong sequence",
+        False,
+        bound=0.0,
+    ),
+    Target(
+        "W6",
+        "all live within 2 s",
+        starts("W6 reconnect storm"),
+        "all live s",
+        False,
+        bound=2.0,
+    ),
+    Target(
+        "W7",
+        "≤ 20 KB RSS per idle subscriber",
+        both("W7", ": connect"),
+        "server RSS KB/connection",
+        False,
+        bound=20.0,
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    target: Target
+    ours: float | None
+    theirs: float | None
+    label: str  # what ours was held against
+    met: bool | None  # None: not measured
+
+    @property
+    def ratio(self) -> float | None:
+        """Ours as a multiple of theirs, oriented so that bigger is better for rates and
+        smaller is better for times, as the target's wording reads."""
+        if self.ours is None or self.theirs is None or self.theirs == 0:
+            return None
+        return self.ours / self.theirs
+
+
+def _median(
+    phases: Sequence[Phase], phase: NamePredicate, metric: str, ceiling: str | None = None
+) -> tuple[float | None, str]:
+    values, label = [], ""
+    for candidate in phases:
+        if not phase(candidate.name) or metric not in candidate.metrics:
+            continue
+        if ceiling is not None and not (candidate.ceiling or "").startswith(ceiling):
+            continue
+        value = candidate.metrics[metric]
+        if not math.isnan(value):
+            values.append(value)
+            label = candidate.ceiling or ""
+    return (Spread.of(values).median if values else None), label
+
+
+def judge(measured: Sequence[Phase], compared: Sequence[Phase]) -> list[Verdict]:
+    verdicts = []
+    for target in TARGETS:
+        ours, _ = _median(measured, target.phase, target.metric)
+        if target.bound is not None:
+            met = None if ours is None else ours <= target.bound
+            verdicts.append(Verdict(target, ours, target.bound, "bound", met))
+            continue
+        assert target.ratio is not None
+        assert target.comparator is not None
+        theirs, label = _median(
+            compared, target.comparator_phase or target.phase, target.metric, target.comparator
+        )
+        met = None
+        if ours is not None and theirs is not None:
+            if target.higher_is_better:
+                met = ours >= target.ratio * theirs
+            else:
+                met = ours <= target.ratio * theirs
+        verdicts.append(Verdict(target, ours, theirs, label or target.comparator, met))
+    return verdicts
+
+
+def table(verdicts: Sequence[Verdict], fmt: Callable[[float, str], str]) -> str:
+    lines = [
+        "| workload | target | jobfeed | against | ratio | verdict |",
+        "|---|---|--:|---|--:|---|",
+    ]
+    for v in verdicts:
+        metric = v.target.metric
+        ours = "—" if v.ours is None else fmt(v.ours, metric)
+        theirs = "—" if v.theirs is None else fmt(v.theirs, metric)
+        against = f"{theirs} ({v.label})" if v.label != "bound" else f"bound {theirs}"
+        ratio = "" if v.ratio is None or v.label == "bound" else f"{v.ratio:.2f}x"
+        verdict = {True: "met", False: "**missed**", None: "not measured"}[v.met]
+        lines.append(
+            f"| {v.target.workload} | {v.target.wording} ({metric}) | {ours} | {against} "
+            f"| {ratio} | {verdict} |"
+        )
+    return "\n".join(lines)
