@@ -10,11 +10,12 @@ behind: nothing is queued for it anywhere.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from .frames import Frame
-from .hub import Hub
+from .hub import Hub, JobChannel, LiveSubscriber, PushFn
 from .store import JobHead, Store
 
 
@@ -40,9 +41,14 @@ async def follow(
     *,
     page_events: int,
     idle_seconds: float,
+    push: PushFn | None = None,
 ) -> AsyncIterator[list[Frame] | None]:
     """Yield batches of frames past ``cursor.after`` in order; ``None`` after
     ``idle_seconds`` without any (time for a heartbeat). Ends after the terminal event.
+
+    With ``push``, a cursor at the end of the log parks on the channel and the publisher
+    sends it new frames directly (advancing the cursor); the generator resumes only when
+    the subscriber must read for itself, or to heartbeat.
 
     ``head`` is the job's status and last_seq read before the caller sent its hello, so
     that a finished job whose log the subscriber already has ends at once.
@@ -74,7 +80,29 @@ async def follow(
                 continue
             if hub.closing:  # checked again: close() may have run during the read above
                 raise StreamClosing()
-            if not await channel.wait_beyond(cursor.after, idle_seconds) and not hub.closing:
+            if push is not None:
+                idle = not await _park(channel, cursor, push, idle_seconds)
+            else:
+                idle = not await channel.wait_beyond(cursor.after, idle_seconds)
+            if idle and not hub.closing:
                 yield None
     finally:
         hub.detach(channel)
+
+
+async def _park(channel: JobChannel, cursor: Cursor, push: PushFn, idle_seconds: float) -> bool:
+    """Park at the end of the log while the publisher pushes; True when there is something
+    to read, False after ``idle_seconds`` with nothing sent (pushes restart the clock)."""
+    live = LiveSubscriber(cursor.after, push)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + idle_seconds
+    try:
+        while True:
+            if await channel.wait_pushed(live, max(0.0, deadline - loop.time())):
+                return True
+            if live.last_push is None or live.last_push + idle_seconds <= loop.time():
+                return False
+            deadline = live.last_push + idle_seconds
+    finally:
+        cursor.after = live.after
+        cursor.sent += live.pushed

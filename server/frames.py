@@ -7,6 +7,7 @@ the first time an SSE subscriber needs it.
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 import orjson
@@ -15,7 +16,17 @@ from .models import TERMINAL_TYPES
 
 
 class Frame:
-    __slots__ = ("_sse", "event_id", "event_type", "job_id", "json", "seq", "terminal", "ts")
+    __slots__ = (
+        "_sse",
+        "_ws_header",
+        "event_id",
+        "event_type",
+        "job_id",
+        "json",
+        "seq",
+        "terminal",
+        "ts",
+    )
 
     def __init__(
         self, job_id: str, seq: int, event_id: int, event_type: str, ts: str, json: bytes
@@ -28,6 +39,7 @@ class Frame:
         self.json = json
         self.terminal = event_type in TERMINAL_TYPES
         self._sse: bytes | None = None
+        self._ws_header: bytes | None = None
 
     @property
     def sse(self) -> bytes:
@@ -40,11 +52,31 @@ class Frame:
         return self._sse
 
     @property
+    def ws_header(self) -> bytes:
+        """The WebSocket header of a final, unmasked, uncompressed text frame carrying
+        ``json``: with it, a batch of frames goes out in one ``writelines``."""
+        if self._ws_header is None:
+            self._ws_header = ws_text_header(len(self.json))
+        return self._ws_header
+
+    @property
     def size(self) -> int:
         return len(self.json)
 
     def __repr__(self) -> str:
         return f"Frame({self.job_id!r}, seq={self.seq}, type={self.event_type!r})"
+
+
+_FIN_TEXT = 0x81  # FIN bit + opcode 1 (RFC 6455 section 5.2); no RSV bits: not compressed
+
+
+def ws_text_header(length: int) -> bytes:
+    """RFC 6455 header of a server's (unmasked) text frame of ``length`` payload bytes."""
+    if length < 126:
+        return struct.pack("!BB", _FIN_TEXT, length)
+    if length < 1 << 16:
+        return struct.pack("!BBH", _FIN_TEXT, 126, length)
+    return struct.pack("!BBQ", _FIN_TEXT, 127, length)
 
 
 def control_frame(payload: dict[str, Any]) -> bytes:

@@ -1,9 +1,12 @@
 """Per-job high-water marks, wake-ups, and a bounded cache of already-serialized frames.
 
 The writer publishes each committed batch here; subscribers (``server.follow``) read recent
-frames from a job's cache and wait on its channel when they are at the end. The hub never
-touches a socket and never holds a subscriber's backlog: a subscriber that is behind reads
-what it missed from the cache or from SQLite at its own pace.
+frames from a job's cache and wait on its channel when they are at the end. A subscriber that
+waits with a push function (``LiveSubscriber``: a WebSocket whose socket is not backed up) is
+handed new frames by the publisher itself, in the same loop step, as a raw fan-out would: no
+task wake-up per subscriber per event. The hub never holds a subscriber's backlog: one that
+cannot take a push at once (its socket is backed up, the frames end the job, it is not
+contiguous) is woken instead and reads what it missed from the cache or SQLite at its own pace.
 
 Memory is bounded twice: at most ``cache_events_per_job`` frames per job, and at most
 ``cache_bytes`` over all jobs (least recently published jobs are evicted first).
@@ -13,12 +16,34 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
+from collections.abc import Callable
 
 from .frames import Frame
+
+# Sends frames to a subscriber now, without blocking; False if it cannot (it then reads them).
+PushFn = Callable[[list[Frame]], bool]
 
 # Book-keeping per channel, counted against the cache budget so that many tiny jobs cannot
 # grow the channel table without bound.
 _CHANNEL_OVERHEAD = 512
+
+
+class LiveSubscriber:
+    """A subscriber parked at the end of a job's log: ``after`` is its position, advanced by
+    the publisher as it pushes; ``woken`` resolves when it must read for itself."""
+
+    __slots__ = ("after", "last_push", "push", "pushed", "woken")
+
+    def __init__(self, after: int, push: PushFn) -> None:
+        self.after = after
+        self.push = push
+        self.pushed = 0  # frames pushed while parked
+        self.last_push: float | None = None  # loop time of the last push
+        self.woken: asyncio.Future[None] | None = None
+
+    def wake(self) -> None:
+        if self.woken is not None and not self.woken.done():
+            self.woken.set_result(None)
 
 
 class JobChannel:
@@ -31,6 +56,7 @@ class JobChannel:
         "frames",
         "high_water",
         "job_id",
+        "live",
         "subscribers",
     )
 
@@ -41,6 +67,7 @@ class JobChannel:
         self.first_seq = high_water + 1
         self.cached_bytes = 0
         self.subscribers = 0
+        self.live: dict[int, LiveSubscriber] = {}
         self._changed = asyncio.Event()
 
     def frames_after(self, after: int, limit: int) -> list[Frame] | None:
@@ -66,10 +93,62 @@ class JobChannel:
             return False
         return True
 
+    async def wait_pushed(self, live: LiveSubscriber, timeout: float) -> bool:
+        """Park ``live`` at the end of the log; frames published meanwhile are pushed to it.
+        True when it must read for itself, False when ``timeout`` passes first."""
+        if self.high_water > live.after:
+            return True
+        live.woken = asyncio.get_running_loop().create_future()
+        self.live[id(live)] = live
+        try:
+            async with asyncio.timeout(timeout):
+                await live.woken
+        except TimeoutError:
+            return False
+        finally:
+            self.live.pop(id(live), None)
+            live.woken = None
+        return True
+
+    def deliver(self, frames: list[Frame]) -> None:
+        """Push newly committed ``frames`` to the parked subscribers that can take them now;
+        wake the others, and every plain waiter."""
+        if self.live:
+            first, last = frames[0].seq, frames[-1].seq
+            # A terminal event is sent by the subscriber's own task, which then closes.
+            pushable = not frames[-1].terminal
+            now = asyncio.get_running_loop().time()
+            stalled = []
+            for key, live in self.live.items():
+                if live.after >= last:
+                    continue
+                if pushable and live.after == first - 1 and _pushed(live, frames):
+                    live.after = last
+                    live.pushed += len(frames)
+                    live.last_push = now
+                else:
+                    stalled.append(key)
+            for key in stalled:
+                self.live.pop(key).wake()
+        self.wake()
+
     def wake(self) -> None:
         # Waiters hold the old Event; a fresh one makes the next wait block again.
         self._changed.set()
         self._changed = asyncio.Event()
+
+    def wake_all(self) -> None:
+        for live in self.live.values():
+            live.wake()
+        self.live.clear()
+        self.wake()
+
+
+def _pushed(live: LiveSubscriber, frames: list[Frame]) -> bool:
+    try:
+        return live.push(frames)
+    except Exception:
+        return False  # its own task will meet the error and end the stream properly
 
 
 class Hub:
@@ -112,14 +191,14 @@ class Hub:
             self._channels.move_to_end(job_id)
         self._cache(channel, frames)
         channel.high_water = max(channel.high_water, frames[-1].seq)
-        channel.wake()
+        channel.deliver(frames)
         self._enforce_budget(channel)
 
     def close(self) -> None:
         """Shutdown: every waiting subscriber wakes up and sees ``closing``."""
         self.closing = True
         for channel in self._channels.values():
-            channel.wake()
+            channel.wake_all()
 
     def _cache(self, channel: JobChannel, frames: list[Frame]) -> None:
         cap = self.cache_events_per_job

@@ -12,7 +12,7 @@ import pytest
 from server.config import Config
 from server.follow import Cursor, StreamClosing, follow
 from server.frames import Frame
-from server.hub import Hub
+from server.hub import Hub, PushFn
 from server.models import CompletedIn, LogIn
 from server.store import JobHead, Store
 from tests.conftest import ConfigFactory
@@ -46,7 +46,13 @@ class Feed:
         return result.last_seq
 
     def follow(
-        self, cursor: Cursor, head: JobHead, *, page_events: int = 500, idle_seconds: float = 60
+        self,
+        cursor: Cursor,
+        head: JobHead,
+        *,
+        page_events: int = 500,
+        idle_seconds: float = 60,
+        push: PushFn | None = None,
     ) -> AsyncIterator[list[Frame] | None]:
         return follow(
             self.store,
@@ -55,6 +61,7 @@ class Feed:
             head,
             page_events=page_events,
             idle_seconds=idle_seconds,
+            push=push,
         )
 
 
@@ -231,6 +238,57 @@ async def test_yields_none_when_idle(make_feed: FeedFactory) -> None:
     assert [f.seq for f in live] == [2]
     await feed.complete()
     assert seqs(await drain(batches)) == [3]
+
+
+async def test_live_events_are_pushed_while_parked(make_feed: FeedFactory) -> None:
+    """With a push function, a caught-up cursor parks and live events reach it through the
+    push (the cursor advancing with them) until one must be read: the terminal event comes
+    through the generator, in order after the pushed ones."""
+    feed = await make_feed()
+    await feed.create()
+    await feed.log(2)
+    pushed: list[int] = []
+
+    def push(batch: list[Frame]) -> bool:
+        pushed.extend(f.seq for f in batch)
+        return True
+
+    cursor = Cursor(JOB, 0)
+    batches = feed.follow(cursor, await feed.head(), push=push)
+    assert [f.seq for f in await next_batch(batches) or []] == [1, 2, 3]  # read, not pushed
+    waiting = asyncio.create_task(next_batch(batches))
+    await feed.log(1)
+    await feed.log(2)
+    assert pushed == [4, 5, 6]
+    await feed.complete()
+    assert [f.seq for f in await waiting or []] == [7]
+    assert await drain(batches) == []
+    assert (cursor.after, cursor.sent, cursor.done) == (7, 7, True)
+
+
+async def test_pushes_hold_off_the_heartbeat(make_feed: FeedFactory) -> None:
+    """A heartbeat is for a quiet stream: while pushes keep flowing, idle_seconds restarts
+    at each one; once they stop, the heartbeat comes."""
+    feed = await make_feed()
+    await feed.create()
+    pushed: list[int] = []
+
+    def push(batch: list[Frame]) -> bool:
+        pushed.extend(f.seq for f in batch)
+        return True
+
+    idle = 1.0
+    batches = feed.follow(Cursor(JOB, 1), await feed.head(), idle_seconds=idle, push=push)
+    waiting = asyncio.create_task(next_batch(batches))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    # Pushes every idle/10 for twice idle_seconds: the stream is never idle that long.
+    while loop.time() - started < 2 * idle:
+        await feed.log(1)
+        assert not waiting.done(), "heartbeat while events were being pushed"
+        await asyncio.wait({waiting}, timeout=idle / 10)
+    assert len(pushed) >= 10
+    assert await waiting is None  # quiet now: the heartbeat
 
 
 async def test_raises_stream_closing_on_hub_close(make_feed: FeedFactory) -> None:

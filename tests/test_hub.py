@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+
+import pytest
 
 from server.frames import Frame
-from server.hub import Hub, JobChannel
+from server.hub import Hub, JobChannel, LiveSubscriber
 
 
 def frame(seq: int, job_id: str = "job", size: int = 100, event_type: str = "log") -> Frame:
@@ -126,6 +129,108 @@ async def test_close_wakes_waiters() -> None:
     async with asyncio.timeout(5):
         assert await channel.wait_beyond(1, timeout=60) is True
     assert hub.closing
+
+
+# -- pushes to parked subscribers ---------------------------------------------------------------
+
+
+class Socket:
+    """A push target: records what it was sent; ``accepts`` False is a backed-up socket."""
+
+    def __init__(self, accepts: bool = True) -> None:
+        self.accepts = accepts
+        self.sent: list[int] = []
+
+    def push(self, batch: list[Frame]) -> bool:
+        if self.accepts:
+            self.sent.extend(f.seq for f in batch)
+        return self.accepts
+
+
+async def park(channel: JobChannel, live: LiveSubscriber) -> asyncio.Task[bool]:
+    """``live`` parked on ``channel`` (a task), once it is registered."""
+    task = asyncio.create_task(channel.wait_pushed(live, timeout=60))
+    await asyncio.sleep(0)  # one turn of the loop: the task's first step registers it
+    assert id(live) in channel.live
+    return task
+
+
+async def test_publish_pushes_to_a_parked_subscriber_without_waking_it() -> None:
+    """A caught-up subscriber gets each publish in the publisher's own step, in order, and
+    stays parked: no wake-up per event."""
+    hub = big_hub()
+    channel = hub.attach("job", 3)
+    socket = Socket()
+    live = LiveSubscriber(3, socket.push)
+    waiting = await park(channel, live)
+    hub.publish("job", frames(4, 5))
+    hub.publish("job", frames(6, 6))
+    assert socket.sent == [4, 5, 6]
+    assert (live.after, live.pushed) == (6, 3)
+    assert not waiting.done()
+    waiting.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await waiting
+    assert id(live) not in channel.live  # a cancelled wait leaves nothing behind
+
+
+@pytest.mark.parametrize(
+    ("socket", "published", "why"),
+    [
+        (Socket(accepts=False), frames(4, 4), "backed-up socket"),
+        (Socket(), [frame(4, event_type="completed")], "terminal event"),
+        (Socket(), frames(5, 6), "not contiguous with its position"),
+    ],
+    ids=["backed-up", "terminal", "gap"],
+)
+async def test_a_subscriber_that_cannot_take_a_push_is_woken(
+    socket: Socket, published: list[Frame], why: str
+) -> None:
+    """Anything the publisher cannot hand over at once wakes the subscriber to read for
+    itself (from the cache or SQLite), with its position unmoved."""
+    hub = big_hub()
+    channel = hub.attach("job", 3)
+    live = LiveSubscriber(3, socket.push)
+    waiting = await park(channel, live)
+    hub.publish("job", published)
+    async with asyncio.timeout(5):
+        assert await waiting is True, why
+    assert socket.sent == []
+    assert live.after == 3
+    assert not channel.live
+
+
+async def test_a_push_that_raises_wakes_the_subscriber() -> None:
+    """A push function that fails (a bug, a dying transport) never reaches the publisher."""
+    hub = big_hub()
+    channel = hub.attach("job", 3)
+
+    def broken(batch: list[Frame]) -> bool:
+        raise ConnectionResetError("gone")
+
+    live = LiveSubscriber(3, broken)
+    waiting = await park(channel, live)
+    hub.publish("job", frames(4, 4))
+    async with asyncio.timeout(5):
+        assert await waiting is True
+    assert live.after == 3
+
+
+async def test_close_wakes_parked_subscribers() -> None:
+    hub = big_hub()
+    channel = hub.attach("job", 1)
+    live = LiveSubscriber(1, Socket().push)
+    waiting = await park(channel, live)
+    hub.close()
+    async with asyncio.timeout(5):
+        assert await waiting is True
+    assert hub.closing
+
+
+async def test_wait_pushed_returns_at_once_when_already_beyond() -> None:
+    channel = big_hub().attach("job", 5)
+    async with asyncio.timeout(5):
+        assert await channel.wait_pushed(LiveSubscriber(4, Socket().push), timeout=60) is True
 
 
 # -- memory bounds --------------------------------------------------------------------------

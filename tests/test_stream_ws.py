@@ -11,6 +11,7 @@ import pytest
 from aiohttp import ClientWebSocketResponse, WSMessage, WSMsgType
 from aiohttp.test_utils import TestClient
 
+from server.frames import ws_text_header
 from tests.conftest import ClientFactory, ConfigFactory, append, create_job
 from tests.streams import read_ws, stored_log
 
@@ -94,6 +95,49 @@ async def test_live_events_follow_the_replay(client: TestClient[Any, Any]) -> No
         live = [await receive_json(ws) for _ in range(3)]
     assert [event["seq"] for event in live] == [3, 4, 5]
     assert [event["type"] for event in live] == ["log", "log", "notice"]
+
+
+# Stored sizes around each of RFC 6455's three length encodings (7 bits, 16 bits, 64 bits).
+HEADER_BOUNDARIES = (125, 126, 127, 65535, 65536)
+
+
+@pytest.mark.parametrize("live", [False, True], ids=["replayed", "live"])
+async def test_frames_at_every_header_size_arrive_whole(
+    client: TestClient[Any, Any], live: bool
+) -> None:
+    """Events whose JSON is 125/126/127/65535/65536 bytes, sent as one batch, arrive byte for
+    byte and in order: the batched writer frames each length as RFC 6455 says."""
+    job_id = f"ws-sizes-{live}"
+    await create_job(client, job_id=job_id)
+    await append(client, job_id, {"type": "log", "message": ""})
+    base = len((await stored_log(client, job_id))[1])  # seq 2, message ""
+    batch = [{"type": "log", "message": "x" * (size - base)} for size in HEADER_BOUNDARIES]
+    if not live:
+        await append(client, job_id, *batch)
+    async with client.ws_connect(stream_path(job_id, 2), max_msg_size=1 << 20) as ws:
+        assert (await receive_json(ws))["last_seq"] == (7 if not live else 2)
+        if live:
+            await append(client, job_id, *batch)
+        received = [(await receive(ws)).data for _ in HEADER_BOUNDARIES]
+    stored = (await stored_log(client, job_id))[2:]
+    assert [len(frame) for frame in stored] == list(HEADER_BOUNDARIES)
+    assert received == stored
+
+
+@pytest.mark.parametrize(
+    ("size", "header"),
+    [
+        (0, b"\x81\x00"),
+        (125, b"\x81\x7d"),
+        (126, b"\x81\x7e\x00\x7e"),
+        (65535, b"\x81\x7e\xff\xff"),
+        (65536, b"\x81\x7f\x00\x00\x00\x00\x00\x01\x00\x00"),
+    ],
+)
+def test_text_frame_header_uses_the_shortest_length(size: int, header: bytes) -> None:
+    """RFC 6455 5.2: the minimal number of bytes MUST encode the length (aiohttp's reader is
+    lenient; a browser need not be)."""
+    assert ws_text_header(size) == header
 
 
 async def test_closes_1000_after_the_terminal_event(client: TestClient[Any, Any]) -> None:

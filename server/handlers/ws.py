@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 import weakref
 
@@ -19,7 +20,7 @@ from aiohttp import WSMsgType, web
 
 from ..errors import ServiceError, WSClose
 from ..follow import Cursor, StreamClosing, follow
-from ..frames import control_frame
+from ..frames import Frame, control_frame
 from ..keys import CONFIG, HUB, STORE, STREAMS
 from ..limits import RateLimiter, bound_send_buffer
 from ..store import JobHead
@@ -108,6 +109,7 @@ async def _send_events(
         head,
         page_events=config.page_events,
         idle_seconds=config.heartbeat_seconds,
+        push=functools.partial(_push, request, ws),
     )
     try:
         async for batch in batches:
@@ -116,8 +118,7 @@ async def _send_events(
                     heartbeat = control_frame({"type": "heartbeat", "last_seq": cursor.after})
                     await ws.send_frame(heartbeat, WSMsgType.TEXT)
                     continue
-                for frame in batch:
-                    await ws.send_frame(frame.json, WSMsgType.TEXT)
+                await _write_batch(request, ws, batch)
         await ws.close(code=WSClose.DONE, message=b"job finished")
         return "done"
     except StreamClosing:
@@ -134,6 +135,43 @@ async def _send_events(
         with contextlib.suppress(Exception):
             await ws.close(code=WSClose.INTERNAL, message=b"internal error")
         return "error"
+
+
+def _push(request: web.Request, ws: web.WebSocketResponse, batch: list[Frame]) -> bool:
+    """The publisher's direct send to a caught-up subscriber (``server.hub``): only while
+    the socket takes data without waiting; otherwise the subscriber's task sends (and waits
+    under ``stream.send_timeout``)."""
+    transport = request.transport
+    if ws.closed or transport is None or transport.is_closing():
+        return False
+    if request.protocol.writing_paused:
+        return False
+    _write_frames(transport, batch)
+    return True
+
+
+def _write_frames(transport: asyncio.Transport, batch: list[Frame]) -> None:
+    """A batch of event frames in one ``writelines`` (one syscall, no copies) rather than one
+    ``send_frame`` each. Compression is off, so a frame is header + stored JSON; aiohttp also
+    writes whole frames, so its pings and pongs never land inside one of ours."""
+    parts: list[bytes] = []
+    for frame in batch:
+        parts.append(frame.ws_header)
+        parts.append(frame.json)
+    transport.writelines(parts)
+
+
+async def _write_batch(request: web.Request, ws: web.WebSocketResponse, batch: list[Frame]) -> None:
+    """Send a batch of event frames, then wait while the transport is over its high-water
+    mark, as ``send_frame`` does."""
+    transport = request.transport
+    if ws.closed or transport is None or transport.is_closing():
+        raise ConnectionResetError("the WebSocket is closed")
+    _write_frames(transport, batch)
+    protocol = request.protocol
+    if protocol.writing_paused:
+        # aiohttp's flow control (BaseProtocol): resumes when the peer has read enough.
+        await protocol._drain_helper()
 
 
 async def _close_stuck(request: web.Request, ws: web.WebSocketResponse) -> None:
