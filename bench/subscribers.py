@@ -1,4 +1,5 @@
-"""Subscriber workers: WebSocket subscribers (live, replaying, idle, reconnecting) and SSE /
+"""Subscriber workers: WebSocket subscribers (live, replaying, idle, reconnecting; on the lean
+client of ``bench.wsclient``) and SSE /
 NDJSON readers, each run in its own process (``bench.fleet``).
 
 A subscriber takes its receipt time the moment a frame is handed to it, reads the producer's
@@ -22,6 +23,7 @@ import orjson
 
 from .fleet import Link
 from .loadgen import READY_TIMEOUT, REQUEST_TIMEOUT, CpuWindow, bounded_gather
+from .wsclient import LeanPool, LeanWebSocket
 
 
 @dataclass
@@ -49,14 +51,14 @@ class Subscriber:
         self.caught_up_ns = 0
         self.caught_up = asyncio.Event()
         self.close_code: int | None = None
-        self.ws: aiohttp.ClientWebSocketResponse | None = None
+        self.ws: LeanWebSocket | None = None
 
-    async def connect(self, session: aiohttp.ClientSession) -> None:
-        self.ws = await session.ws_connect(self.url, autoping=True, max_msg_size=1 << 20)
-        hello = await self.ws.receive(timeout=30)
-        if hello.type != aiohttp.WSMsgType.TEXT:
-            raise ConnectionError(f"no hello from {self.url}: {hello.type!r} {hello.extra!r}")
-        frame = orjson.loads(hello.data)
+    async def connect(self, pool: LeanPool) -> None:
+        self.ws = await pool.connect(self.url)
+        hello = await self.ws.next_text(timeout=30)
+        if hello is None:
+            raise ConnectionError(f"no hello from {self.url}: closed {self.ws.close_code}")
+        frame = orjson.loads(hello)
         if frame.get("type") != "hello":
             raise ConnectionError(f"first frame from {self.url} is {frame!r}")
         self.hello_last_seq = frame["last_seq"]
@@ -65,20 +67,21 @@ class Subscriber:
             self.caught_up.set()
 
     async def read(self, recording: Recording | None = None, stop_seq: int | None = None) -> None:
-        """Read frames until the stream closes or ``stop_seq`` has arrived."""
+        """Take frames until the stream closes or ``stop_seq`` has arrived; each is handled
+        in the protocol's own ``data_received`` step (no hop through a queue)."""
         ws = self.ws
         assert ws is not None
-        loads, time_ns, text = orjson.loads, time.time_ns, aiohttp.WSMsgType.TEXT
-        while True:
-            message = await ws.receive()
-            if message.type is not text:
-                self.close_code = ws.close_code
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loads, time_ns = orjson.loads, time.time_ns
+
+        def on_text(payload: bytes) -> None:
+            if done.done():
                 return
             now = time_ns()
-            frame = loads(message.data)
+            frame = loads(payload)
             seq = frame.get("seq")
             if seq is None:
-                continue  # heartbeat
+                return  # heartbeat
             if seq == self.last + 1:
                 self.last = seq
             elif seq > self.last:
@@ -99,7 +102,17 @@ class Subscriber:
                 if data is not None and recording.start_ns <= data["t"] < recording.end_ns:
                     recording.latencies.append(now - data["t"])
             if stop_seq is not None and seq >= stop_seq:
-                return
+                done.set_result(None)
+
+        while ws.pending:
+            on_text(ws.pending.popleft())
+        ws.on_text = on_text
+        try:
+            await asyncio.wait([done, ws.closed], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ws.on_text = _discard
+        if ws.closed.done():
+            self.close_code = ws.close_code
 
     def report(self) -> dict[str, Any]:
         return {
@@ -114,10 +127,13 @@ class Subscriber:
         }
 
 
-def ws_session() -> aiohttp.ClientSession:
-    """A session for many WebSockets: no cap on connections (one socket per subscriber)."""
-    connector = aiohttp.TCPConnector(limit=0, force_close=True)
-    return aiohttp.ClientSession(connector=connector, timeout=REQUEST_TIMEOUT)
+def _discard(payload: bytes) -> None:
+    """Frames after a reader stopped (cancelled, or past its stop_seq) are not counted."""
+
+
+def ws_session() -> LeanPool:
+    """The subscribers' connections (one socket each); closing it drops them all."""
+    return LeanPool()
 
 
 @dataclass(frozen=True)
