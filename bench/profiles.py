@@ -1,4 +1,5 @@
-"""How big and how long: the full benchmark (< 12 min) and ``--quick`` (a smoke check, < 1 min).
+"""How big and how long: the full benchmark (< 15 min with the peers, on 2 cores) and
+``--quick`` (a smoke check, ~1.5 min).
 
 The full profile holds the workload sizes the benchmark is specified with; ``--quick`` keeps
 every code path but shrinks counts and windows, so its figures are not comparable.
@@ -31,7 +32,7 @@ class Profile:
     # W5: replay
     w5_events: int = 100_000
     w5_replays: int = 100
-    w5_replay_cap: float = 8.0  # seconds the concurrent replays may take (10M frames do not fit)
+    w5_replay_cap: float = 5.0  # seconds the concurrent replays may take (10M frames do not fit)
     # W6: reconnect storm
     w6_subscribers: int = 1_000
     w6_events: int = 10_000
@@ -48,7 +49,7 @@ class Profile:
     sqlite_seconds: float = 3.0
 
 
-FULL = Profile(name="full", runs=3, warmup=1.0, duration=5.0)
+FULL = Profile(name="full", runs=3, warmup=1.0, duration=4.0)
 
 QUICK = Profile(
     name="quick",

@@ -42,6 +42,18 @@ def _version(package: str) -> str:
         return "not installed"
 
 
+def _command_version(argv: list[str]) -> str:
+    """The first line a server binary prints for ``--version`` (the venv's bin first)."""
+    local = Path(sys.executable).parent / argv[0]
+    if local.exists():
+        argv = [str(local), *argv[1:]]
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=5, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return f"{Path(argv[0]).name} not installed"
+    return out.stdout.strip().splitlines()[0] if out.stdout.strip() else "unknown"
+
+
 def _git_revision() -> str:
     try:
         rev = subprocess.run(
@@ -83,6 +95,15 @@ def machine(cpu_capacity: Sequence[float] = ()) -> list[tuple[str, str]]:
         ("uvloop", _version("uvloop")),
         ("orjson", _version("orjson")),
         ("jobfeed", f"{_version('jobfeed')} at {_git_revision()}"),
+        (
+            "NATS",
+            f"{_command_version(['nats-server', '--version'])}, nats-py {_version('nats-py')}",
+        ),
+        (
+            "Redis",
+            f"{_command_version(['/usr/bin/redis-server', '--version'])}, "
+            f"redis-py {_version('redis')}, hiredis {_version('hiredis')}",
+        ),
         ("RLIMIT_NOFILE", f"{soft} (hard {hard})"),
     ]
 
