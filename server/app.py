@@ -43,8 +43,12 @@ _HTTP_CODES = {
 
 
 @web.middleware
-async def access_log_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """One structured line per request; binds ``request_id`` for every line logged within."""
+async def request_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """One structured line per request, with ``request_id`` bound for every line logged
+    within; every error leaves in the protocol's shape (a bug is logged and answered 500).
+
+    One middleware, not an access-log one around an error one: a middleware's frame stays
+    alive for as long as its request, and a stream's request lasts as long as the stream."""
     given = request.headers.get("X-Request-ID", "")
     request_id = given if _REQUEST_ID_RE.match(given) else f"{_ID_PREFIX}-{next(_id_counter):x}"
     structlog.contextvars.clear_contextvars()
@@ -53,7 +57,14 @@ async def access_log_middleware(request: web.Request, handler: Handler) -> web.S
     started = time.perf_counter()
     status = 500
     try:
-        response: web.StreamResponse = await handler(request)
+        try:
+            response: web.StreamResponse = await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            response = _http_error_response(exc)
+        except Exception as exc:
+            response = _error_response(request, exc)
         status = response.status
         return response
     finally:
@@ -75,13 +86,21 @@ async def _tag_response(request: web.Request, response: web.StreamResponse) -> N
         response.headers["X-Request-ID"] = request_id
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every error leaves in the protocol's shape; a bug is logged and answered 500."""
-    try:
-        response: web.StreamResponse = await handler(request)
-        return response
-    except ServiceError as exc:
+def _http_error_response(exc: web.HTTPException) -> web.Response:
+    """aiohttp's own 4xx/5xx (no route, wrong method, body too large) in the protocol's shape."""
+    code = _HTTP_CODES.get(exc.status, "http_error")
+    headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
+    return web.Response(
+        body=error_body(code, exc.reason),
+        status=exc.status,
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def _error_response(request: web.Request, exc: Exception) -> web.Response:
+    """A refusal (``ServiceError``) as its own response; anything else is a bug: 500."""
+    if isinstance(exc, ServiceError):
         # A storage fault is logged by the writer, once per fault (storage_failed).
         if exc.status >= 500 and not isinstance(exc, StorageUnavailable):
             log.warning("request_refused", code=exc.code, message=exc.message)
@@ -91,24 +110,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             content_type="application/json",
             headers=exc.headers,
         )
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        code = _HTTP_CODES.get(exc.status, "http_error")
-        headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
-        return web.Response(
-            body=error_body(code, exc.reason),
-            status=exc.status,
-            content_type="application/json",
-            headers=headers,
-        )
-    except Exception:
-        log.exception("request_failed", method=request.method, path=request.path)
-        return web.Response(
-            body=error_body("internal_error", "an internal error occurred; it has been logged"),
-            status=500,
-            content_type="application/json",
-        )
+    # Called while the exception is being handled: log.exception records its traceback.
+    log.exception("request_failed", method=request.method, path=request.path)
+    return web.Response(
+        body=error_body("internal_error", "an internal error occurred; it has been logged"),
+        status=500,
+        content_type="application/json",
+    )
 
 
 @web.middleware
@@ -132,14 +140,15 @@ async def rate_limit_middleware(request: web.Request, handler: Handler) -> web.S
 
 
 def create_app(config: Config) -> web.Application:
-    app = web.Application(
-        client_max_size=config.limits.max_body_bytes,
-        middlewares=[access_log_middleware, error_middleware, rate_limit_middleware],
-    )
+    limits = config.limits
+    middlewares = [request_middleware]
+    if limits.rate_per_client > 0:
+        # Only when on: every middleware's frame stays alive for as long as a stream lasts.
+        middlewares.append(rate_limit_middleware)
+    app = web.Application(client_max_size=limits.max_body_bytes, middlewares=middlewares)
     app[CONFIG] = config
     app[HUB] = Hub(config.stream.cache_events_per_job, config.stream.cache_bytes)
     app[JOB_STREAMS] = JobStreamSlots(config.stream.max_subscribers_per_job)
-    limits = config.limits
     if limits.rate_per_client > 0:
         app[RATE_LIMITER] = RateLimiter(
             limits.rate_per_client, limits.rate_burst, limits.rate_max_clients

@@ -23,7 +23,7 @@ class StreamClosing(Exception):
     """The server is shutting down; the subscriber should resume elsewhere (1001)."""
 
 
-@dataclass
+@dataclass(slots=True)
 class Cursor:
     """Where a subscriber is: ``after`` is the last seq it was sent (its resume offset)."""
 

@@ -17,6 +17,7 @@ import contextlib
 import socket
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable
 from typing import Any
 
 import structlog
@@ -34,6 +35,8 @@ REFUSED_GRACE_SECONDS = 2.0
 class JsonErrorRequestHandler(web.RequestHandler):
     """aiohttp's connection protocol, with the errors it answers itself (a malformed request
     line, too many or too large headers) in the protocol's error shape instead of text."""
+
+    __slots__ = ()  # aiohttp's handler is slotted: no per-connection __dict__
 
     def handle_error(
         self,
@@ -76,8 +79,10 @@ class ConnectionCappedServer(web.Server):
         self.header_timeout = header_timeout
         self._admitted: set[web.RequestHandler] = set()
         self._refused: set[web.RequestHandler] = set()
-        # Admitted connections whose first request's headers have not arrived yet.
-        self._silent: set[web.RequestHandler] = set()
+        # Admitted connections whose first request's headers have not arrived yet, with the
+        # timer that drops them; it is cancelled when the headers arrive, so that a
+        # long-lived connection (a stream) does not hold it for header_timeout.
+        self._silent: dict[web.RequestHandler, asyncio.TimerHandle] = {}
 
     def __call__(self) -> web.RequestHandler:
         return JsonErrorRequestHandler(self, loop=self._loop, **self._kwargs)
@@ -92,8 +97,7 @@ class ConnectionCappedServer(web.Server):
             self._admitted.add(handler)
             # aiohttp has no deadline for a request's headers: a peer trickling them (or
             # sending nothing) would hold its slot forever. Keep-alive idling is aiohttp's.
-            self._silent.add(handler)
-            asyncio.get_running_loop().call_later(
+            self._silent[handler] = asyncio.get_running_loop().call_later(
                 self.header_timeout, self._drop_if_silent, handler, transport
             )
             return
@@ -106,18 +110,26 @@ class ConnectionCappedServer(web.Server):
         super().connection_lost(handler, exc)
         self._admitted.discard(handler)
         self._refused.discard(handler)
-        self._silent.discard(handler)
+        timer = self._silent.pop(handler, None)
+        if timer is not None:
+            timer.cancel()
 
     def _drop_if_silent(self, handler: web.RequestHandler, transport: asyncio.Transport) -> None:
-        if handler in self._silent:
-            self._silent.discard(handler)
+        if self._silent.pop(handler, None) is not None:
             log.info("connection_dropped", reason="header_timeout", seconds=self.header_timeout)
             transport.close()
 
-    async def _handle_or_refuse(self, request: web.BaseRequest) -> web.StreamResponse:
+    def _handle_or_refuse(self, request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
+        # Not a coroutine itself: an admitted request's handler coroutine is returned as is,
+        # so that no extra frame stays alive for as long as a stream lasts.
         if request.protocol not in self._refused:
-            self._silent.discard(request.protocol)
-            return await self._admit(request)
+            timer = self._silent.pop(request.protocol, None)
+            if timer is not None:
+                timer.cancel()
+            return self._admit(request)
+        return self._refuse(request)
+
+    async def _refuse(self, request: web.BaseRequest) -> web.StreamResponse:
         log.debug("connection_refused", remote=request.remote, open=len(self._admitted))
         message = (
             f"the server has {self.max_connections} open connections "

@@ -50,7 +50,7 @@ def configure_logging(config: LogConfig) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(config.level.upper())
-    # aiohttp's own access log is replaced by ours (server.app.access_log_middleware).
+    # aiohttp's own access log is replaced by ours (server.app.request_middleware).
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 

@@ -198,9 +198,11 @@ async def _receive_until_closed(ws: web.WebSocketResponse, frames_per_second: fl
     read and dropped unanswered, so a ping flood cannot make the server write for it; the
     first dropped frame of each flood gets one ``rate_limited`` error frame.
     """
-    budget = RateLimiter(frames_per_second, max(1, int(2 * frames_per_second)), 1)
+    budget: RateLimiter | None = None  # made at the first client frame: most peers send none
     warned = False
     async for message in ws:
+        if budget is None:
+            budget = RateLimiter(frames_per_second, max(1, int(2 * frames_per_second)), 1)
         if budget.take("") > 0:
             if not warned:
                 warned = True
