@@ -17,6 +17,7 @@ from aiohttp.test_utils import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from server import snapshot
 from server.snapshot import JobState, apply_event
 from tests.conftest import create_job
 from tests.test_api_jobs import read_log
@@ -370,3 +371,14 @@ def test_fold_tracks_status_last_seq_and_times(log: list[dict[str, Any]]) -> Non
     assert state.finished == (log[-1]["type"] in ("completed", "failed", "cancelled"))
     assert (state.finished_at == log[-1]["ts"]) == state.finished
     assert JobState.from_json(state.to_json()) == state
+
+
+@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(JobState)])
+def test_evolve_is_replace(name: str) -> None:
+    """The reducer's fast copy changes exactly the named field, as dataclasses.replace does."""
+    state = JobState("job", "kind", "running", 5, "t0", "t1", {"a": 1}, 1.0, "p", "m", 1, 7)
+    changes: dict[str, Any] = {name: f"new {name}"}
+    evolved = snapshot._evolve(state, changes)
+    assert evolved == dataclasses.replace(state, **changes)
+    assert getattr(evolved, name) == f"new {name}"
+    assert state.status == "running"  # the original is untouched
