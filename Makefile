@@ -16,8 +16,10 @@ $(VENV)/.installed-run: $(BIN)/python pyproject.toml constraints.txt
 	$(PIP) install -c constraints.txt -e .
 	@touch $@
 
+# The bench extra comes with the dev tools: mypy checks bench/ against the same nats-py,
+# redis and matplotlib that make bench runs.
 $(VENV)/.installed-dev: $(VENV)/.installed-run
-	$(PIP) install -c constraints.txt -e '.[dev]'
+	$(PIP) install -c constraints.txt -e '.[dev,bench]'
 	@touch $@
 
 run: $(VENV)/.installed-run
@@ -36,11 +38,7 @@ unit: $(VENV)/.installed-dev
 
 test: lint typecheck unit
 
-$(VENV)/.installed-bench: $(VENV)/.installed-dev
-	$(PIP) install -c constraints.txt -e '.[dev,bench]'
-	@touch $@
-
-bench: $(VENV)/.installed-bench
+bench: $(VENV)/.installed-dev
 	$(BIN)/python -m bench
 
 # Re-pin after changing dependencies: resolve fresh, then record exact versions.
