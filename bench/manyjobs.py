@@ -26,7 +26,7 @@ from .http1 import Http1Connection
 from .loadgen import JSON_HEADERS, READY_TIMEOUT, REQUEST_TIMEOUT, CpuWindow, bounded_gather
 from .profiles import Profile
 from .stats import Phase, latency_ms, samples
-from .subscribers import Recording, Subscriber, ws_session
+from .subscribers import Subscriber, record_live
 from .workloads import (
     ACK_QUANTILES,
     GATHER_SLACK,
@@ -116,28 +116,8 @@ async def produce_many(link: Link, spec: JobsSpec) -> None:
 async def subscribe_many(link: Link, spec: JobsSpec) -> None:
     """One live subscriber per job; deliveries and latencies over the window; close on
     ``stop``."""
-    async with ws_session() as session:
-        subscribers = [Subscriber(spec.base_url, job_id, 0) for job_id in spec.job_ids]
-        await bounded_gather([functools.partial(s.connect, session) for s in subscribers], 100)
-        recording = Recording()
-        readers = [asyncio.create_task(s.read(recording)) for s in subscribers]
-        link.send("ready")
-        await link.expect("go", READY_TIMEOUT)
-        w0 = time.perf_counter_ns() + int(spec.warmup * 1e9)
-        cpu = CpuWindow(w0, w0 + int(spec.duration * 1e9))
-        recording.start_ns = time.time_ns() + spec.warmup * 1e9
-        recording.end_ns = recording.start_ns + spec.duration * 1e9
-        await link.expect("stop", spec.time_limit)
-        for reader in readers:
-            reader.cancel()
-        await asyncio.gather(*readers, return_exceptions=True)
-        link.send(
-            "result",
-            deliveries=recording.deliveries,
-            latencies=recording.latencies.tobytes(),
-            subscribers=[s.report() for s in subscribers],
-            cpu_s=await cpu.result(),
-        )
+    subscribers = [Subscriber(spec.base_url, job_id, 0) for job_id in spec.job_ids]
+    await record_live(link, subscribers, 100, spec)
 
 
 def w8_name(profile: Profile) -> str:

@@ -15,8 +15,9 @@ import functools
 import math
 import time
 from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import orjson
@@ -36,19 +37,64 @@ class Recording:
     latencies: array[int] = field(default_factory=lambda: array("q"))
     deliveries: int = 0
 
+    def open(self, warmup: float, duration: float) -> CpuWindow:
+        """Open the window ``warmup`` s from now for ``duration`` s; this process's CPU
+        over the same window."""
+        w0 = time.perf_counter_ns() + int(warmup * 1e9)
+        self.start_ns = time.time_ns() + warmup * 1e9
+        self.end_ns = self.start_ns + duration * 1e9
+        return CpuWindow(w0, w0 + int(duration * 1e9))
 
-class Subscriber:
-    """One WebSocket subscription: ``after`` given, seq order checked frame by frame."""
+    def count(self, now: int, sent: int | None, deliveries: int = 1) -> None:
+        """``deliveries`` received at ``now``; the latency of one sent at ``sent``, counted
+        by send time so that events sent late in the window and slow to arrive are not left
+        out."""
+        if self.start_ns <= now < self.end_ns:
+            self.deliveries += deliveries
+        if sent is not None and self.start_ns <= sent < self.end_ns:
+            self.latencies.append(now - sent)
 
-    def __init__(self, base_url: str, job_id: str, after: int) -> None:
-        self.url = f"{base_url}/v1/jobs/{job_id}/stream?after={after}"
+
+class SeqCheck:
+    """A stream's seqs checked as they arrive: ``after+1, after+2, ...``, no hole, no
+    duplicate. Shared by jobfeed's subscribers and the peers' readers."""
+
+    def __init__(self, after: int) -> None:
         self.after = after
         self.last = after
-        self.hello_last_seq = -1
         self.count = 0
         self.holes = 0
         self.duplicates = 0
         self.caught_up_ns = 0
+
+    def see(self, seq: int) -> None:
+        if seq == self.last + 1:
+            self.last = seq
+        elif seq > self.last:
+            self.holes += seq - self.last - 1
+            self.last = seq
+        else:
+            self.duplicates += 1
+        self.count += 1
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "after": self.after,
+            "last": self.last,
+            "count": self.count,
+            "holes": self.holes,
+            "duplicates": self.duplicates,
+            "caught_up_ns": self.caught_up_ns,
+        }
+
+
+class Subscriber(SeqCheck):
+    """One WebSocket subscription: ``after`` given, seq order checked frame by frame."""
+
+    def __init__(self, base_url: str, job_id: str, after: int) -> None:
+        super().__init__(after)
+        self.url = f"{base_url}/v1/jobs/{job_id}/stream?after={after}"
+        self.hello_last_seq = -1
         self.caught_up = asyncio.Event()
         self.close_code: int | None = None
         self.ws: LeanWebSocket | None = None
@@ -82,25 +128,13 @@ class Subscriber:
             seq = frame.get("seq")
             if seq is None:
                 return  # heartbeat
-            if seq == self.last + 1:
-                self.last = seq
-            elif seq > self.last:
-                self.holes += seq - self.last - 1
-                self.last = seq
-            else:
-                self.duplicates += 1
-            self.count += 1
+            self.see(seq)
             if not self.caught_up_ns and seq >= self.hello_last_seq:
                 self.caught_up_ns = now
                 self.caught_up.set()
             if recording is not None:
-                if recording.start_ns <= now < recording.end_ns:
-                    recording.deliveries += 1
-                # Latency by send time, so that events sent late in the window and slow to
-                # arrive are not left out.
                 data = frame.get("data")
-                if data is not None and recording.start_ns <= data["t"] < recording.end_ns:
-                    recording.latencies.append(now - data["t"])
+                recording.count(now, None if data is None else data["t"])
             if stop_seq is not None and seq >= stop_seq:
                 done.set_result(None)
 
@@ -116,13 +150,8 @@ class Subscriber:
 
     def report(self) -> dict[str, Any]:
         return {
-            "after": self.after,
-            "last": self.last,
-            "count": self.count,
-            "holes": self.holes,
-            "duplicates": self.duplicates,
+            **super().report(),
             "close_code": self.close_code,
-            "caught_up_ns": self.caught_up_ns,
             "hello_last_seq": self.hello_last_seq,
         }
 
@@ -151,21 +180,33 @@ class SubscribeSpec:
 async def subscribe_window(link: Link, spec: SubscribeSpec) -> None:
     """Live subscribers: connect, then on ``go`` record deliveries and latencies over the
     window [go + warmup, go + warmup + duration]; close on ``stop``; report."""
+    subscribers = [Subscriber(spec.base_url, spec.job_id, after) for after in spec.afters]
+    await record_live(link, subscribers, spec.connect_parallel, spec)
+
+
+class LiveWindow(Protocol):
+    @property
+    def warmup(self) -> float: ...
+    @property
+    def duration(self) -> float: ...
+    @property
+    def time_limit(self) -> float: ...
+
+
+async def record_live(
+    link: Link, subscribers: Sequence[Subscriber], connect_parallel: int, window: LiveWindow
+) -> None:
+    """The body of a live-subscribers worker, whatever jobs they follow."""
     async with ws_session() as session:
-        subscribers = [Subscriber(spec.base_url, spec.job_id, after) for after in spec.afters]
         await bounded_gather(
-            [functools.partial(s.connect, session) for s in subscribers], spec.connect_parallel
+            [functools.partial(s.connect, session) for s in subscribers], connect_parallel
         )
         recording = Recording()
         readers = [asyncio.create_task(s.read(recording)) for s in subscribers]
         link.send("ready")
         await link.expect("go", READY_TIMEOUT)
-        w0 = time.perf_counter_ns() + int(spec.warmup * 1e9)
-        w1 = w0 + int(spec.duration * 1e9)
-        cpu = CpuWindow(w0, w1)
-        recording.start_ns = time.time_ns() + spec.warmup * 1e9
-        recording.end_ns = recording.start_ns + spec.duration * 1e9
-        await link.expect("stop", spec.time_limit)
+        cpu = recording.open(window.warmup, window.duration)
+        await link.expect("stop", window.time_limit)
         for reader in readers:
             reader.cancel()
         await asyncio.gather(*readers, return_exceptions=True)

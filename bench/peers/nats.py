@@ -33,7 +33,6 @@ from array import array
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import nats
 import nats.errors
@@ -49,7 +48,7 @@ from ..fleet import Link, Workers
 from ..loadgen import READY_TIMEOUT, CpuWindow, append_body, bounded_gather
 from ..profiles import Profile
 from ..stats import Phase
-from ..subscribers import Recording
+from ..subscribers import Recording, SeqCheck
 from ..workloads import (
     GATHER_SLACK,
     append_metrics,
@@ -394,17 +393,12 @@ def stream_sequence(reply: str) -> int:
     return int(tokens[5] if len(tokens) == V1_ACK_TOKENS else tokens[7])
 
 
-class Follower:
+class Follower(SeqCheck):
     """One ordered consumer from ``after + 1``: the stream sequence checked message by message
     (one subject per stream here, so it counts the job's events as jobfeed's ``seq`` does)."""
 
     def __init__(self, after: int, recording: Recording | None, stop_seq: int = 0) -> None:
-        self.after = after
-        self.last = after
-        self.count = 0
-        self.holes = 0
-        self.duplicates = 0
-        self.caught_up_ns = 0
+        super().__init__(after)
         self.caught_up = asyncio.Event()
         self.recording = recording
         self.stop_seq = stop_seq
@@ -419,34 +413,12 @@ class Follower:
         """``bench.subscribers.Subscriber.read``'s bookkeeping for one message."""
         now = time.time_ns()
         seq = stream_sequence(msg.reply)
-        if seq == self.last + 1:
-            self.last = seq
-        elif seq > self.last:
-            self.holes += seq - self.last - 1
-            self.last = seq
-        else:
-            self.duplicates += 1
-        self.count += 1
-        t = orjson.loads(msg.data)["data"]["t"]
-        recording = self.recording
-        if recording is not None:
-            if recording.start_ns <= now < recording.end_ns:
-                recording.deliveries += 1
-            if recording.start_ns <= t < recording.end_ns:
-                recording.latencies.append(now - t)
+        self.see(seq)
+        if self.recording is not None:
+            self.recording.count(now, orjson.loads(msg.data)["data"]["t"])
         if self.stop_seq and seq >= self.stop_seq and not self.caught_up_ns:
             self.caught_up_ns = now
             self.caught_up.set()
-
-    def report(self) -> dict[str, Any]:
-        return {
-            "after": self.after,
-            "last": self.last,
-            "count": self.count,
-            "holes": self.holes,
-            "duplicates": self.duplicates,
-            "caught_up_ns": self.caught_up_ns,
-        }
 
 
 @dataclass(frozen=True)
@@ -477,10 +449,7 @@ async def follow_window(link: Link, spec: FollowSpec) -> None:
         )
         link.send("ready")
         await link.expect("go", READY_TIMEOUT)
-        w0 = time.perf_counter_ns() + int(spec.warmup * 1e9)
-        cpu = CpuWindow(w0, w0 + int(spec.duration * 1e9))
-        recording.start_ns = time.time_ns() + spec.warmup * 1e9
-        recording.end_ns = recording.start_ns + spec.duration * 1e9
+        cpu = recording.open(spec.warmup, spec.duration)
         await link.expect("stop", spec.time_limit)
         link.send(
             "result",

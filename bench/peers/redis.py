@@ -275,17 +275,13 @@ async def xadd_events(client: Client, key: str, first: int, count: int) -> None:
     await client.pipeline([xadd(key, n) for n in range(first, first + count)])
 
 
-class Reader(Client):
+class Reader(Client, subscribers.SeqCheck):
     """A reader: its connection, its place in a stream, and the order check on ``n``."""
 
     def __init__(self, port: int) -> None:
-        super().__init__(port)
+        Client.__init__(self, port)
+        subscribers.SeqCheck.__init__(self, 0)
         self.last_id: bytes = b"0-0"
-        self.last = 0
-        self.count = 0
-        self.holes = 0
-        self.duplicates = 0
-        self.caught_up_ns = 0
 
     async def xread(self, key: str, *block: str) -> list[list[Any]]:
         """The next entries after ``last_id``, ``[id, [b"e", event, b"n", n]]`` each (RESP2);
@@ -298,26 +294,9 @@ class Reader(Client):
 
     def take(self, got: Sequence[list[Any]]) -> None:
         for _id, (_e, _event, _n, raw) in got:
-            n = int(raw)
-            if n == self.last + 1:
-                self.last = n
-            elif n > self.last:
-                self.holes += n - self.last - 1
-                self.last = n
-            else:
-                self.duplicates += 1
+            self.see(int(raw))
         if got:
-            self.count += len(got)
             self.last_id = got[-1][0]
-
-    def report(self) -> dict[str, int]:
-        return {
-            "last": self.last,
-            "count": self.count,
-            "holes": self.holes,
-            "duplicates": self.duplicates,
-            "caught_up_ns": self.caught_up_ns,
-        }
 
 
 # -- producer workers ----------------------------------------------------------------------------
@@ -456,12 +435,8 @@ async def follow(reader: Reader, key: str, recording: subscribers.Recording) -> 
         got = await reader.xread(key, *BLOCK)
         now = time_ns()
         reader.take(got)
-        if recording.start_ns <= now < recording.end_ns:
-            recording.deliveries += len(got)
         for _id, (_e, event, _n, _raw) in got:
-            sent = loads(event)["data"]["t"]
-            if recording.start_ns <= sent < recording.end_ns:
-                recording.latencies.append(now - sent)
+            recording.count(now, loads(event)["data"]["t"])
 
 
 async def follow_window(link: Link, spec: FollowSpec) -> None:
@@ -475,10 +450,7 @@ async def follow_window(link: Link, spec: FollowSpec) -> None:
         tasks = [asyncio.create_task(follow(r, spec.key, recording)) for r in readers]
         link.send("ready")
         await link.expect("go", READY_TIMEOUT)
-        w0 = time.perf_counter_ns() + int(spec.warmup * 1e9)
-        cpu = CpuWindow(w0, w0 + int(spec.duration * 1e9))
-        recording.start_ns = time.time_ns() + spec.warmup * 1e9
-        recording.end_ns = recording.start_ns + spec.duration * 1e9
+        cpu = recording.open(spec.warmup, spec.duration)
         await link.expect("stop", spec.time_limit)
         for task in tasks:
             task.cancel()
