@@ -141,37 +141,34 @@ def _push(request: web.Request, ws: web.WebSocketResponse, batch: list[Frame]) -
     """The publisher's direct send to a caught-up subscriber (``server.hub``): only while
     the socket takes data without waiting; otherwise the subscriber's task sends (and waits
     under ``stream.send_timeout``)."""
-    transport = request.transport
-    if ws.closed or transport is None or transport.is_closing():
-        return False
-    if request.protocol.writing_paused:
-        return False
-    _write_frames(transport, batch)
-    return True
-
-
-def _write_frames(transport: asyncio.Transport, batch: list[Frame]) -> None:
-    """A batch of event frames in one ``writelines`` (one syscall, no copies) rather than one
-    ``send_frame`` each. Compression is off, so a frame is header + stored JSON; aiohttp also
-    writes whole frames, so its pings and pongs never land inside one of ours."""
-    parts: list[bytes] = []
-    for frame in batch:
-        parts.append(frame.ws_header)
-        parts.append(frame.json)
-    transport.writelines(parts)
+    return not request.protocol.writing_paused and _write_frames(request, ws, batch)
 
 
 async def _write_batch(request: web.Request, ws: web.WebSocketResponse, batch: list[Frame]) -> None:
     """Send a batch of event frames, then wait while the transport is over its high-water
     mark, as ``send_frame`` does."""
-    transport = request.transport
-    if ws.closed or transport is None or transport.is_closing():
+    if not _write_frames(request, ws, batch):
         raise ConnectionResetError("the WebSocket is closed")
-    _write_frames(transport, batch)
     protocol = request.protocol
     if protocol.writing_paused:
         # aiohttp's flow control (BaseProtocol): resumes when the peer has read enough.
         await protocol._drain_helper()
+
+
+def _write_frames(request: web.Request, ws: web.WebSocketResponse, batch: list[Frame]) -> bool:
+    """A batch of event frames in one ``writelines`` (one syscall, no copies) rather than one
+    ``send_frame`` each; False, writing nothing, once the socket is closing. Compression is
+    off, so a frame is header + stored JSON; aiohttp also writes whole frames, so its pings
+    and pongs never land inside one of ours."""
+    transport = request.transport
+    if ws.closed or transport is None or transport.is_closing():
+        return False
+    parts: list[bytes] = []
+    for frame in batch:
+        parts.append(frame.ws_header)
+        parts.append(frame.json)
+    transport.writelines(parts)
+    return True
 
 
 async def _close_stuck(request: web.Request, ws: web.WebSocketResponse) -> None:
