@@ -9,17 +9,42 @@ import re
 import time
 import weakref
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from . import openapi
+from .auth import ANONYMOUS, PRINCIPAL, Authenticator, authenticate
 from .config import Config
-from .errors import RateLimited, ServiceError, StorageUnavailable, WSClose, error_body
-from .handlers import health, jobs, stream
+from .cors import OriginPolicy, is_preflight, is_websocket_upgrade
+from .errors import (
+    OriginNotAllowed,
+    RateLimited,
+    ServiceError,
+    StorageUnavailable,
+    Unauthorized,
+    WSClose,
+    error_body,
+)
+from .handlers import health, jobs, stream, tickets
+from .handlers.guard import StreamGuard, recheck_revocations
+from .handlers.ws import refuse_websocket
 from .hub import Hub
-from .keys import CONFIG, HUB, JOB_STREAMS, RATE_LIMITER, REQUEST_ID, STORE, STREAMS
+from .keys import (
+    AUTH,
+    CONFIG,
+    CONFIG_PATH,
+    GUARDS,
+    HUB,
+    JOB_STREAMS,
+    ORIGINS,
+    RATE_LIMITER,
+    REQUEST_ID,
+    STORE,
+    STREAMS,
+)
 from .limits import JobStreamSlots, RateLimiter
 from .store import Store
 
@@ -33,6 +58,8 @@ _id_counter = itertools.count(1)
 # Liveness and readiness probes come from the orchestrator's address; throttling them would
 # turn a busy server into a restarted one.
 _UNTHROTTLED_PATHS = frozenset({"/healthz", "/readyz"})
+# Probes and the API description need no credential (auth.md, "Model").
+_PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/v1/openapi.json", "/metrics"})
 _HTTP_CODES = {
     400: "bad_request",
     404: "not_found",
@@ -58,7 +85,7 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
     status = 500
     try:
         try:
-            response: web.StreamResponse = await handler(request)
+            response: web.StreamResponse = await _admit(request, handler)
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
@@ -79,11 +106,48 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
             )
 
 
+async def _admit(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """CORS preflight, the WebSocket ``Origin`` check, and the credential: the request's
+    ``Principal`` (bound into the log context as ``tenant`` and ``sub``), then the handler.
+
+    Part of ``request_middleware``, not a middleware of its own: every middleware's frame
+    stays alive for as long as its request, and a stream's request lasts as long as the
+    stream (docs/performance.md, idle subscribers)."""
+    app = request.app
+    if is_preflight(request):
+        return app[ORIGINS].preflight(request)
+    if request.path in _PUBLIC_PATHS or request.match_info.http_exception is not None:
+        return await handler(request)  # a probe, or aiohttp's own 404 / 405
+    upgrade = is_websocket_upgrade(request)
+    if upgrade:
+        origin = request.headers.get("Origin")
+        if origin is not None and not app[ORIGINS].allows_websocket(request, origin):
+            raise OriginNotAllowed(origin)
+    authenticator = app[AUTH]
+    if not authenticator.enabled:
+        request[PRINCIPAL] = ANONYMOUS
+        structlog.contextvars.bind_contextvars(tenant=ANONYMOUS.tenant)
+        return await handler(request)
+    try:
+        principal = authenticate(request, authenticator)
+    except Unauthorized as exc:
+        if upgrade:
+            return await refuse_websocket(request, exc)
+        raise
+    request[PRINCIPAL] = principal
+    structlog.contextvars.bind_contextvars(tenant=principal.tenant, sub=principal.sub)
+    return await handler(request)
+
+
 async def _tag_response(request: web.Request, response: web.StreamResponse) -> None:
-    """Every response, streams included, names its request (headers go out at prepare)."""
+    """Every response, streams included, names its request and carries the CORS headers
+    for an allowed origin (headers go out at prepare)."""
     request_id = request.get(REQUEST_ID)
     if request_id is not None:
         response.headers["X-Request-ID"] = request_id
+    origins = request.app[ORIGINS]
+    if origins.active:
+        origins.add_headers(request, response)
 
 
 def _http_error_response(exc: web.HTTPException) -> web.Response:
@@ -139,7 +203,9 @@ async def rate_limit_middleware(request: web.Request, handler: Handler) -> web.S
     return await handler(request)
 
 
-def create_app(config: Config) -> web.Application:
+def create_app(config: Config, config_path: Path | None = None) -> web.Application:
+    """The application for ``config``; ``config_path`` (the file it was read from) lets the
+    revocation sweep re-read ``auth.not_before`` while the server runs."""
     limits = config.limits
     middlewares = [request_middleware]
     if limits.rate_per_client > 0:
@@ -154,7 +220,13 @@ def create_app(config: Config) -> web.Application:
             limits.rate_per_client, limits.rate_burst, limits.rate_max_clients
         )
     app[STREAMS] = weakref.WeakSet[web.StreamResponse]()
+    app[AUTH] = Authenticator(config.auth)
+    app[ORIGINS] = OriginPolicy(config.http)
+    app[GUARDS] = weakref.WeakSet[StreamGuard]()
+    if config_path is not None:
+        app[CONFIG_PATH] = config_path
     app.cleanup_ctx.append(_store_ctx)
+    app.cleanup_ctx.append(recheck_revocations)
     app.on_shutdown.append(_close_streams)
     app.on_response_prepare.append(_tag_response)
     add_routes(app)
@@ -168,6 +240,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/jobs/{job_id}/events", jobs.append_events)
     app.router.add_get("/v1/jobs/{job_id}/events", jobs.read_events)
     app.router.add_get("/v1/jobs/{job_id}/stream", stream.stream)
+    app.router.add_post("/v1/tickets", tickets.create_ticket)
     app.router.add_get("/healthz", health.healthz)
     app.router.add_get("/readyz", health.readyz)
     app.router.add_get("/v1/openapi.json", openapi.openapi_json)

@@ -25,7 +25,9 @@ import structlog
 from . import migrate
 from .config import Config
 from .frames import Frame
+from .grants import JobGrants
 from .hub import Hub
+from .tenancy import JobKey
 from .writer import Writer
 
 log = structlog.get_logger("jobfeed.store")
@@ -187,14 +189,17 @@ class Store:
 
     # -- reads ---------------------------------------------------------------------------
 
-    async def snapshot_json(self, job_id: str) -> bytes | None:
-        rows = await self._read("SELECT snapshot FROM jobs WHERE job_id = ?", (job_id,))
+    async def snapshot_json(self, key: JobKey) -> bytes | None:
+        rows = await self._read(
+            "SELECT snapshot FROM jobs WHERE tenant = ? AND job_id = ?", (key.tenant, key.job_id)
+        )
         return bytes(rows[0][0]) if rows else None
 
-    async def job_head(self, job_id: str) -> JobHead | None:
+    async def job_head(self, key: JobKey) -> JobHead | None:
         rows = await self._read(
-            "SELECT status, last_seq, json_extract(snapshot, '$.epoch') FROM jobs WHERE job_id = ?",
-            (job_id,),
+            "SELECT status, last_seq, json_extract(snapshot, '$.epoch') FROM jobs"
+            " WHERE tenant = ? AND job_id = ?",
+            (key.tenant, key.job_id),
         )
         if not rows:
             return None
@@ -202,11 +207,18 @@ class Store:
         return JobHead(status.decode(), last_seq, None if epoch is None else epoch.decode())
 
     async def list_jobs(
-        self, status: str | None, kind: str | None, limit: int, before: int | None
+        self,
+        tenant: str,
+        status: str | None,
+        kind: str | None,
+        limit: int,
+        before: int | None,
+        grants: JobGrants | None = None,
     ) -> tuple[list[bytes], int | None]:
-        """Snapshots newest first; the cursor is the job_no of the last one returned."""
-        clauses: list[str] = []
-        params: list[str | int] = []
+        """A tenant's snapshots newest first, only those ``grants`` cover (None: all); the
+        cursor is the job_no of the last one returned."""
+        clauses: list[str] = ["tenant = ?"]
+        params: list[str | int] = [tenant]
         if status is not None:
             clauses.append("status = ?")
             params.append(status)
@@ -216,19 +228,24 @@ class Store:
         if before is not None:
             clauses.append("job_no < ?")
             params.append(before)
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        query = f"SELECT job_no, snapshot FROM jobs {where} ORDER BY job_no DESC LIMIT ?"
+        if grants is not None:
+            clause, grant_params = grants.sql_filter("job_id")
+            clauses.append(clause)
+            params.extend(grant_params)
+        where = " AND ".join(clauses)
+        query = f"SELECT job_no, snapshot FROM jobs WHERE {where} ORDER BY job_no DESC LIMIT ?"
         rows = await self._read(query, [*params, limit + 1])
         page = rows[:limit]
         next_before = page[-1][0] if len(rows) > limit else None
         return [bytes(row[1]) for row in page], next_before
 
-    async def read_after(self, job_id: str, after: int, limit: int) -> list[Frame]:
+    async def read_after(self, key: JobKey, after: int, limit: int) -> list[Frame]:
         rows = await self._read(
-            "SELECT seq, id, type, ts, body FROM events WHERE job_id = ? AND seq > ? "
-            "ORDER BY seq LIMIT ?",
-            (job_id, after, limit),
+            "SELECT seq, id, type, ts, body FROM events WHERE tenant = ? AND job_id = ?"
+            " AND seq > ? ORDER BY seq LIMIT ?",
+            (key.tenant, key.job_id, after, limit),
         )
+        job_id = key.job_id
         return [
             Frame(job_id, seq, event_id, event_type.decode(), ts.decode(), body)
             for seq, event_id, event_type, ts, body in rows

@@ -14,10 +14,12 @@ import orjson
 from aiohttp import web
 from pydantic import ValidationError
 
-from ..errors import InvalidJson, InvalidParameter, JobNotFound, ValidationFailed
+from ..auth import READ, WRITE, require
+from ..errors import Forbidden, InvalidJson, InvalidParameter, JobNotFound, ValidationFailed
 from ..keys import CONFIG, STORE
 from ..logs import bind_request
 from ..models import JOB_STATUSES, CreateJobIn, field_errors, parse_append_body
+from ..tenancy import JobKey
 from .request import json_response, parse_int, query_int, read_json
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -40,6 +42,7 @@ def new_job_id() -> str:
 
 
 async def create_job(request: web.Request) -> web.Response:
+    principal = require(request, WRITE)
     body = await read_json(request, allow_empty=True)
     if not isinstance(body, dict):
         raise InvalidJson("the body must be a JSON object")
@@ -49,13 +52,19 @@ async def create_job(request: web.Request) -> web.Response:
         raise ValidationFailed("the job is not valid", field_errors(exc)) from None
     job_id = spec.job_id or new_job_id()
     bind_request(job_id=job_id)
-    state = await request.app[STORE].writer.create_job(job_id, spec.kind, spec.metadata)
+    if principal.grants is not None and not principal.grants.covers(job_id):
+        # Refused, not "not found": a grant names which ids a credential may create, and
+        # the refusal says nothing about whether the job exists.
+        raise Forbidden(f"this credential's jobs grant does not cover job id {job_id}")
+    key = JobKey(principal.tenant, job_id)
+    state = await request.app[STORE].writer.create_job(key, spec.kind, spec.metadata)
     response = json_response(state.to_json(), status=201)
     response.headers["Location"] = f"/v1/jobs/{job_id}"
     return response
 
 
 async def list_jobs(request: web.Request) -> web.Response:
+    principal = require(request, READ)
     limits = request.app[CONFIG].limits
     status = request.query.get("status") or None
     if status is not None and status not in JOB_STATUSES:
@@ -65,7 +74,9 @@ async def list_jobs(request: web.Request) -> web.Response:
     limit = query_int(request, "limit", default, minimum=1, maximum=limits.page_size_max)
     cursor_raw = request.query.get("cursor") or None
     before = None if cursor_raw is None else parse_int("cursor", cursor_raw, minimum=1)
-    snapshots, next_before = await request.app[STORE].list_jobs(status, kind, limit, before)
+    snapshots, next_before = await request.app[STORE].list_jobs(
+        principal.tenant, status, kind, limit, before, principal.grants
+    )
     body = b'{"jobs":[%s],"next_cursor":%s}' % (
         b",".join(snapshots),
         orjson.dumps(None if next_before is None else str(next_before)),
@@ -74,15 +85,15 @@ async def list_jobs(request: web.Request) -> web.Response:
 
 
 async def get_job(request: web.Request) -> web.Response:
-    job_id = _job_id(request)
-    snapshot = await request.app[STORE].snapshot_json(job_id)
+    key = _job_key(request, READ)
+    snapshot = await request.app[STORE].snapshot_json(key)
     if snapshot is None:
-        raise JobNotFound(job_id)
+        raise JobNotFound(key.job_id)
     return json_response(snapshot)
 
 
 async def append_events(request: web.Request) -> web.Response:
-    job_id = _job_id(request)
+    key = _job_key(request, WRITE)
     config = request.app[CONFIG]
     body = await read_json(request)
     if not isinstance(body, dict):
@@ -90,7 +101,7 @@ async def append_events(request: web.Request) -> web.Response:
     events, errors = parse_append_body(body, config.limits.max_batch_events)
     if errors:
         raise ValidationFailed("the events are not valid", errors)
-    result = await request.app[STORE].writer.append(job_id, events)
+    result = await request.app[STORE].writer.append(key, events)
     payload = {
         "job_id": result.job_id,
         "last_seq": result.last_seq,
@@ -100,17 +111,17 @@ async def append_events(request: web.Request) -> web.Response:
 
 
 async def read_events(request: web.Request) -> web.StreamResponse:
-    job_id = _job_id(request)
+    key = _job_key(request, READ)
     config = request.app[CONFIG]
     store = request.app[STORE]
     after = query_int(request, "after", 0)
-    head = await store.job_head(job_id)
+    head = await store.job_head(key)
     if head is None:
-        raise JobNotFound(job_id)
+        raise JobNotFound(key.job_id)
     if after > head.last_seq:
         raise InvalidParameter(f"after={after} is past the end of the log ({head.last_seq})")
     if "application/x-ndjson" in request.headers.get("Accept", ""):
-        return await _export_ndjson(request, job_id, after)
+        return await _export_ndjson(request, key, after)
     limit = query_int(
         request,
         "limit",
@@ -118,7 +129,7 @@ async def read_events(request: web.Request) -> web.StreamResponse:
         minimum=1,
         maximum=config.limits.page_size_max,
     )
-    frames = await store.read_after(job_id, after, limit)
+    frames = await store.read_after(key, after, limit)
     last_seq = max(head.last_seq, frames[-1].seq if frames else 0)
     next_after = frames[-1].seq if frames and frames[-1].seq < last_seq else None
     body = b'{"events":[%s],"last_seq":%d,"next_after":%s}' % (
@@ -129,14 +140,14 @@ async def read_events(request: web.Request) -> web.StreamResponse:
     return json_response(body)
 
 
-async def _export_ndjson(request: web.Request, job_id: str, after: int) -> web.StreamResponse:
+async def _export_ndjson(request: web.Request, key: JobKey, after: int) -> web.StreamResponse:
     """The whole log from ``after``, one event per line, streamed page by page."""
     store = request.app[STORE]
     page = request.app[CONFIG].limits.page_size_max
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     await response.prepare(request)
     while True:
-        frames = await store.read_after(job_id, after, page)
+        frames = await store.read_after(key, after, page)
         if not frames:
             break
         await response.write(b"".join(frame.json + b"\n" for frame in frames))
@@ -147,7 +158,9 @@ async def _export_ndjson(request: web.Request, job_id: str, after: int) -> web.S
     return response
 
 
-def _job_id(request: web.Request) -> str:
+def _job_key(request: web.Request, scope: str) -> JobKey:
+    """The job the URL names, of the caller's tenant, if its credential holds ``scope`` and
+    grants the job (``JobNotFound`` otherwise, as for a job that does not exist)."""
     job_id = request.match_info["job_id"]
     bind_request(job_id=job_id)
-    return job_id
+    return require(request, scope).job_key(job_id)

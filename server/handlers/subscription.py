@@ -11,11 +11,22 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from ..errors import InvalidParameter, JobNotFound, LogReset, Overloaded, ServiceError, WSClose
+from ..auth import READ, Principal
+from ..errors import (
+    Forbidden,
+    InvalidParameter,
+    JobNotFound,
+    LogReset,
+    Overloaded,
+    ServiceError,
+    Unauthorized,
+    WSClose,
+)
 from ..frames import control_frame
 from ..keys import CONFIG, JOB_STREAMS, STORE, STREAMS
 from ..limits import JobStreamSlots
 from ..store import JobHead
+from ..tenancy import JobKey
 from .request import parse_int
 
 _CLOSE_CODES: dict[type[ServiceError], int] = {
@@ -27,9 +38,13 @@ _CLOSE_CODES: dict[type[ServiceError], int] = {
 
 @dataclass(frozen=True, slots=True)
 class Subscription:
-    job_id: str
+    key: JobKey
     after: int
     head: JobHead
+
+    @property
+    def job_id(self) -> str:
+        return self.key.job_id
 
     def hello(self) -> bytes:
         return control_frame(
@@ -46,13 +61,20 @@ class Subscription:
 
 def close_code_for(error: ServiceError) -> int:
     """The WebSocket close code for a refused subscription (4400 for a bad request)."""
+    if isinstance(error, Unauthorized):
+        return WSClose.UNAUTHORIZED
+    if isinstance(error, Forbidden):
+        return WSClose.FORBIDDEN
     return _CLOSE_CODES.get(type(error), WSClose.BAD_REQUEST)
 
 
-def subscribe(request: web.Request, job_id: str, raw_after: str) -> Subscribing:
-    """Admit a subscriber to ``job_id`` from offset ``raw_after``; its per-job stream slot is
-    held until the ``async with`` block ends. Raises ``ServiceError`` for any refusal."""
-    return Subscribing(request, job_id, raw_after)
+def subscribe(
+    request: web.Request, principal: Principal, job_id: str, raw_after: str
+) -> Subscribing:
+    """Admit ``principal`` as a subscriber to ``job_id`` from offset ``raw_after``; its
+    per-job stream slot is held until the ``async with`` block ends. Raises
+    ``ServiceError`` for any refusal (a job outside its tenant or grants: ``JobNotFound``)."""
+    return Subscribing(request, principal, job_id, raw_after)
 
 
 class Subscribing:
@@ -60,17 +82,24 @@ class Subscribing:
     lasts as long as the stream, and a suspended generator (its frame, the context manager
     around it, the loop's weak reference to it) cost about 0.6 KB per open stream."""
 
-    __slots__ = ("_job_id", "_raw_after", "_request", "_slots")
+    __slots__ = ("_job_id", "_key", "_principal", "_raw_after", "_request", "_slots")
 
-    def __init__(self, request: web.Request, job_id: str, raw_after: str) -> None:
+    def __init__(
+        self, request: web.Request, principal: Principal, job_id: str, raw_after: str
+    ) -> None:
         self._request = request
+        self._principal = principal
         self._job_id = job_id
         self._raw_after = raw_after
         self._slots: JobStreamSlots | None = None
+        self._key: JobKey | None = None
 
     async def __aenter__(self) -> Subscription:
         request, job_id = self._request, self._job_id
         config = request.app[CONFIG].stream
+        if not self._principal.allows(READ):
+            raise Forbidden(f"this credential lacks the scope {READ}")
+        key = self._principal.job_key(job_id)
         after = parse_int("after", self._raw_after)
         if len(request.app[STREAMS]) >= config.max_subscribers:
             raise Overloaded(
@@ -78,26 +107,27 @@ class Subscribing:
                 "(stream.max_subscribers); resume later"
             )
         slots = request.app[JOB_STREAMS]
-        if not slots.acquire(job_id):
+        if not slots.acquire(key):
             raise Overloaded(
                 f"job {job_id} has {config.max_subscribers_per_job} open streams "
                 "(stream.max_subscribers_per_job); resume later"
             )
         try:
-            head = await request.app[STORE].job_head(job_id)
+            head = await request.app[STORE].job_head(key)
             if head is None:
                 raise JobNotFound(job_id)
             check_offset(job_id, head, after, request.query.get("epoch") or None)
         except BaseException:
-            slots.release(job_id)
+            slots.release(key)
             raise
         self._slots = slots
-        return Subscription(job_id, after, head)
+        self._key = key
+        return Subscription(key, after, head)
 
     async def __aexit__(self, *exc_info: object) -> None:
         slots, self._slots = self._slots, None
-        if slots is not None:
-            slots.release(self._job_id)
+        if slots is not None and self._key is not None:
+            slots.release(self._key)
 
 
 def check_offset(job_id: str, head: JobHead, after: int, epoch: str | None) -> None:

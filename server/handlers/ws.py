@@ -18,17 +18,21 @@ import orjson
 import structlog
 from aiohttp import WSMsgType, web
 
+from ..auth import PRINCIPAL
 from ..errors import ServiceError, WSClose
 from ..follow import Cursor, StreamClosing, follow
 from ..frames import Frame, control_frame
 from ..keys import CONFIG, HUB, STORE, STREAMS
 from ..limits import RateLimiter, bound_send_buffer
 from ..store import JobHead
+from ..tenancy import DEFAULT_TENANT, JobKey
+from .guard import StreamGuard, guard_stream
 from .subscription import close_code_for, subscribe
 
 log = structlog.get_logger("jobfeed.stream")
 
 _PONG = control_frame({"type": "pong"})
+_AUTH_OFF_OK = control_frame({"type": "auth_ok", "expires_at": None})
 # Sockets whose sender is closing them for not draining (see _close_stuck).
 _CLOSING_STUCK: weakref.WeakSet[web.WebSocketResponse] = weakref.WeakSet()
 # The close code the server chose, by outcome (ws.close_code holds the peer's reply).
@@ -40,37 +44,75 @@ _CLOSE_CODES = {
 }
 
 
-async def serve_websocket(request: web.Request, job_id: str) -> web.WebSocketResponse:
+class StreamEnded(Exception):
+    """The server ends this stream for its credential: expired, revoked, or refused in an
+    in-band ``auth`` frame. The handler stops the sender, then sends ``error`` and closes."""
+
+    def __init__(self, error: ServiceError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+def _new_socket(request: web.Request) -> web.WebSocketResponse:
     config = request.app[CONFIG].stream
-    ws = web.WebSocketResponse(
+    return web.WebSocketResponse(
         heartbeat=config.ping_seconds,
         # aiohttp refuses a frame of max_msg_size bytes; the protocol allows exactly the limit.
         max_msg_size=config.max_client_frame_bytes + 1,
         compress=False,  # compression halves fan-out throughput; events are small
     )
+
+
+async def refuse_websocket(request: web.Request, error: ServiceError) -> web.WebSocketResponse:
+    """A credential refused at the upgrade: accept, send the ``error`` frame and close with
+    4401 / 4403. A browser cannot read the status of a refused handshake (it sees 1006), but
+    it can read a close code: this tells it to re-authenticate rather than retry."""
+    ws = _new_socket(request)
+    await ws.prepare(request)
+    code = close_code_for(error)
+    await _refuse(ws, code, error.code, error.message)
+    log.info("stream_closed", transport="ws", outcome=error.code, close_code=code)
+    return ws
+
+
+async def serve_websocket(request: web.Request, job_id: str) -> web.WebSocketResponse:
+    config = request.app[CONFIG].stream
+    principal = request[PRINCIPAL]
+    ws = _new_socket(request)
     await ws.prepare(request)
     bound_send_buffer(request, config.send_buffer_bytes)
     started = time.monotonic()
-    cursor = Cursor(job_id, 0)
+    cursor = Cursor(JobKey(DEFAULT_TENANT, job_id), 0)
     outcome = "client_gone"
     closed_with: int | None = None
     after = None
     try:
-        async with subscribe(request, job_id, request.query.get("after") or "0") as subscription:
+        raw_after = request.query.get("after") or "0"
+        async with subscribe(request, principal, job_id, raw_after) as subscription:
+            cursor.key = subscription.key
             after = cursor.after = subscription.after
             request.app[STREAMS].add(ws)
             await ws.send_frame(subscription.hello(), WSMsgType.TEXT)
+            guard = guard_stream(request, principal, job_id)
             sender = asyncio.create_task(_send_events(request, ws, cursor, subscription.head))
+            ending: ServiceError | None = None
             try:
-                await _receive_until_closed(ws, config.client_frames_per_second)
+                await _receive_guarded(ws, config.client_frames_per_second, guard)
+            except StreamEnded as ended:
+                ending = ended.error
             finally:
                 # A sender closing a stuck peer is left to finish (its close is bounded) so
                 # that its outcome is known and the peer gets aborted. Otherwise the peer went
-                # away or the close is done, and the cursor has nobody to send to.
+                # away, the close is done, or the credential ended the stream: the cursor has
+                # nobody to send to.
                 if not sender.done() and ws not in _CLOSING_STUCK:
                     sender.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     outcome = await sender
+            if ending is not None and not ws.closed:
+                outcome = ending.code
+                closed_with = close_code_for(ending)
+                await _refuse(ws, closed_with, ending.code, ending.message)
     except ServiceError as exc:
         outcome = "refused"
         closed_with = close_code_for(exc)
@@ -131,7 +173,7 @@ async def _send_events(
     except ConnectionError:
         return "client_gone"
     except Exception:
-        log.exception("stream_failed", job_id=cursor.job_id, last_seq=cursor.after)
+        log.exception("stream_failed", job_id=cursor.key.job_id, last_seq=cursor.after)
         with contextlib.suppress(Exception):
             await ws.close(code=WSClose.INTERNAL, message=b"internal error")
         return "error"
@@ -188,8 +230,27 @@ async def _close_stuck(request: web.Request, ws: web.WebSocketResponse) -> None:
             request.transport.abort()
 
 
-async def _receive_until_closed(ws: web.WebSocketResponse, frames_per_second: float) -> None:
-    """Answer client pings; refuse anything else politely; return when the socket closes.
+async def _receive_guarded(
+    ws: web.WebSocketResponse, frames_per_second: float, guard: StreamGuard | None
+) -> None:
+    """``_receive_until_closed`` within the credential's lifetime (``StreamEnded`` after)."""
+    if guard is None:
+        await _receive_until_closed(ws, frames_per_second, None)
+        return
+    try:
+        async with guard.watch():
+            await _receive_until_closed(ws, frames_per_second, guard)
+    except TimeoutError:
+        if guard.fired():
+            raise StreamEnded(guard.end_error()) from None
+        raise
+
+
+async def _receive_until_closed(
+    ws: web.WebSocketResponse, frames_per_second: float, guard: StreamGuard | None
+) -> None:
+    """Answer client pings and ``auth`` frames; refuse anything else politely; return when
+    the socket closes. An ``auth`` frame the guard refuses raises ``StreamEnded``.
 
     Client frames beyond ``stream.client_frames_per_second`` (a burst of twice that) are
     read and dropped unanswered, so a ping flood cannot make the server write for it; the
@@ -217,13 +278,16 @@ async def _receive_until_closed(ws: web.WebSocketResponse, frames_per_second: fl
                 payload = orjson.loads(message.data)
             except orjson.JSONDecodeError:
                 payload = None
-            if isinstance(payload, dict) and payload.get("type") == "ping":
+            kind = payload.get("type") if isinstance(payload, dict) else None
+            if kind == "ping":
                 await ws.send_frame(_PONG, WSMsgType.TEXT)
+            elif kind == "auth":
+                await ws.send_frame(_refresh(guard, payload), WSMsgType.TEXT)
             else:
                 error = {
                     "type": "error",
                     "code": "unknown_frame",
-                    "message": 'the only client frame is {"type": "ping"}',
+                    "message": 'client frames are {"type": "ping"} and {"type": "auth"}',
                 }
                 await ws.send_frame(control_frame(error), WSMsgType.TEXT)
         elif message.type == WSMsgType.BINARY:
@@ -233,3 +297,14 @@ async def _receive_until_closed(ws: web.WebSocketResponse, frames_per_second: fl
                 "message": "binary frames are not part of the protocol",
             }
             await ws.send_frame(control_frame(error), WSMsgType.TEXT)
+
+
+def _refresh(guard: StreamGuard | None, payload: dict[str, object]) -> bytes:
+    """The answer to ``{"type": "auth", "token": ...}``: ``auth_ok`` with the new expiry."""
+    if guard is None:  # authentication is off: nothing to refresh, nothing expires
+        return _AUTH_OFF_OK
+    try:
+        principal = guard.refresh(payload.get("token"))
+    except ServiceError as exc:
+        raise StreamEnded(exc) from None
+    return control_frame({"type": "auth_ok", "expires_at": principal.expires_at})
