@@ -378,9 +378,7 @@ def authenticate(request: web.Request, authenticator: Authenticator | None) -> P
     if header is not None:
         token = bearer_token(header)
         if token.startswith(TICKET_PREFIX):
-            raise Unauthorized(
-                "malformed", "a ticket is accepted only as ?ticket= on GET requests"
-            )
+            raise Unauthorized("malformed", "a ticket is accepted only as ?ticket= on GET requests")
         return authenticator.verify_token(token)
     ticket = request.query.get("ticket")
     if ticket is None:

@@ -72,8 +72,7 @@ class TokenExpired(Unauthorized):
     def __init__(self) -> None:
         super().__init__(
             "expired",
-            "the credential of this stream expired; get a new one and resume from your "
-            "last seq",
+            "the credential of this stream expired; get a new one and resume from your last seq",
         )
 
 

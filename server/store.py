@@ -33,6 +33,48 @@ from .writer import Writer
 log = structlog.get_logger("jobfeed.store")
 
 
+# The reads, as module constants so that tests/test_tenancy_schema.py checks the query plans
+# of exactly these statements. Each leads with tenant, as every index does.
+SNAPSHOT_SQL = "SELECT snapshot FROM jobs WHERE tenant = ? AND job_id = ?"
+HEAD_SQL = (
+    "SELECT status, last_seq, json_extract(snapshot, '$.epoch') FROM jobs"
+    " WHERE tenant = ? AND job_id = ?"
+)
+READ_AFTER_SQL = (
+    "SELECT seq, id, type, ts, body FROM events WHERE tenant = ? AND job_id = ?"
+    " AND seq > ? ORDER BY seq LIMIT ?"
+)
+
+
+def list_jobs_sql(
+    tenant: str,
+    status: str | None,
+    kind: str | None,
+    limit: int,
+    before: int | None,
+    grants: JobGrants | None,
+) -> tuple[str, list[str | int]]:
+    """The listing query (newest first, one more row than ``limit``) and its parameters."""
+    clauses: list[str] = ["tenant = ?"]
+    params: list[str | int] = [tenant]
+    if status is not None:
+        clauses.append("status = ?")
+        params.append(status)
+    if kind is not None:
+        clauses.append("kind = ?")
+        params.append(kind)
+    if before is not None:
+        clauses.append("job_no < ?")
+        params.append(before)
+    if grants is not None:
+        clause, grant_params = grants.sql_filter("job_id")
+        clauses.append(clause)
+        params.extend(grant_params)
+    where = " AND ".join(clauses)
+    query = f"SELECT job_no, snapshot FROM jobs WHERE {where} ORDER BY job_no DESC LIMIT ?"
+    return query, [*params, limit + 1]
+
+
 class StorageCorrupt(Exception):
     """The database file is damaged or is not a SQLite database; the message is one line."""
 
@@ -190,17 +232,11 @@ class Store:
     # -- reads ---------------------------------------------------------------------------
 
     async def snapshot_json(self, key: JobKey) -> bytes | None:
-        rows = await self._read(
-            "SELECT snapshot FROM jobs WHERE tenant = ? AND job_id = ?", (key.tenant, key.job_id)
-        )
+        rows = await self._read(SNAPSHOT_SQL, key)
         return bytes(rows[0][0]) if rows else None
 
     async def job_head(self, key: JobKey) -> JobHead | None:
-        rows = await self._read(
-            "SELECT status, last_seq, json_extract(snapshot, '$.epoch') FROM jobs"
-            " WHERE tenant = ? AND job_id = ?",
-            (key.tenant, key.job_id),
-        )
+        rows = await self._read(HEAD_SQL, key)
         if not rows:
             return None
         status, last_seq, epoch = rows[0]
@@ -217,34 +253,14 @@ class Store:
     ) -> tuple[list[bytes], int | None]:
         """A tenant's snapshots newest first, only those ``grants`` cover (None: all); the
         cursor is the job_no of the last one returned."""
-        clauses: list[str] = ["tenant = ?"]
-        params: list[str | int] = [tenant]
-        if status is not None:
-            clauses.append("status = ?")
-            params.append(status)
-        if kind is not None:
-            clauses.append("kind = ?")
-            params.append(kind)
-        if before is not None:
-            clauses.append("job_no < ?")
-            params.append(before)
-        if grants is not None:
-            clause, grant_params = grants.sql_filter("job_id")
-            clauses.append(clause)
-            params.extend(grant_params)
-        where = " AND ".join(clauses)
-        query = f"SELECT job_no, snapshot FROM jobs WHERE {where} ORDER BY job_no DESC LIMIT ?"
-        rows = await self._read(query, [*params, limit + 1])
+        query, params = list_jobs_sql(tenant, status, kind, limit, before, grants)
+        rows = await self._read(query, params)
         page = rows[:limit]
         next_before = page[-1][0] if len(rows) > limit else None
         return [bytes(row[1]) for row in page], next_before
 
     async def read_after(self, key: JobKey, after: int, limit: int) -> list[Frame]:
-        rows = await self._read(
-            "SELECT seq, id, type, ts, body FROM events WHERE tenant = ? AND job_id = ?"
-            " AND seq > ? ORDER BY seq LIMIT ?",
-            (key.tenant, key.job_id, after, limit),
-        )
+        rows = await self._read(READ_AFTER_SQL, (key.tenant, key.job_id, after, limit))
         job_id = key.job_id
         return [
             Frame(job_id, seq, event_id, event_type.decode(), ts.decode(), body)

@@ -56,6 +56,37 @@ log = structlog.get_logger("jobfeed.writer")
 _MAX_PARAMS = 30_000
 
 
+def load_states_sql(pairs: int) -> str:
+    """Snapshots of ``pairs`` (tenant, job_id) pairs. A join from the wanted pairs (CROSS
+    JOIN keeps that order) searches UNIQUE (tenant, job_id) once per pair."""
+    values = ",".join("(?,?)" for _ in range(pairs))
+    return (
+        f"WITH wanted(tenant, job_id) AS (VALUES {values}) "
+        "SELECT j.tenant, j.job_id, j.snapshot FROM wanted CROSS JOIN jobs AS j "
+        "ON j.tenant = wanted.tenant AND j.job_id = wanted.job_id"
+    )
+
+
+def load_keys_sql(triples: int) -> str:
+    """Stored events of ``triples`` (tenant, job_id, key) idempotency keys. As above, the
+    join searches the partial key index per triple; `(..., key) IN (VALUES ...)` scans the
+    log."""
+    values = ",".join("(?,?,?)" for _ in range(triples))
+    return (
+        f"WITH wanted(tenant, job_id, key) AS (VALUES {values}) "
+        "SELECT e.tenant, e.job_id, e.key, e.seq, e.id, e.ts"
+        " FROM wanted CROSS JOIN events AS e"
+        " ON e.tenant = wanted.tenant AND e.job_id = wanted.job_id AND e.key = wanted.key"
+        " WHERE e.key IS NOT NULL"
+    )
+
+
+UPDATE_JOB_SQL = (
+    "UPDATE jobs SET status = ?, last_seq = ?, updated_at = ?, finished_at = ?,"
+    " snapshot = ? WHERE tenant = ? AND job_id = ?"
+)
+
+
 @dataclass(frozen=True, slots=True)
 class AppendedEvent:
     seq: int
@@ -373,14 +404,8 @@ class Writer:
         step = _MAX_PARAMS // 2
         for start in range(0, len(missing), step):
             chunk = missing[start : start + step]
-            values = ",".join("(?,?)" for _ in chunk)
-            # As in _load_keys: a join from the wanted pairs searches UNIQUE (tenant, job_id).
-            query = (
-                f"WITH wanted(tenant, job_id) AS (VALUES {values}) "
-                "SELECT j.tenant, j.job_id, j.snapshot FROM wanted CROSS JOIN jobs AS j "
-                "ON j.tenant = wanted.tenant AND j.job_id = wanted.job_id"
-            )
             params = [part for key in chunk for part in key]
+            query = load_states_sql(len(chunk))
             for tenant, job_id, snapshot in await self._conn.execute_fetchall(query, params):
                 key = JobKey(tenant, job_id)
                 state = JobState.from_json(snapshot)
@@ -402,18 +427,8 @@ class Writer:
         step = _MAX_PARAMS // 3
         for start in range(0, len(wanted), step):
             chunk = wanted[start : start + step]
-            values = ",".join("(?,?,?)" for _ in chunk)
-            # A join from the wanted triples (CROSS JOIN keeps that order) lets SQLite search
-            # the partial key index per triple; `(..., key) IN (VALUES ...)` scans the log.
-            query = (
-                f"WITH wanted(tenant, job_id, key) AS (VALUES {values}) "
-                "SELECT e.tenant, e.job_id, e.key, e.seq, e.id, e.ts"
-                " FROM wanted CROSS JOIN events AS e"
-                " ON e.tenant = wanted.tenant AND e.job_id = wanted.job_id AND e.key = wanted.key"
-                " WHERE e.key IS NOT NULL"
-            )
             params = [part for triple in chunk for part in triple]
-            rows = await self._conn.execute_fetchall(query, params)
+            rows = await self._conn.execute_fetchall(load_keys_sql(len(chunk)), params)
             for tenant, job_id, key, seq, event_id, ts in rows:
                 found[(JobKey(tenant, job_id), key)] = AppendedEvent(
                     seq, event_id, ts, duplicate=True
@@ -568,8 +583,7 @@ class Writer:
             updated = [(key, s) for key, s in group.touched.items() if key not in created]
             if updated:
                 await conn.executemany(
-                    "UPDATE jobs SET status = ?, last_seq = ?, updated_at = ?, finished_at = ?,"
-                    " snapshot = ? WHERE tenant = ? AND job_id = ?",
+                    UPDATE_JOB_SQL,
                     [
                         (
                             s.status,

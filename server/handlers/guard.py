@@ -149,5 +149,3 @@ def _mtime(path: Path | None) -> int | None:
         return path.stat().st_mtime_ns
     except OSError:
         return None
-
-
