@@ -24,6 +24,7 @@ import structlog
 
 from . import migrate
 from .config import Config
+from .dblock import DatabaseLock
 from .frames import Frame
 from .hub import Hub
 from .writer import Writer
@@ -81,6 +82,7 @@ class Store:
         self._reader_turn = itertools.count()
         self._checkpoint_task: asyncio.Task[None] | None = None
         self._writer: Writer | None = None
+        self._lock = DatabaseLock(config.storage.path)
         self.schema_version = 0
 
     @property
@@ -94,6 +96,15 @@ class Store:
         return self._writer
 
     async def open(self) -> None:
+        # First of all: nothing (not even the integrity check) touches a file in use.
+        self._lock.acquire()
+        try:
+            await self._open()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _open(self) -> None:
         storage = self._config.storage
         if storage.integrity_check:
             await asyncio.to_thread(check_integrity, storage.path)
@@ -136,6 +147,7 @@ class Store:
                 await conn.close()
         self._readers.clear()
         self._writer_conn = self._checkpoint_conn = None
+        self._lock.release()
 
     async def _connect(self, read_only: bool = False) -> aiosqlite.Connection:
         storage = self._config.storage
