@@ -48,6 +48,7 @@ from .frames import Frame
 from .hub import Hub
 from .models import EventIn, ProgressIn
 from .snapshot import CountsOutOfRange, JobState, apply_event, progress_in_context
+from .wal import WalBound
 
 log = structlog.get_logger("jobfeed.writer")
 
@@ -129,6 +130,8 @@ class Writer:
         max_event_bytes: int,
         job_cache_size: int,
         probe_seconds: float = 1.0,
+        wal: WalBound | None = None,
+        busy_timeout_ms: int = 5_000,
     ) -> None:
         self._conn = conn
         self._hub = hub
@@ -137,6 +140,8 @@ class Writer:
         self._max_event_bytes = max_event_bytes
         self._job_cache_size = job_cache_size
         self._probe_seconds = probe_seconds
+        self._wal = wal
+        self._busy_timeout_ms = busy_timeout_ms
         self._queue: asyncio.Queue[_Op | None] = asyncio.Queue()
         self._pending_weight = 0
         self._jobs: OrderedDict[str, JobState] = OrderedDict()
@@ -161,6 +166,8 @@ class Writer:
         )
         self._next_id = rows[0][0] + 1 if rows else 1
         self._last_ts = rows[0][1] if rows else ""
+        if self._wal is not None:
+            await self._wal.configure(self._conn)
         self._task = asyncio.create_task(self._run(), name="jobfeed-writer")
 
     async def stop(self) -> None:
@@ -221,6 +228,9 @@ class Writer:
                         op.future.set_exception(exc)
             finally:
                 self._pending_weight -= weight
+            if self._wal is not None:
+                # Between groups: no transaction is open, and the answers are already out.
+                await self._wal.restart_if_due(self._conn, self._busy_timeout_ms)
 
     async def _next_op(self) -> _Op | None:
         """The next request; while unhealthy and idle, probe the write path meanwhile."""
