@@ -418,6 +418,9 @@ async def test_list_jobs_exact_last_page_has_null_cursor(client: Client) -> None
         "cursor=abc",
         "cursor=0",
         "cursor=-3",
+        "cursor=1%0A",
+        "limit=1%0A",
+        "limit=%D9%A3",
     ],
 )
 async def test_list_jobs_bad_parameter_is_400(client: Client, query: str) -> None:
@@ -1053,14 +1056,16 @@ async def test_events_page_limit_up_to_page_size_max(
 
 @pytest.mark.parametrize(
     "query",
-    ["after=-1", "after=abc", "after=1.5", "after=4", "after=99", "limit=0", "limit=-2",
-     "limit=abc", "limit=1001"],
+    ["after=-1", "after=abc", "after=1.5", "after=4", "after=99", "after=0%0A", "after=%0A0",
+     "after=%D9%A3", "limit=0", "limit=-2", "limit=abc", "limit=1001", "limit=1%0A"],
 )  # fmt: skip
-async def test_events_page_bad_parameter_is_400(client: Client, query: str) -> None:
-    """A bad ``after`` (negative, not an integer, past last_seq) or ``limit`` (0, not an
-    integer, over page_size_max) is 400 invalid_parameter."""
+@pytest.mark.parametrize("accept", ["application/json", "application/x-ndjson"])
+async def test_events_page_bad_parameter_is_400(client: Client, query: str, accept: str) -> None:
+    """A bad ``after`` (negative, not plain ASCII digits, a trailing newline, past last_seq)
+    or ``limit`` (0, not an integer, over page_size_max) is 400 invalid_parameter, on the
+    JSON page and on the NDJSON export alike."""
     await _job_with_events(client, "badq", 2)
-    response = await client.get(f"/v1/jobs/badq/events?{query}")
+    response = await client.get(f"/v1/jobs/badq/events?{query}", headers={"Accept": accept})
     await assert_error(response, 400, "invalid_parameter")
 
 

@@ -3,26 +3,47 @@
 Bodies are parsed with orjson, never ``request.json()``: orjson refuses NaN/Infinity, invalid
 UTF-8 and nesting deeper than 1024 (where the stdlib parser raises RecursionError, a 500).
 Duplicate object keys: the last one wins, as in RFC 8259's common reading (docs/protocol.md).
+
+Integers must fit in a signed 64 bits (what SQLite and most clients hold). orjson keeps
+integer literals up to 2**64-1 as ints but turns longer ones into floats, silently, so the
+check reads the raw bytes: only a body with a run of 19 digits (a C-speed search; every
+integer outside the range has at least 19) is looked at further.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from ..errors import BodyTimeout, BodyTooLarge, InvalidJson, InvalidParameter, UnsupportedMediaType
+from ..errors import (
+    BodyTimeout,
+    BodyTooLarge,
+    InvalidJson,
+    InvalidParameter,
+    UnsupportedMediaType,
+    ValidationFailed,
+)
 from ..keys import CONFIG
 
-_DIGITS = re.compile(r"^[0-9]{1,18}$")
+# fullmatch, never match with ``$``: ``$`` also matches before a trailing newline ("0\n").
+_DIGITS = re.compile(r"[0-9]{1,18}")
 JSON_TYPE = "application/json"
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+_LONG_DIGIT_RUN = re.compile(rb"[0-9]{19}")
+# In a document orjson has accepted: every string (escapes included), to blank them out.
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+# An integer literal of 19+ digits: not a fraction's or an exponent's digits, no '.'/exponent.
+_LONG_INTEGER = re.compile(rb"(?<![0-9.eE+-])-?[0-9]{19,}(?![0-9.eE])")
 
 
 def json_response(body: bytes, status: int = 200) -> web.Response:
-    return web.Response(body=body, status=status, content_type=JSON_TYPE)
+    """``body`` (one JSON document) with a trailing newline, so that curl prints whole lines."""
+    return web.Response(body=body + b"\n", status=status, content_type=JSON_TYPE)
 
 
 async def read_json(request: web.Request, *, allow_empty: bool = False) -> Any:
@@ -48,10 +69,54 @@ async def read_json(request: web.Request, *, allow_empty: bool = False) -> Any:
         raise BodyTimeout(message) from None
     if not raw and allow_empty:
         return {}
+    return parse_json(raw)
+
+
+def parse_json(raw: bytes) -> Any:
+    """``raw`` as JSON, every integer in it exact: an integer outside the signed 64-bit
+    range anywhere is refused (422, with its ``loc``) rather than kept as a float."""
     try:
-        return orjson.loads(raw)
+        value = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise InvalidJson(f"the body is not valid JSON: {exc}") from None
+    if _LONG_DIGIT_RUN.search(raw) is not None:
+        _refuse_long_integers(raw, value)
+    return value
+
+
+def _refuse_long_integers(raw: bytes, value: Any) -> None:
+    """The slow path, for the rare body with a 19-digit run (in a string or a number)."""
+    literals = [int(m) for m in _LONG_INTEGER.findall(_JSON_STRING.sub(b'""', raw))]
+    outside = [n for n in literals if not INT64_MIN <= n <= INT64_MAX]
+    if not outside:
+        return
+    # orjson kept those in (INT64_MAX, 2**64-1] as ints and made the others floats.
+    as_parsed = {n if INT64_MAX < n < 2**64 else float(n) for n in outside}
+    locs = list(_locs_of(value, as_parsed, ()))
+    details = [
+        {
+            "loc": list(loc),
+            "msg": f"integers must be within [{INT64_MIN}, {INT64_MAX}] (signed 64 bits)",
+            "type": "int_out_of_range",
+        }
+        # With duplicate keys the offending literal may not be in the parsed document at all.
+        for loc in locs or [()]
+    ]
+    raise ValidationFailed("the body holds an integer outside the signed 64-bit range", details)
+
+
+def _locs_of(
+    value: Any, wanted: set[int | float], loc: tuple[str | int, ...]
+) -> Iterator[tuple[str | int, ...]]:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _locs_of(item, wanted, (*loc, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _locs_of(item, wanted, (*loc, index))
+    elif isinstance(value, int | float) and not isinstance(value, bool) and value in wanted:
+        if isinstance(value, float) or not INT64_MIN <= value <= INT64_MAX:
+            yield loc
 
 
 def _too_large(limit: int) -> BodyTooLarge:
@@ -68,7 +133,7 @@ def query_int(
 
 
 def parse_int(name: str, raw: str, *, minimum: int = 0, maximum: int | None = None) -> int:
-    if not _DIGITS.match(raw):
+    if not _DIGITS.fullmatch(raw):
         raise InvalidParameter(f"{name} must be an integer >= {minimum}, not {raw[:40]!r}")
     value = int(raw)
     if value < minimum:
