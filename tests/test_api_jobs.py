@@ -1210,3 +1210,32 @@ async def test_stream_responses_carry_the_request_id(client: TestClient[Any, Any
     response = await client.get("/v1/jobs/rid/events", headers=headers)
     assert response.headers["X-Request-ID"] == "trace-123"
     await response.read()
+
+
+async def test_every_json_body_ends_with_a_newline(client: Client) -> None:
+    """Each JSON answer, success or error, is one document and one line feed, so that curl
+    prints it as a whole line (schemathesis checks the same on every generated request)."""
+    await create_job(client, job_id="nl")
+    answers = [
+        await client.post("/v1/jobs", json={"job_id": "nl2"}),
+        await client.post("/v1/jobs/nl/events", json={"type": "log", "message": "m"}),
+        await client.get("/v1/jobs"),
+        await client.get("/v1/jobs/nl"),
+        await client.get("/v1/jobs/nl/events"),
+        await client.get("/v1/openapi.json"),
+        await client.get("/healthz"),
+        await client.get("/readyz"),
+        await client.get("/v1/jobs/nope"),
+        await client.get("/v1/jobs?limit=0"),
+        await client.get("/nowhere"),
+        await client.delete("/v1/jobs/nl"),
+        await client.post("/v1/jobs", json={"job_id": "nl"}),
+        await client.post("/v1/jobs/nl/events", json={"type": "log"}),
+        await client.get("/v1/jobs/nl/stream"),
+    ]
+    for response in answers:
+        raw = await response.read()
+        assert response.content_type == "application/json", response
+        assert raw.endswith(b"\n"), (response.url, raw[-80:])
+        assert raw.count(b"\n") == 1, (response.url, raw[-80:])
+        json.loads(raw)

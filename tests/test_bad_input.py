@@ -22,7 +22,6 @@ from hypothesis import strategies as st
 
 from server.errors import ValidationFailed
 from server.handlers.request import parse_json
-
 from tests.conftest import ClientFactory, ConfigFactory, append, create_job
 from tests.test_api_jobs import assert_error, list_jobs, log_end, read_log
 
@@ -670,7 +669,9 @@ _SCALARS = st.one_of(
 )
 _DOCUMENTS = st.recursive(
     _SCALARS,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=3), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=3), inner, max_size=4)
+    ),
     max_leaves=30,
 )
 

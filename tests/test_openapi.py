@@ -5,6 +5,9 @@ with its own event loop, since schemathesis's client is synchronous), with a bou
 of examples per operation and a fixed seed. Every response must be documented: no 5xx, a
 documented status code, content type and body schema. The stream endpoint is excluded:
 WebSocket and SSE are outside OpenAPI's request/response model.
+
+The checks are schemathesis's ``--checks all`` but one (``EXCLUDED_CHECKS`` says why), plus
+one of ours (JSON bodies end with a newline).
 """
 
 from __future__ import annotations
@@ -45,6 +48,15 @@ ALL_CHECKS = [
     for check in CHECKS.get_all()
     if not isinstance(check, type) and check not in EXCLUDED_CHECKS
 ]
+
+
+def json_body_ends_with_newline(ctx: Any, response: Any, case: Any) -> bool | None:
+    """Ours, run with them: every JSON body ends with one newline (curl prints whole lines)."""
+    content_type = (response.headers.get("content-type") or [""])[0]
+    if content_type.startswith("application/json") and case.method.upper() != "HEAD":
+        assert response.content.endswith(b"\n"), response.content[-80:]
+        assert not response.content.endswith(b"\n\n"), response.content[-80:]
+    return None
 
 
 def test_document_is_valid_openapi_31(config: Config) -> None:
@@ -188,7 +200,9 @@ def test_server_conforms_to_its_document(
     def run(case: Any) -> None:
         nonlocal sent
         sent += 1
-        case.call_and_validate(base_url=base_url, checks=ALL_CHECKS, timeout=10)
+        case.call_and_validate(
+            base_url=base_url, checks=[*ALL_CHECKS, json_body_ends_with_newline], timeout=10
+        )
 
     run()
     assert sent > 0

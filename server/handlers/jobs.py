@@ -27,6 +27,7 @@ from ..models import (
     stored_size_estimate,
 )
 from .request import json_response, parse_int, query_int, read_json
+from .subscription import check_offset
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _last_ulid = 0
@@ -112,14 +113,9 @@ async def read_events(request: web.Request) -> web.StreamResponse:
     job_id = _job_id(request)
     config = request.app[CONFIG]
     store = request.app[STORE]
+    # Every parameter is read here, before the representation is chosen: the page and the
+    # export refuse the same bad values (the export then ignores limit).
     after = query_int(request, "after", 0)
-    head = await store.job_head(job_id)
-    if head is None:
-        raise JobNotFound(job_id)
-    if after > head.last_seq:
-        raise InvalidParameter(f"after={after} is past the end of the log ({head.last_seq})")
-    if "application/x-ndjson" in request.headers.get("Accept", ""):
-        return await _export_ndjson(request, job_id, after)
     limit = query_int(
         request,
         "limit",
@@ -127,6 +123,12 @@ async def read_events(request: web.Request) -> web.StreamResponse:
         minimum=1,
         maximum=config.limits.page_size_max,
     )
+    head = await store.job_head(job_id)
+    if head is None:
+        raise JobNotFound(job_id)
+    check_offset(job_id, head, after, request.query.get("epoch") or None)
+    if "application/x-ndjson" in request.headers.get("Accept", ""):
+        return await _export_ndjson(request, job_id, after)
     frames = await store.read_after(job_id, after, limit)
     last_seq = max(head.last_seq, frames[-1].seq if frames else 0)
     next_after = frames[-1].seq if frames and frames[-1].seq < last_seq else None

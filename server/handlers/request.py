@@ -114,9 +114,14 @@ def _locs_of(
     elif isinstance(value, list):
         for index, item in enumerate(value):
             yield from _locs_of(item, wanted, (*loc, index))
-    elif isinstance(value, int | float) and not isinstance(value, bool) and value in wanted:
-        if isinstance(value, float) or not INT64_MIN <= value <= INT64_MAX:
-            yield loc
+    elif (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and value in wanted
+        # An in-range int may equal an offender's float (-2**63 == float(-2**63 - 1)).
+        and (isinstance(value, float) or not INT64_MIN <= value <= INT64_MAX)
+    ):
+        yield loc
 
 
 def _too_large(limit: int) -> BodyTooLarge:
