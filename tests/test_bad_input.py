@@ -715,3 +715,16 @@ def test_every_integer_is_exact_or_refused(document: Any) -> None:
     assert {detail["type"] for detail in refused.value.details} == {"int_out_of_range"}
     # A float that happens to equal an offender's rounded value may be named too.
     assert outside <= reported
+
+
+@pytest.mark.parametrize(
+    "extra", [{"kind": "k" * 200}, {"job_id": "bad id"}, {"kind": ""}], ids=["kind", "id", "empty"]
+)
+async def test_oversize_created_event_is_413_whatever_its_field_errors(
+    client: Client, extra: dict[str, Any]
+) -> None:
+    """Job creation keeps the same order: a created event over limits.max_event_bytes is 413
+    even with a field error beside it; no job is made."""
+    body = {"job_id": "hugejob", "metadata": {"blob": "x" * 70_000}, **extra}
+    await assert_error(await client.post("/v1/jobs", json=body), 413, "event_too_large")
+    await assert_error(await client.get("/v1/jobs/hugejob"), 404, "job_not_found")

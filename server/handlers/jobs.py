@@ -55,6 +55,11 @@ async def create_job(request: web.Request) -> web.Response:
     try:
         spec = CreateJobIn.model_validate(body)
     except ValidationError as exc:
+        job_id = body.get("job_id")
+        created = {"type": "created", "kind": body.get("kind"), "metadata": body.get("metadata")}
+        # A server-made id is a 26-character ULID.
+        job_id = job_id if isinstance(job_id, str) else "0" * 26
+        _refuse_oversize(job_id, created, request.app[CONFIG].limits.max_event_bytes)
         raise ValidationFailed("the job is not valid", field_errors(exc)) from None
     job_id = spec.job_id or new_job_id()
     bind_request(job_id=job_id)
