@@ -728,3 +728,15 @@ async def test_oversize_created_event_is_413_whatever_its_field_errors(
     body = {"job_id": "hugejob", "metadata": {"blob": "x" * 70_000}, **extra}
     await assert_error(await client.post("/v1/jobs", json=body), 413, "event_too_large")
     await assert_error(await client.get("/v1/jobs/hugejob"), 404, "job_not_found")
+
+
+async def test_integer_outside_int64_deep_in_a_body_is_422_not_500(
+    client: Client, job: str
+) -> None:
+    """The check walks a body as deep as the parser takes (1024), past Python's recursion
+    limit, without a RecursionError: the loc is named."""
+    depth = 1000
+    raw = b'{"type":"log","message":"m","data":{"x":' + b"[" * depth
+    raw += b"18446744073709551616" + b"]" * depth + b"}}"
+    locs = await locs_of(await post_raw(client, EVENTS, raw))
+    assert locs == [["data", "x", *[0] * depth]]
