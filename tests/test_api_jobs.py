@@ -1239,3 +1239,17 @@ async def test_every_json_body_ends_with_a_newline(client: Client) -> None:
         assert raw.endswith(b"\n"), (response.url, raw[-80:])
         assert raw.count(b"\n") == 1, (response.url, raw[-80:])
         json.loads(raw)
+
+
+async def test_empty_query_values_count_as_absent(client: Client) -> None:
+    """``?status=&kind=&limit=&cursor=`` and ``?after=&limit=&epoch=`` answer as if the
+    parameters were absent (the OpenAPI document says so with ``allowEmptyValue``)."""
+    await _job_with_events(client, "empties", 2)
+    plain = await (await client.get("/v1/jobs")).json()
+    empty = await client.get("/v1/jobs?status=&kind=&limit=&cursor=")
+    assert empty.status == 200
+    assert await empty.json() == plain
+    plain = await (await client.get("/v1/jobs/empties/events")).json()
+    empty = await client.get("/v1/jobs/empties/events?after=&limit=&epoch=")
+    assert empty.status == 200
+    assert await empty.json() == plain

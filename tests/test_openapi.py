@@ -206,3 +206,19 @@ def test_server_conforms_to_its_document(
 
     run()
     assert sent > 0
+
+
+def test_every_query_parameter_allows_an_empty_value(config: Config) -> None:
+    """Each query parameter is optional and says that an empty value counts as absent, which
+    the server does (tests/test_api_jobs.py); schemathesis then holds the server to it."""
+    document = build_openapi(config)
+    seen = 0
+    for item in document["paths"].values():
+        operations = [op for method, op in item.items() if method != "parameters"]
+        for operation in operations:
+            for parameter in [*item.get("parameters", []), *operation.get("parameters", [])]:
+                if parameter["in"] == "query":
+                    seen += 1
+                    assert parameter["required"] is False, parameter
+                    assert parameter["allowEmptyValue"] is True, parameter
+    assert seen == 9
