@@ -1,4 +1,4 @@
-"""The ``jobfeed`` command: ``serve`` and ``migrate``.
+"""The ``jobfeed`` command: ``serve`` and ``migrate`` (``--help`` shows ``DESCRIPTION``).
 
 Start-up problems (bad config, unwritable or corrupt database, a schema from a newer jobfeed,
 port in use) end the process with one clear line on stderr and exit status 2 (config) or 1.
@@ -30,10 +30,15 @@ from .migrate import MigrationError, apply_migrations
 from .store import StorageCorrupt
 
 log = structlog.get_logger("jobfeed")
+# Plain text for --help (the module docstring is reStructuredText, for readers of the code).
+DESCRIPTION = (
+    "A durable job-progress log: producers append events over HTTP; subscribers follow a "
+    "job over WebSocket or Server-Sent Events, from any offset."
+)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="jobfeed", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="jobfeed", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"jobfeed {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, text in (("serve", "run the server"), ("migrate", "apply schema migrations")):
