@@ -21,7 +21,7 @@ from collections.abc import Callable
 import structlog
 from aiohttp import web
 
-from .errors import Overloaded
+from .errors import Overloaded, ShuttingDown
 from .limits import JobStreamSlots, JsonErrorRequestHandler
 
 log = structlog.get_logger("jobfeed.stream")
@@ -87,7 +87,10 @@ class StreamRegistry:
         return len(self._open)
 
     def admit(self, request: web.BaseRequest, job_id: str) -> OpenStream:
-        """Count a new stream on ``job_id`` or raise ``Overloaded``; no await in between."""
+        """Count a new stream on ``job_id`` or raise ``Overloaded`` (``ShuttingDown`` once
+        shutdown has begun: it would miss the end of the others); no await in between."""
+        if self._all_ended is not None:
+            raise ShuttingDown()
         if len(self._open) >= self.max_streams:
             raise Overloaded(
                 f"the server has {self.max_streams} open streams "

@@ -244,9 +244,10 @@ STUCK_APPENDS = 40  # 2.4 MB: far more than a stuck socket's buffers hold
 async def test_sigterm_with_stuck_subscribers_exits_0_in_time_and_keeps_acks(
     jobfeed_process: Launcher,
 ) -> None:
-    """SIGTERM with stuck WebSocket and SSE subscribers (their buffers full, never read) and
-    a live reader: the process exits 0 within server.shutdown_timeout (plus a margin), the
-    database is closed (store_closed), and every acknowledged append is in it afterwards."""
+    """SIGTERM with stuck WebSocket and SSE subscribers (their buffers full, never read; one
+    of them mid-replay) and a live reader: the process exits 0 within
+    server.shutdown_timeout (plus a margin), the database is closed (store_closed), and
+    every acknowledged append is in it afterwards."""
     server = await jobfeed_process.start(
         server__shutdown_timeout=SHUTDOWN_TIMEOUT,
         stream__send_timeout=600,  # no send timeout rescues the shutdown
@@ -269,6 +270,8 @@ async def test_sigterm_with_stuck_subscribers_exits_0_in_time_and_keeps_acks(
                 assert response.status == 201, await response.text()
                 appended = (await response.json())["events"][0]
                 acked[appended["seq"]] = appended["id"]
+        # One more that joins now: it is stuck in the middle of its replay at SIGTERM.
+        stuck.append(await StuckSubscriber.connect(server.host, server.port, path))
         server.kill(signal.SIGTERM)
         sigterm_at = time.monotonic()
         try:
@@ -284,7 +287,7 @@ async def test_sigterm_with_stuck_subscribers_exits_0_in_time_and_keeps_acks(
     assert returncode == 0, f"exit {returncode} after {exited_after:.1f} s\n{server.describe()}"
     assert server.log.wait_for("store_closed", timeout=5) is not None, server.describe()
     closed = [r for r in server.lines if r.get("event") == "stream_closed"]
-    assert sorted(r["transport"] for r in closed) == ["sse", "sse", "ws", "ws", "ws"], closed
+    assert sorted(r["transport"] for r in closed) == ["sse", "sse", "ws", "ws", "ws", "ws"], closed
     assert {r["outcome"] for r in closed} == {"shutdown"}, closed
 
     restarted = await jobfeed_process.start()

@@ -11,7 +11,15 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from ..errors import InvalidParameter, JobNotFound, LogReset, Overloaded, ServiceError, WSClose
+from ..errors import (
+    InvalidParameter,
+    JobNotFound,
+    LogReset,
+    Overloaded,
+    ServiceError,
+    ShuttingDown,
+    WSClose,
+)
 from ..frames import control_frame
 from ..keys import STORE, STREAMS
 from ..store import JobHead
@@ -20,6 +28,7 @@ from .request import parse_int
 
 _CLOSE_CODES: dict[type[ServiceError], int] = {
     Overloaded: WSClose.OVERLOADED,
+    ShuttingDown: WSClose.GOING_AWAY,
     JobNotFound: WSClose.JOB_NOT_FOUND,
     LogReset: WSClose.LOG_RESET,
 }

@@ -81,6 +81,8 @@ async def serve_websocket(request: web.Request, job_id: str) -> web.WebSocketRes
     except ServiceError as exc:
         end.outcome, end.close_code = "refused", close_code_for(exc)
         await _refuse(request, ws, end.close_code, exc.code, exc.message)
+    except ConnectionError:
+        end.outcome, end.close_code = "client_gone", ws.close_code or _ABNORMAL
     except Exception:
         log.exception("stream_failed", job_id=job_id, last_seq=cursor.after)
         end.outcome, end.close_code = "error", WSClose.INTERNAL
