@@ -76,6 +76,8 @@ async def serve_websocket(request: web.Request, job_id: str) -> web.WebSocketRes
                 if end.outcome is None:
                     sender.cancel()
                 await asyncio.wait([sender])
+                if not sender.cancelled() and (failure := sender.exception()) is not None:
+                    raise failure  # a bug in the sender's own ending: logged, 1011 below
             if end.outcome is None:
                 _ended_by_peer(end, ws, subscription.stream)
     except ServiceError as exc:
