@@ -72,6 +72,18 @@ class RawConnection:
 
     async def get(self, path: str) -> RawResponse:
         self.writer.write(f"GET {path} HTTP/1.1\r\nHost: jobfeed\r\n\r\n".encode())
+        return await self._response()
+
+    async def post(self, path: str, body: dict[str, Any]) -> RawResponse:
+        data = json.dumps(body).encode()
+        self.writer.write(
+            f"POST {path} HTTP/1.1\r\nHost: jobfeed\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n".encode()
+            + data
+        )
+        return await self._response()
+
+    async def _response(self) -> RawResponse:
         async with asyncio.timeout(WAIT):
             head = await self.reader.readuntil(b"\r\n\r\n")
             lines = head.decode("latin-1").split("\r\n")
@@ -500,6 +512,36 @@ async def test_a_silent_peer_is_dropped_by_protocol_pings(jobfeed_process: Launc
         async with session.get("/healthz") as response:
             assert response.status == 200
     await asyncio.to_thread(peer.drain)
+
+
+@pytest.mark.process
+async def test_a_stuck_peer_dropped_by_pings_does_not_linger(jobfeed_process: Launcher) -> None:
+    """A WebSocket peer that neither reads (its buffers full) nor answers pings is dropped
+    after stream.ping_seconds, and its connection is gone with it: it does not linger,
+    holding its backlog and a connection slot, until the peer reads (it never will)."""
+    server = await jobfeed_process.start(
+        server__max_connections=2,
+        stream__ping_seconds=0.5,
+        stream__send_timeout=600,  # only the missing pongs end it
+        stream__send_buffer_bytes=4096,
+        log__access="false",
+    )
+    producer = await admitted_connection(server)
+    assert (await producer.post("/v1/jobs", {"job_id": "backlog"})).status == 201
+    peer = await StuckSubscriber.connect(server.host, server.port, stream_path("backlog"))
+    for _ in range(20):
+        event = {"type": "log", "message": "x" * 60_000}
+        assert (await producer.post("/v1/jobs/backlog/events", event)).status == 201
+    closed = await asyncio.to_thread(
+        wait_for_records, server, 1, WAIT, event="stream_closed", job_id="backlog"
+    )
+    assert closed == 1, server.describe()
+    # Both slots are taken (the peer, the producer): a new connection is admitted only once
+    # the peer's connection is really gone.
+    again = await admitted_connection(server)
+    await again.close()
+    await producer.close()
+    await asyncio.to_thread(peer.read_rest)
 
 
 @pytest.mark.process

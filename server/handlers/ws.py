@@ -58,6 +58,7 @@ async def serve_websocket(request: web.Request, job_id: str) -> web.WebSocketRes
     # From here on the connection speaks WebSocket: every ending is a close frame, never
     # an HTTP response (the error middleware must not see an exception from this handler).
     bound_send_buffer(request, config.send_buffer_bytes)
+    transport = request.transport
     started = time.monotonic()
     cursor = Cursor(job_id, 0)
     end = StreamEnd()
@@ -90,6 +91,11 @@ async def serve_websocket(request: web.Request, job_id: str) -> web.WebSocketRes
         end.outcome, end.close_code = "error", WSClose.INTERNAL
         await _close(request, ws, WSClose.INTERNAL, b"internal error", _STUCK_CLOSE_SECONDS)
     finally:
+        # However it ended (a ping timeout, a peer's close, a bug), the stream is over: what
+        # is still queued would only keep a closing connection, its buffers and its slot
+        # alive until a peer that is not reading reads.
+        if transport is not None and transport.get_write_buffer_size():
+            transport.abort()
         log.info(
             "stream_closed",
             transport="ws",
