@@ -36,6 +36,10 @@ DESCRIPTION = (
     "job over WebSocket or Server-Sent Events, from any offset."
 )
 
+# An idle kept-alive connection is closed after this long (aiohttp's run_app default; its
+# low-level default, an hour, would let idle clients hold connection slots).
+KEEPALIVE_SECONDS = 75.0
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jobfeed", description=DESCRIPTION)
@@ -106,7 +110,11 @@ async def _serve(config: Config) -> None:
         header_timeout=config.server.header_timeout,
         access_log=None,  # our middleware writes one structured line per request
         handle_signals=False,
-        shutdown_timeout=config.server.shutdown_timeout,
+        # aiohttp waits this long for the requests in flight, then cancels them and waits
+        # as long again at most: half each keeps the whole shutdown within the setting.
+        # The streams get the same half, concurrently (server.app._streams_ctx).
+        shutdown_timeout=config.server.shutdown_timeout / 2,
+        keepalive_timeout=KEEPALIVE_SECONDS,
     )
     await runner.setup()
     try:
