@@ -1,4 +1,4 @@
-"""The ``jobfeed`` command: ``serve`` and ``migrate``.
+"""The ``jobfeed`` command: ``serve`` and ``migrate`` (``--help`` shows ``DESCRIPTION``).
 
 Start-up problems (bad config, unwritable or corrupt database, a schema from a newer jobfeed,
 port in use) end the process with one clear line on stderr and exit status 2 (config) or 1.
@@ -31,10 +31,19 @@ from .migrate import MigrationError, apply_migrations
 from .store import StorageCorrupt, check_integrity
 
 log = structlog.get_logger("jobfeed")
+# Plain text for --help (the module docstring is reStructuredText, for readers of the code).
+DESCRIPTION = (
+    "A durable job-progress log: producers append events over HTTP; subscribers follow a "
+    "job over WebSocket or Server-Sent Events, from any offset."
+)
+
+# An idle kept-alive connection is closed after this long (aiohttp's run_app default; its
+# low-level default, an hour, would let idle clients hold connection slots).
+KEEPALIVE_SECONDS = 75.0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="jobfeed", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="jobfeed", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"jobfeed {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, text in (("serve", "run the server"), ("migrate", "apply schema migrations")):
@@ -117,7 +126,11 @@ async def _serve(config: Config) -> None:
         header_timeout=config.server.header_timeout,
         access_log=None,  # our middleware writes one structured line per request
         handle_signals=False,
-        shutdown_timeout=config.server.shutdown_timeout,
+        # aiohttp waits this long for the requests in flight, then cancels them and waits
+        # as long again at most: half each keeps the whole shutdown within the setting.
+        # The streams get the same half, concurrently (server.app._streams_ctx).
+        shutdown_timeout=config.server.shutdown_timeout / 2,
+        keepalive_timeout=KEEPALIVE_SECONDS,
     )
     await runner.setup()
     try:

@@ -28,7 +28,9 @@ class ServiceError(Exception):
 
 
 def error_body(code: str, message: str, details: list[dict[str, Any]] | None = None) -> bytes:
-    return orjson.dumps({"error": {"code": code, "message": message, "details": details or []}})
+    """The HTTP error body, ending with a newline like every JSON body the server sends."""
+    body = {"error": {"code": code, "message": message, "details": details or []}}
+    return orjson.dumps(body, option=orjson.OPT_APPEND_NEWLINE)
 
 
 class InvalidJson(ServiceError):
