@@ -24,10 +24,11 @@ from aiohttp import web
 from . import __version__
 from .app import create_app
 from .config import Config, ConfigError, ensure_storage_dir, load_config
+from .dblock import DatabaseInUse, DatabaseLock
 from .limits import ConnectionCappedRunner
 from .logs import configure_logging
 from .migrate import MigrationError, apply_migrations
-from .store import StorageCorrupt
+from .store import StorageCorrupt, check_integrity
 
 log = structlog.get_logger("jobfeed")
 # Plain text for --help (the module docstring is reStructuredText, for readers of the code).
@@ -59,14 +60,29 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(config.log)
     try:
         if args.command == "migrate":
-            applied = apply_migrations(config.storage.path)
-            log.info("migrated", path=str(config.storage.path), applied=applied)
+            _migrate(config)
             return 0
         _run(_serve(config), _loop_factory(config))
-    except (MigrationError, StorageCorrupt, sqlite3.DatabaseError, OSError) as exc:
+    except (DatabaseInUse, MigrationError, StorageCorrupt, sqlite3.DatabaseError, OSError) as exc:
         sys.stderr.write(f"jobfeed: cannot start: {exc}\n")
         return 1
     return 0
+
+
+def _migrate(config: Config) -> None:
+    """What ``serve`` does before it serves: refuse a file in use or damaged, then migrate.
+
+    Never under a running server: its writer and readers hold the schema it started with.
+    """
+    lock = DatabaseLock(config.storage.path)
+    lock.acquire()
+    try:
+        if config.storage.integrity_check:
+            check_integrity(config.storage.path)
+        applied = apply_migrations(config.storage.path)
+    finally:
+        lock.release()
+    log.info("migrated", path=str(config.storage.path), applied=applied)
 
 
 def _loop_factory(config: Config) -> Callable[[], asyncio.AbstractEventLoop] | None:

@@ -144,6 +144,25 @@ class StorageUnavailable(ServiceError):
         self.headers = {"Retry-After": str(retry_after)}
 
 
+class CommitOutcomeUnknown(StorageUnavailable):
+    """The COMMIT itself failed (e.g. the WAL's fsync): the events may or may not be in the
+    log. Same code as any storage fault; ``details`` says that the outcome is unknown."""
+
+    def __init__(self, error: str, retry_after: int = 1) -> None:
+        super().__init__(
+            f"the commit failed ({error}): these events may or may not be in the log; "
+            "retrying with the same idempotency keys is safe (an event already stored is "
+            "answered as a duplicate); without keys a retry may store them twice",
+            retry_after,
+        )
+        self.details = [
+            {
+                "type": "outcome_unknown",
+                "msg": "the commit's outcome is unknown; retry with the same keys",
+            }
+        ]
+
+
 class ShuttingDown(ServiceError):
     status = 503
     code = "shutting_down"
