@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import math
 import os
@@ -25,7 +26,6 @@ from .errors import (
     ServiceError,
     StorageUnavailable,
     Unauthorized,
-    WSClose,
     error_body,
 )
 from .handlers import health, jobs, stream, tickets
@@ -38,15 +38,15 @@ from .keys import (
     CONFIG_PATH,
     GUARDS,
     HUB,
-    JOB_STREAMS,
     ORIGINS,
     RATE_LIMITER,
     REQUEST_ID,
     STORE,
     STREAMS,
 )
-from .limits import JobStreamSlots, RateLimiter
+from .limits import RateLimiter
 from .store import Store
+from .streams import StreamRegistry
 
 log = structlog.get_logger("jobfeed.http")
 
@@ -214,20 +214,23 @@ def create_app(config: Config, config_path: Path | None = None) -> web.Applicati
     app = web.Application(client_max_size=limits.max_body_bytes, middlewares=middlewares)
     app[CONFIG] = config
     app[HUB] = Hub(config.stream.cache_events_per_job, config.stream.cache_bytes)
-    app[JOB_STREAMS] = JobStreamSlots(config.stream.max_subscribers_per_job)
     if limits.rate_per_client > 0:
         app[RATE_LIMITER] = RateLimiter(
             limits.rate_per_client, limits.rate_burst, limits.rate_max_clients
         )
-    app[STREAMS] = weakref.WeakSet[web.StreamResponse]()
+    app[STREAMS] = StreamRegistry(
+        config.stream.max_subscribers, config.stream.max_subscribers_per_job
+    )
+    app.cleanup_ctx.append(_store_ctx)
+    # After the store's: cleanup contexts exit in reverse, so the streams have ended (and
+    # stopped reading) before the store closes.
+    app.cleanup_ctx.append(_streams_ctx)
     app[AUTH] = Authenticator(config.auth)
     app[ORIGINS] = OriginPolicy(config.http)
     app[GUARDS] = weakref.WeakSet[StreamGuard]()
     if config_path is not None:
         app[CONFIG_PATH] = config_path
-    app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(recheck_revocations)
-    app.on_shutdown.append(_close_streams)
     app.on_response_prepare.append(_tag_response)
     add_routes(app)
     return app
@@ -239,7 +242,8 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/jobs/{job_id}", jobs.get_job)
     app.router.add_post("/v1/jobs/{job_id}/events", jobs.append_events)
     app.router.add_get("/v1/jobs/{job_id}/events", jobs.read_events)
-    app.router.add_get("/v1/jobs/{job_id}/stream", stream.stream)
+    # No HEAD: a stream has no headers-only form, and HEAD must never upgrade (405 instead).
+    app.router.add_get("/v1/jobs/{job_id}/stream", stream.stream, allow_head=False)
     app.router.add_post("/v1/tickets", tickets.create_ticket)
     app.router.add_get("/healthz", health.healthz)
     app.router.add_get("/readyz", health.readyz)
@@ -260,10 +264,20 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
         log.info("store_closed", path=store.path)
 
 
-async def _close_streams(app: web.Application) -> None:
-    """Shutdown: wake every cursor (they end with 1001 / end of stream), close sockets."""
-    app[HUB].close()
-    streams = app[STREAMS]
-    for response in list(streams):
-        if isinstance(response, web.WebSocketResponse) and not response.closed:
-            await response.close(code=WSClose.GOING_AWAY, message=b"server shutting down")
+async def _streams_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Shutdown ends every stream at once (``server.streams``), concurrently with aiohttp's
+    wait for the other requests in flight; the process's __main__ gives aiohttp half of
+    ``server.shutdown_timeout``, and the streams get the same."""
+    ending: asyncio.Task[None] | None = None
+
+    async def end_streams(app: web.Application) -> None:
+        nonlocal ending
+        # Wakes every parked cursor: each stream closes itself (1001 / end of SSE).
+        app[HUB].close()
+        grace = app[CONFIG].server.shutdown_timeout / 2
+        ending = asyncio.create_task(app[STREAMS].end_all(grace), name="end-streams")
+
+    app.on_shutdown.append(end_streams)
+    yield
+    if ending is not None:
+        await ending

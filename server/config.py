@@ -56,6 +56,9 @@ class StorageConfig(_Section):
     max_batch_events: int = Field(2_000, ge=1)
     max_pending_appends: int = Field(10_000, ge=1)
     checkpoint_seconds: float = Field(1.0, gt=0)
+    # The -wal file is kept under this: the writer restarts the WAL once it passes half of it
+    # (server/wal.py). At least 64 KiB: a WAL holds a few pages at any time.
+    wal_max_bytes: int = Field(64 * 1024 * 1024, ge=65_536)
     job_cache_size: int = Field(10_000, ge=1)
     busy_timeout_ms: int = Field(5_000, ge=0)
     probe_seconds: float = Field(1.0, gt=0)

@@ -3,7 +3,8 @@
 One aiosqlite connection writes (``server.writer``); a small pool reads, so replays and audit
 pages never wait behind a commit (WAL readers see the last committed state). WAL checkpoints
 run from a separate connection on a timer instead of inside the writer's commits, which keeps
-the append path's p99 flat (see ``../shared/notes/measured-here.md``).
+the append path's p99 flat, and the writer restarts the WAL between groups before it passes
+``storage.wal_max_bytes`` (``server.wal``).
 
 At open, before migrations, ``PRAGMA quick_check`` refuses a damaged file
 (``storage.integrity_check``).
@@ -24,10 +25,12 @@ import structlog
 
 from . import migrate
 from .config import Config
+from .dblock import DatabaseLock
 from .frames import Frame
 from .grants import JobGrants
 from .hub import Hub
 from .tenancy import JobKey
+from .wal import WalBound
 from .writer import Writer
 
 log = structlog.get_logger("jobfeed.store")
@@ -125,6 +128,8 @@ class Store:
         self._reader_turn = itertools.count()
         self._checkpoint_task: asyncio.Task[None] | None = None
         self._writer: Writer | None = None
+        self._lock = DatabaseLock(config.storage.path)
+        self.wal = WalBound(config.storage.path, config.storage.wal_max_bytes)
         self.schema_version = 0
 
     @property
@@ -138,6 +143,15 @@ class Store:
         return self._writer
 
     async def open(self) -> None:
+        # First of all: nothing (not even the integrity check) touches a file in use.
+        self._lock.acquire()
+        try:
+            await self._open()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _open(self) -> None:
         storage = self._config.storage
         if storage.integrity_check:
             await asyncio.to_thread(check_integrity, storage.path)
@@ -158,6 +172,8 @@ class Store:
             max_event_bytes=self._config.limits.max_event_bytes,
             job_cache_size=storage.job_cache_size,
             probe_seconds=storage.probe_seconds,
+            wal=self.wal,
+            busy_timeout_ms=storage.busy_timeout_ms,
         )
         await self._writer.start()
         self._checkpoint_task = asyncio.create_task(self._checkpoint_loop(), name="checkpoint")
@@ -180,6 +196,7 @@ class Store:
                 await conn.close()
         self._readers.clear()
         self._writer_conn = self._checkpoint_conn = None
+        self._lock.release()
 
     async def _connect(self, read_only: bool = False) -> aiosqlite.Connection:
         storage = self._config.storage
@@ -211,13 +228,20 @@ class Store:
         last_commits = -1
         failing = False
         while True:
-            await asyncio.sleep(self._config.storage.checkpoint_seconds)
+            # On the timer, or at once when the writer is about to restart the WAL: the
+            # copying is done here, off the append path, and the restart finds little left.
+            wanted = self.wal.passive_wanted
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wanted.wait(), self._config.storage.checkpoint_seconds)
             commits = self.writer.commits
-            if commits == last_commits and not failing:
+            if commits == last_commits and not failing and not wanted.is_set():
                 continue
+            wanted.clear()
             last_commits = commits
             try:
-                await self._checkpoint_conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                async with self.wal.checkpoint_lock:
+                    await self._checkpoint_conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                    self.wal.passive_runs += 1
             except sqlite3.Error as exc:
                 # Logged once per fault, not once a second: the WAL keeps every commit
                 # meanwhile, and the next checkpoint that succeeds copies them all.

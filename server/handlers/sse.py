@@ -17,7 +17,7 @@ from aiohttp import web
 from ..auth import PRINCIPAL
 from ..follow import Cursor, StreamClosing, follow
 from ..frames import control_frame
-from ..keys import CONFIG, HUB, STORE, STREAMS
+from ..keys import CONFIG, HUB, STORE
 from ..limits import bound_send_buffer
 from .guard import StreamGuard, guard_stream
 from .subscription import Subscription, subscribe
@@ -37,7 +37,8 @@ async def _stream(
     request: web.Request, subscription: Subscription, guard: StreamGuard | None
 ) -> web.StreamResponse:
     config = request.app[CONFIG].stream
-    key, after = subscription.key, subscription.after
+    key, after, stream = subscription.key, subscription.after, subscription.stream
+    job_id = key.job_id
     response = web.StreamResponse(
         headers={
             "Content-Type": "text/event-stream",
@@ -46,54 +47,75 @@ async def _stream(
         }
     )
     await response.prepare(request)
+    # From here on the response is under way: every ending is the end of its body (or a
+    # dropped connection), never an error response (which would land inside the body).
     bound_send_buffer(request, config.send_buffer_bytes)
-    request.app[STREAMS].add(response)
     cursor = Cursor(key, after)
     started = time.monotonic()
     outcome = "client_gone"
+    # An idle stream writes nothing until its next heartbeat: without this, a client that
+    # went away would keep its stream slot until then.
+    unhook = stream.cancel_when_lost(request)
     # Within the credential's lifetime (with authentication on); then `event: error`.
     lifetime = guard.watch() if guard is not None else contextlib.nullcontext()
     try:
-        async with lifetime:
-            async with asyncio.timeout(config.send_timeout):
-                await response.write(b"event: hello\ndata: %s\n\n" % subscription.hello())
-            batches = follow(
-                request.app[STORE],
-                request.app[HUB],
-                cursor,
-                subscription.head,
-                page_events=config.page_events,
-                idle_seconds=config.heartbeat_seconds,
-            )
-            async for batch in batches:
-                payload = b": heartbeat\n\n" if batch is None else b"".join(f.sse for f in batch)
+        try:
+            async with lifetime:
                 async with asyncio.timeout(config.send_timeout):
-                    await response.write(payload)
-        outcome = "done"
-        await response.write_eof()
-    except StreamClosing:
-        outcome = "shutdown"
-        await _end_quietly(response)
-    except TimeoutError:
-        if guard is not None and guard.fired():
-            # The credential expired or was revoked: say which, then end the response.
-            error = guard.end_error()
-            outcome = error.code
-            frame = control_frame({"code": error.code, "message": error.message})
-            with contextlib.suppress(ConnectionError, TimeoutError):
-                async with asyncio.timeout(config.send_timeout):
-                    await response.write(b"event: error\ndata: %s\n\n" % frame)
-            await _end_quietly(response)
-        else:
-            # The peer stopped reading; drop it rather than hold its buffer. It resumes by
-            # offset.
-            outcome = "send_timeout"
+                    await response.write(b"event: hello\ndata: %s\n\n" % subscription.hello())
+                batches = follow(
+                    request.app[STORE],
+                    request.app[HUB],
+                    cursor,
+                    subscription.head,
+                    page_events=config.page_events,
+                    idle_seconds=config.heartbeat_seconds,
+                )
+                async for batch in batches:
+                    payload = (
+                        b": heartbeat\n\n" if batch is None else b"".join(f.sse for f in batch)
+                    )
+                    async with asyncio.timeout(config.send_timeout):
+                        await response.write(payload)
+            outcome = "done"
+            await _end(request, response, config.send_timeout)
+        except StreamClosing:
+            outcome = "shutdown"
+            await _end(request, response, config.send_timeout)
+        except TimeoutError:
+            if guard is not None and guard.fired():
+                # The credential expired or was revoked: say which, then end the response.
+                error = guard.end_error()
+                outcome = error.code
+                frame = control_frame({"code": error.code, "message": error.message})
+                with contextlib.suppress(ConnectionError, TimeoutError):
+                    async with asyncio.timeout(config.send_timeout):
+                        await response.write(b"event: error\ndata: %s\n\n" % frame)
+                await _end(request, response, config.send_timeout)
+            else:
+                # The peer stopped reading; drop it rather than hold its buffer. It resumes
+                # by offset.
+                outcome = "send_timeout"
+                if request.transport is not None:
+                    request.transport.abort()
+        except ConnectionError:
+            outcome = "shutdown" if stream.dropped else "client_gone"
+        except Exception:
+            log.exception("stream_failed", job_id=job_id, last_seq=cursor.after)
+            outcome = "error"
             if request.transport is not None:
-                request.transport.abort()
-    except (ConnectionResetError, ConnectionError):
-        outcome = "client_gone"
+                request.transport.abort()  # no terminating chunk: the client sees a cut
+    except asyncio.CancelledError:
+        if not stream.lost:
+            raise
+        # The connection closed under an idle stream (cancel_when_lost): an ending, not a
+        # cancellation of this task from outside.
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        outcome = "shutdown" if stream.dropped else "client_gone"
     finally:
-        request.app[STREAMS].discard(response)
+        unhook()
         log.info(
             "stream_closed",
             transport="sse",
@@ -106,6 +128,13 @@ async def _stream(
     return response
 
 
-async def _end_quietly(response: web.StreamResponse) -> None:
-    with contextlib.suppress(ConnectionError):
-        await response.write_eof()
+async def _end(request: web.Request, response: web.StreamResponse, within: float) -> None:
+    """End the body (its last chunk); drop the connection if the peer does not take it."""
+    try:
+        async with asyncio.timeout(within):
+            await response.write_eof()
+    except TimeoutError:
+        if request.transport is not None:
+            request.transport.abort()
+    except ConnectionError:
+        pass
