@@ -51,4 +51,7 @@ SUITE = (
     Workload("W6", streams.w6),
     Workload("W7", streams.w7, _raw(streams.w7)),
     Workload("W8", manyjobs.w8, _raw(manyjobs.w8)),
+    # Authentication on, against W1 and W7 of the same run (bench.targets).
+    Workload("W1auth", workloads.w1_auth),
+    Workload("W7auth", streams.w7_auth),
 )

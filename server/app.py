@@ -8,7 +8,6 @@ import math
 import os
 import re
 import time
-import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from .errors import (
     error_body,
 )
 from .handlers import health, jobs, stream, tickets
-from .handlers.guard import StreamGuard, recheck_revocations
+from .handlers.guard import GuardClock, recheck_revocations
 from .handlers.ws import refuse_websocket
 from .hub import Hub
 from .keys import (
@@ -227,7 +226,7 @@ def create_app(config: Config, config_path: Path | None = None) -> web.Applicati
     app.cleanup_ctx.append(_streams_ctx)
     app[AUTH] = Authenticator(config.auth)
     app[ORIGINS] = OriginPolicy(config.http)
-    app[GUARDS] = weakref.WeakSet[StreamGuard]()
+    app[GUARDS] = GuardClock()
     if config_path is not None:
         app[CONFIG_PATH] = config_path
     app.cleanup_ctx.append(recheck_revocations)

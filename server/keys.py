@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,7 +16,7 @@ from .store import Store
 from .streams import StreamRegistry
 
 if TYPE_CHECKING:
-    from .handlers.guard import StreamGuard
+    from .handlers.guard import GuardClock
 
 CONFIG = web.AppKey("config", Config)
 STORE = web.AppKey("store", Store)
@@ -34,5 +33,5 @@ ORIGINS = web.AppKey("origins", OriginPolicy)
 # The config file the server was started with (absent in tests that build a Config): the
 # revocation sweep re-reads auth.not_before from it.
 CONFIG_PATH = web.AppKey("config_path", Path)
-# Open streams' credentials, for the revocation sweep. Weak: a finished stream drops out.
-GUARDS: web.AppKey[weakref.WeakSet[StreamGuard]] = web.AppKey("guards")
+# Open streams' credentials by expiry: their timers, and the revocation sweep's list.
+GUARDS: web.AppKey[GuardClock] = web.AppKey("guards")

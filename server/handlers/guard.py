@@ -1,12 +1,19 @@
 """A stream's credential while the stream is open (auth.md, "Expiry during a stream" and
 "Revocation").
 
-A ``StreamGuard`` holds the principal a stream was opened with and one ``asyncio.Timeout``
-set to that credential's expiry; the stream's loop runs inside it. When it fires, the stream
-ends with ``ending``: ``token_expired`` (WebSocket 4401, SSE ``event: error``) by default, or
-``forbidden`` (4403) when the revocation sweep ended it early by rescheduling the timeout to
-now. A WebSocket's in-band ``{"type": "auth"}`` frame swaps the principal and moves the
-timeout to the new expiry. One timer per stream and no task: idle streams stay cheap.
+A ``StreamGuard`` holds the principal a stream was opened with; the stream's loop runs inside
+it (``async with guard``). When the credential expires, or the revocation sweep revokes it, the
+guard cancels that loop, which leaves the ``async with`` as ``TimeoutError`` with ``fired()``
+true; ``end_error()`` then says why: ``token_expired`` (WebSocket 4401, SSE ``event: error``)
+or ``forbidden`` (4403). A WebSocket's in-band ``{"type": "auth"}`` frame swaps the principal
+and moves its deadline.
+
+Memory, not CPU, is what idle streams cost (docs/performance.md, W7), so a guard is a slotted
+object and nothing else: no task, no timer of its own. Every open guard sits in one bucket of
+the app's ``GuardClock`` by its deadline rounded up to a whole second, and one loop timer per
+bucket expires them; streams opened with the same token share their bucket. The clock's
+buckets are also the list the revocation sweep walks. A stream thus ends within a second
+after its credential's expiry.
 
 The sweep (``recheck_revocations``) runs once per ``auth.recheck_seconds`` for the whole
 server: it re-reads ``not_before`` from the config file when the file changed, and ends every
@@ -16,8 +23,9 @@ open stream whose credential it now revokes.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import structlog
@@ -30,35 +38,98 @@ from ..keys import AUTH, CONFIG, CONFIG_PATH, GUARDS
 
 log = structlog.get_logger("jobfeed.auth")
 
+_NEVER = -1  # the bucket of a credential without exp (none today: exp is required)
+
+
+class GuardClock:
+    """Open guards by deadline (whole seconds of Unix time), one loop timer per second that
+    has any."""
+
+    def __init__(self) -> None:
+        self._buckets: dict[int, set[StreamGuard]] = {}
+
+    def __len__(self) -> int:
+        return sum(len(bucket) for bucket in self._buckets.values())
+
+    def __iter__(self) -> Iterator[StreamGuard]:
+        for bucket in list(self._buckets.values()):
+            yield from list(bucket)
+
+    def add(self, guard: StreamGuard, until: float | None) -> int:
+        second = _NEVER if until is None else math.ceil(until)
+        bucket = self._buckets.get(second)
+        if bucket is None:
+            bucket = self._buckets[second] = set()
+            if second != _NEVER:
+                loop = asyncio.get_running_loop()
+                loop.call_at(loop.time() + max(0.0, second - time.time()), self._expire, second)
+        bucket.add(guard)
+        return second
+
+    def discard(self, guard: StreamGuard, second: int) -> None:
+        bucket = self._buckets.get(second)
+        if bucket is not None:
+            bucket.discard(guard)
+            if not bucket and second == _NEVER:
+                del self._buckets[second]
+
+    def _expire(self, second: int) -> None:
+        for guard in self._buckets.pop(second, ()):
+            guard.end(TokenExpired())
+
 
 class StreamGuard:
-    __slots__ = ("__weakref__", "_authenticator", "_timeout", "ending", "job_id", "principal")
+    __slots__ = (
+        "_authenticator",
+        "_clock",
+        "_fired",
+        "_second",
+        "_task",
+        "ending",
+        "job_id",
+        "principal",
+    )
 
-    def __init__(self, authenticator: Authenticator, principal: Principal, job_id: str) -> None:
+    def __init__(
+        self, authenticator: Authenticator, clock: GuardClock, principal: Principal, job_id: str
+    ) -> None:
         self._authenticator = authenticator
+        self._clock = clock
         self.principal = principal
         self.job_id = job_id
         self.ending: ServiceError | None = None
-        self._timeout: asyncio.Timeout | None = None
+        self._task: asyncio.Task[object] | None = None
+        self._second: int | None = None
+        self._fired = False
 
-    def watch(self) -> asyncio.Timeout:
-        """The timeout to run the stream in: it fires when the credential expires."""
-        self._timeout = asyncio.timeout_at(self._deadline())
-        return self._timeout
+    async def __aenter__(self) -> StreamGuard:
+        self._task = asyncio.current_task()
+        self._schedule()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        self._unschedule()
+        self._task = None
+        if self._fired and exc_type is asyncio.CancelledError:
+            # Our own cancellation (end): undo it and say it as asyncio.timeout would.
+            task = asyncio.current_task()
+            if task is not None and task.uncancel() == 0:
+                raise TimeoutError from None
 
     def fired(self) -> bool:
-        return self._timeout is not None and self._timeout.expired()
+        return self._fired
 
     def end_error(self) -> ServiceError:
         return self.ending or TokenExpired()
 
     def end(self, error: ServiceError) -> None:
-        """End the stream now with ``error`` (revocation)."""
-        if self.ending is None:
-            self.ending = error
-        timeout = self._timeout
-        if timeout is not None and not timeout.expired():
-            timeout.reschedule(asyncio.get_running_loop().time())
+        """End the stream now with ``error`` (expiry, revocation)."""
+        if self._fired or self._task is None:
+            return
+        self.ending = error
+        self._fired = True
+        self._unschedule()
+        self._task.cancel()
 
     def refresh(self, credential: object) -> Principal:
         """Take a new token or ticket for this stream (the WebSocket ``auth`` frame): the
@@ -75,16 +146,19 @@ class StreamGuard:
         except JobNotFound:
             raise Forbidden(f"the new credential does not grant job {self.job_id}") from None
         self.principal = principal
-        if self._timeout is not None and not self._timeout.expired():
-            self._timeout.reschedule(self._deadline())
+        if self._second is not None:
+            self._unschedule()
+            self._schedule()
         return principal
 
-    def _deadline(self) -> float | None:
+    def _schedule(self) -> None:
         until = self._authenticator.valid_until(self.principal)
-        if until is None:
-            return None
-        loop = asyncio.get_running_loop()
-        return loop.time() + (until - time.time())
+        self._second = self._clock.add(self, until)
+
+    def _unschedule(self) -> None:
+        if self._second is not None:
+            self._clock.discard(self, self._second)
+            self._second = None
 
 
 def guard_stream(request: web.Request, principal: Principal, job_id: str) -> StreamGuard | None:
@@ -92,9 +166,7 @@ def guard_stream(request: web.Request, principal: Principal, job_id: str) -> Str
     authenticator = request.app[AUTH]
     if not authenticator.enabled:
         return None
-    guard = StreamGuard(authenticator, principal, job_id)
-    request.app[GUARDS].add(guard)
-    return guard
+    return StreamGuard(authenticator, request.app[GUARDS], principal, job_id)
 
 
 async def recheck_revocations(app: web.Application) -> AsyncIterator[None]:
@@ -129,9 +201,8 @@ async def _sweep_loop(app: web.Application) -> None:
 def sweep(app: web.Application) -> int:
     """End every open stream whose credential is now revoked; how many."""
     authenticator = app[AUTH]
-    guards = app[GUARDS]
     ended = 0
-    for guard in list(guards):
+    for guard in app[GUARDS]:
         if guard.ending is None and authenticator.revoked(guard.principal):
             guard.end(
                 Forbidden(

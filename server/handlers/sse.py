@@ -57,7 +57,7 @@ async def _stream(
     # went away would keep its stream slot until then.
     unhook = stream.cancel_when_lost(request)
     # Within the credential's lifetime (with authentication on); then `event: error`.
-    lifetime = guard.watch() if guard is not None else contextlib.nullcontext()
+    lifetime = guard if guard is not None else contextlib.nullcontext()
     try:
         try:
             async with lifetime:

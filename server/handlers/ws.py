@@ -292,7 +292,7 @@ async def _receive_guarded(
         await _receive_until_closed(ws, frames_per_second, None)
         return
     try:
-        async with guard.watch():
+        async with guard:
             await _receive_until_closed(ws, frames_per_second, guard)
     except TimeoutError:
         if guard.fired():
