@@ -84,7 +84,15 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
     status = 500
     try:
         try:
-            response: web.StreamResponse = await _admit(request, handler)
+            # Admission is synchronous: a coroutine between this one and the handler would
+            # keep its frame for as long as a stream lasts (docs/performance.md, W7).
+            admitted = _admit(request)
+            if admitted is None:
+                response: web.StreamResponse = await handler(request)
+            elif isinstance(admitted, ServiceError):
+                response = await refuse_websocket(request, admitted)
+            else:
+                response = admitted
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
@@ -105,9 +113,11 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
             )
 
 
-async def _admit(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """CORS preflight, the WebSocket ``Origin`` check, and the credential: the request's
-    ``Principal`` (bound into the log context as ``tenant`` and ``sub``), then the handler.
+def _admit(request: web.Request) -> web.Response | ServiceError | None:
+    """CORS preflight, the WebSocket ``Origin`` check, and the credential, before the
+    handler: None when the handler is to run (the request's ``Principal`` is set and bound
+    into the log context as ``tenant`` and ``sub``), a response for a preflight, or the
+    error to refuse a WebSocket upgrade with (after it, as 4401). Other refusals raise.
 
     Part of ``request_middleware``, not a middleware of its own: every middleware's frame
     stays alive for as long as its request, and a stream's request lasts as long as the
@@ -116,7 +126,7 @@ async def _admit(request: web.Request, handler: Handler) -> web.StreamResponse:
     if is_preflight(request):
         return app[ORIGINS].preflight(request)
     if request.path in _PUBLIC_PATHS or request.match_info.http_exception is not None:
-        return await handler(request)  # a probe, or aiohttp's own 404 / 405
+        return None  # a probe, or aiohttp's own 404 / 405
     upgrade = is_websocket_upgrade(request)
     if upgrade:
         origin = request.headers.get("Origin")
@@ -126,16 +136,16 @@ async def _admit(request: web.Request, handler: Handler) -> web.StreamResponse:
     if not authenticator.enabled:
         request[PRINCIPAL] = ANONYMOUS
         structlog.contextvars.bind_contextvars(tenant=ANONYMOUS.tenant)
-        return await handler(request)
+        return None
     try:
         principal = authenticate(request, authenticator)
     except Unauthorized as exc:
         if upgrade:
-            return await refuse_websocket(request, exc)
+            return exc
         raise
     request[PRINCIPAL] = principal
     structlog.contextvars.bind_contextvars(tenant=principal.tenant, sub=principal.sub)
-    return await handler(request)
+    return None
 
 
 async def _tag_response(request: web.Request, response: web.StreamResponse) -> None:

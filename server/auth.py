@@ -81,6 +81,7 @@ class Principal:
 
 # With authentication off every request acts for this one: the tenant `default`, everything.
 ANONYMOUS = Principal(DEFAULT_TENANT, None, SCOPES)
+_TICKET_SCOPES = frozenset({READ})  # shared: a ticket's principal is made per request
 
 PRINCIPAL = web.RequestKey("principal", Principal)
 
@@ -301,7 +302,7 @@ class Authenticator:
         principal = Principal(
             claims["tenant"],
             claims["sub"],
-            frozenset({READ}),
+            _TICKET_SCOPES,
             grants,
             claims["exp"],
             claims["iat"],

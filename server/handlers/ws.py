@@ -104,9 +104,18 @@ async def serve_websocket(request: web.Request, job_id: str) -> web.WebSocketRes
             sender = asyncio.create_task(_send_events(request, ws, cursor, subscription, end))
             ending: ServiceError | None = None
             try:
-                await _receive_guarded(ws, config.client_frames_per_second, guard)
+                # Not a helper coroutine: its frame would live as long as the stream.
+                if guard is None:
+                    await _receive_until_closed(ws, config.client_frames_per_second, None)
+                else:
+                    async with guard:
+                        await _receive_until_closed(ws, config.client_frames_per_second, guard)
             except StreamEnded as ended:
                 ending = ended.error
+            except TimeoutError:
+                if guard is None or not guard.fired():
+                    raise
+                ending = guard.end_error()  # the credential expired or was revoked
             finally:
                 # A sender that is ending the stream is left to finish (its close is
                 # bounded), so that the peer is dropped if it does not take the close.
@@ -282,22 +291,6 @@ async def _drained(protocol: web.RequestHandler | None) -> None:
     (aiohttp's own pongs and closes), and a timeout here must not cancel it for them."""
     if protocol is not None and protocol.writing_paused:
         await asyncio.shield(protocol._drain_helper())
-
-
-async def _receive_guarded(
-    ws: web.WebSocketResponse, frames_per_second: float, guard: StreamGuard | None
-) -> None:
-    """``_receive_until_closed`` within the credential's lifetime (``StreamEnded`` after)."""
-    if guard is None:
-        await _receive_until_closed(ws, frames_per_second, None)
-        return
-    try:
-        async with guard:
-            await _receive_until_closed(ws, frames_per_second, guard)
-    except TimeoutError:
-        if guard.fired():
-            raise StreamEnded(guard.end_error()) from None
-        raise
 
 
 async def _receive_until_closed(
