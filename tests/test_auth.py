@@ -15,7 +15,7 @@ import hmac
 import json
 import time
 from collections.abc import Callable, Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,8 @@ from hypothesis import strategies as st
 
 from server.auth import Authenticator, Principal
 from server.config import load_config
+from server.errors import Unauthorized
+from server.keys import AUTH
 from tests.conftest import (
     ALL_SCOPES,
     OTHER_SECRET,
@@ -598,3 +600,43 @@ def test_arbitrary_credentials_never_cause_a_5xx(
             return  # the client library refuses to send it (e.g. a line break)
         assert response.status_code < 500, (response.status_code, response.text)
         assert response.status_code in (400, 401, 404), response.text
+
+
+# -- the verification cache ------------------------------------------------------------
+
+
+async def test_one_token_is_verified_once_for_many_requests(anon: TestClient[Any, Any]) -> None:
+    """A producer sending many requests with one token pays for one signature check."""
+    await seed(anon, "acme", "job-1")
+    authenticator = anon.app[AUTH]
+    before = authenticator.verified
+    producer = bearer(token(sub="producer-1"))
+    for n in range(50):
+        response = await anon.post(
+            "/v1/jobs/job-1/events", json={"type": "log", "message": f"{n}"}, headers=producer
+        )
+        assert response.status == 201
+    assert authenticator.verified == before + 1
+
+
+def test_the_cache_is_bounded_and_rechecks_expiry_and_revocation() -> None:
+    """At most auth.token_cache_size tokens are remembered; a remembered token is refused
+    once it expires, and once a not_before revokes it."""
+    config = _auth_config().model_copy(update={"token_cache_size": 2, "leeway_seconds": 0})
+    authenticator = Authenticator(config)
+    now = time.time()
+    tokens = [token(sub=f"s{n}", now=now, ttl_seconds=60) for n in range(3)]
+    for value in tokens:
+        authenticator.verify_token(value, now=now)
+    assert len(authenticator._cache) == 2
+    assert authenticator.verified == 3
+    authenticator.verify_token(tokens[2], now=now)
+    assert authenticator.verified == 3  # a hit
+    with pytest.raises(Unauthorized, match=r"^expired:"):
+        authenticator.verify_token(tokens[2], now=now + 61)
+    fresh = token(sub="s9", now=now, ttl_seconds=60)
+    authenticator.verify_token(fresh, now=now)
+    revoked = config.model_copy(update={"not_before": datetime.fromtimestamp(now + 1, UTC)})
+    authenticator.set_revocations(revoked)
+    with pytest.raises(Unauthorized, match=r"^revoked:"):
+        authenticator.verify_token(fresh, now=now)
