@@ -65,6 +65,9 @@ class StreamConfig(_Section):
     # Open streams on any one job, so that one hot job cannot take every stream slot.
     max_subscribers_per_job: int = Field(10_000, ge=1)
     page_events: int = Field(500, ge=1)
+    # The most one page read from SQLite may hold (a replay step, a part of a REST page or
+    # export); always at least one event. Bounds what one slow or stuck client pins.
+    page_bytes: int = Field(1024 * 1024, ge=1)
     cache_events_per_job: int = Field(4_096, ge=0)
     cache_bytes: int = Field(64 * 1024 * 1024, ge=0)
 
