@@ -51,6 +51,7 @@ class Feed:
         head: JobHead,
         *,
         page_events: int = 500,
+        page_bytes: int = 1 << 20,
         idle_seconds: float = 60,
         push: PushFn | None = None,
     ) -> AsyncIterator[list[Frame] | None]:
@@ -60,6 +61,7 @@ class Feed:
             cursor,
             head,
             page_events=page_events,
+            page_bytes=page_bytes,
             idle_seconds=idle_seconds,
             push=push,
         )
@@ -137,6 +139,24 @@ async def test_replay_pages_are_at_most_page_events(make_feed: FeedFactory) -> N
     last = await feed.complete()
     batches = await drain(feed.follow(Cursor(JOB, 0), await feed.head(), page_events=6))
     assert all(len(batch) <= 6 for batch in batches)
+    assert seqs(batches) == list(range(1, last + 1))
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["sqlite", "cache"])
+async def test_replay_batches_are_bounded_in_bytes(make_feed: FeedFactory, cached: bool) -> None:
+    """With page_bytes, a batch (read from SQLite or taken from the cache) stops at the
+    event that reaches the budget: never more than the budget plus one event, never empty,
+    contiguous across batches and complete."""
+    feed = await make_feed(stream__cache_events_per_job=4096 if cached else 0)
+    await feed.create()
+    await feed.log(30)
+    last = await feed.complete()
+    one = len((await feed.store.read_after(JOB, 1, 1))[0].json)  # a log event's size
+    budget = 3 * one
+    batches = await drain(feed.follow(Cursor(JOB, 0), await feed.head(), page_bytes=budget))
+    assert all(batch for batch in batches)
+    assert max(sum(len(f.json) for f in batch) for batch in batches) < budget + one + 100
+    assert max(len(batch) for batch in batches) <= 4
     assert seqs(batches) == list(range(1, last + 1))
 
 

@@ -10,6 +10,8 @@ unbounded code took (each stuck client pinned its whole page: tens of MiB each).
 from __future__ import annotations
 
 import asyncio
+import base64
+import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -75,6 +77,18 @@ def stuck_client(port: int, request: bytes) -> socket.socket:
     sock.connect(("127.0.0.1", port))
     sock.sendall(request)
     return sock
+
+
+def stuck_websocket(port: int, path: str) -> socket.socket:
+    """A WebSocket handshake, then nothing read again."""
+    key = base64.b64encode(os.urandom(16)).decode()
+    return stuck_client(
+        port,
+        (
+            f"GET {path} HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode(),
+    )
 
 
 def closed_by_server(sock: socket.socket, timeout: float) -> bool:
@@ -159,3 +173,20 @@ async def test_stuck_readers_of_job_lists_are_bounded_and_cut_off(launcher: Laun
     finally:
         for client in clients:
             client.close()
+
+
+async def test_stuck_replaying_websockets_hold_a_bounded_page(launcher: Launcher) -> None:
+    """Ten WebSocket subscribers replaying 60 KB events from SQLite that never read grow the
+    server by less than 100 MiB together (each pinned a 500-event page, ~30 MB, before):
+    what one subscriber holds is bounded in bytes (``stream.page_bytes``), not in events."""
+    server = await start_server(launcher)
+    await fill_job(server, "big")
+    baseline = rss_bytes(server.pid)
+    clients = [stuck_websocket(server.port, "/v1/jobs/big/stream?after=0") for _ in range(10)]
+    try:
+        await peak_growth_until(server, baseline, "stream_closed", 10, 100 * MiB)
+    finally:
+        for client in clients:
+            client.close()
+    closed = [r for r in server.lines if r.get("event") == "stream_closed"]
+    assert {r["outcome"] for r in closed} == {"send_timeout"}, closed

@@ -20,7 +20,7 @@ from aiohttp import WSMsgType, web
 
 from ..errors import ServiceError, WSClose
 from ..follow import Cursor, StreamClosing, follow
-from ..frames import Frame, control_frame
+from ..frames import WRITE_PART_BYTES, Frame, control_frame, parts_of
 from ..keys import CONFIG, HUB, STORE, STREAMS
 from ..limits import RateLimiter, bound_send_buffer
 from ..store import JobHead
@@ -108,6 +108,7 @@ async def _send_events(
         cursor,
         head,
         page_events=config.page_events,
+        page_bytes=config.page_bytes,
         idle_seconds=config.heartbeat_seconds,
         push=functools.partial(_push, request, ws),
     )
@@ -145,14 +146,16 @@ def _push(request: web.Request, ws: web.WebSocketResponse, batch: list[Frame]) -
 
 
 async def _write_batch(request: web.Request, ws: web.WebSocketResponse, batch: list[Frame]) -> None:
-    """Send a batch of event frames, then wait while the transport is over its high-water
-    mark, as ``send_frame`` does."""
-    if not _write_frames(request, ws, batch):
-        raise ConnectionResetError("the WebSocket is closed")
+    """Send a batch of event frames in parts of about ``WRITE_PART_BYTES``; after each,
+    wait while the transport is over its high-water mark, as ``send_frame`` does, so that
+    the transport never buffers a whole batch for a peer that reads slowly or not at all."""
     protocol = request.protocol
-    if protocol.writing_paused:
-        # aiohttp's flow control (BaseProtocol): resumes when the peer has read enough.
-        await protocol._drain_helper()
+    for part in parts_of(batch, WRITE_PART_BYTES):
+        if not _write_frames(request, ws, part):
+            raise ConnectionResetError("the WebSocket is closed")
+        if protocol.writing_paused:
+            # aiohttp's flow control (BaseProtocol): resumes when the peer has read enough.
+            await protocol._drain_helper()
 
 
 def _write_frames(request: web.Request, ws: web.WebSocketResponse, batch: list[Frame]) -> bool:
