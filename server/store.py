@@ -113,6 +113,7 @@ class Store:
             max_pending=storage.max_pending_appends,
             max_event_bytes=self._config.limits.max_event_bytes,
             job_cache_size=storage.job_cache_size,
+            job_cache_bytes=storage.job_cache_bytes,
             probe_seconds=storage.probe_seconds,
         )
         await self._writer.start()
