@@ -47,7 +47,7 @@ from .frames import Frame
 from .hub import Hub
 from .jobcache import JobCache
 from .models import EventIn, ProgressIn
-from .snapshot import CountsOutOfRange, JobState, apply_event, progress_in_context
+from .snapshot import CountsOutOfRange, JobState, apply_event, exact_bytes, progress_in_context
 
 log = structlog.get_logger("jobfeed.writer")
 
@@ -513,7 +513,8 @@ class Writer:
 
     def _serialize(self, event: dict[str, Any], index: int) -> bytes:
         try:
-            body = orjson.dumps(event)
+            # Kept by the hub's frame cache, which counts len(body): keep exactly that.
+            body = exact_bytes(orjson.dumps(event))
         except orjson.JSONEncodeError as exc:
             # orjson reads 1024 levels deep but writes only ~254: refuse what cannot be stored.
             raise InvalidJson(f"event {index} cannot be stored: {exc}") from None
