@@ -84,3 +84,24 @@ async def test_parts_of_one_snapshot_make_the_same_job_list(
     body = orjson.loads(await response.read())
     assert [job["job_id"] for job in body["jobs"]] == ["j5", "j3", "j1"]
     assert body["next_cursor"] is None
+
+
+async def test_head_of_a_streamed_answer_has_headers_and_no_body(
+    make_config: ConfigFactory, make_client: ClientFactory
+) -> None:
+    """HEAD on the events page, the export and the job list answers 200 with the GET's
+    headers and no body, and the connection stays usable for the next request."""
+    client = await make_client(make_config())
+    await create_job(client, job_id="h")
+    for path, accept in [
+        ("/v1/jobs/h/events", "application/json"),
+        ("/v1/jobs/h/events", "application/x-ndjson"),
+        ("/v1/jobs", "application/json"),
+    ]:
+        response = await client.head(path, headers={"Accept": accept})
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith(accept)
+        assert await response.read() == b""
+        response = await client.get("/v1/jobs/h/events")
+        assert response.status == 200
+        assert orjson.loads(await response.read())["last_seq"] == 1

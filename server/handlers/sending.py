@@ -22,7 +22,7 @@ import time
 from collections.abc import AsyncGenerator, Awaitable
 
 import structlog
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from ..keys import CONFIG
 from ..limits import bound_send_buffer
@@ -98,9 +98,10 @@ async def send_bounded(
     body = BoundedBody(request, response)
     try:
         await body.start()
-        await body.write(first)
-        async for piece in pieces:
-            await body.write(piece)
+        if request.method != hdrs.METH_HEAD:  # HEAD: the headers only, as for GET
+            await body.write(first)
+            async for piece in pieces:
+                await body.write(piece)
         await body.finish()
     except ResponseAborted:
         pass
