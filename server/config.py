@@ -46,7 +46,7 @@ class StorageConfig(_Section):
     max_pending_appends: int = Field(10_000, ge=1)
     checkpoint_seconds: float = Field(1.0, gt=0)
     job_cache_size: int = Field(10_000, ge=1)
-    # The same cache in bytes, measured (server/jobcache.py): a count alone let 600 jobs with
+    # The same cache in bytes, measured (server/job_states.py): a count alone let 600 jobs with
     # object-heavy metadata take a gigabyte.
     job_cache_bytes: int = Field(64 * 1024 * 1024, ge=0)
     busy_timeout_ms: int = Field(5_000, ge=0)

@@ -45,7 +45,7 @@ from .errors import (
 )
 from .frames import Frame
 from .hub import Hub
-from .jobcache import JobCache
+from .job_states import JobCache
 from .models import EventIn, ProgressIn
 from .snapshot import CountsOutOfRange, JobState, apply_event, exact_bytes, progress_in_context
 

@@ -9,6 +9,9 @@ the serialized bytes they have in the snapshot (``JobState.compact``): the fold 
 them, only copies them into the next snapshot, and ``JobState.to_json`` embeds them as they
 are. What is left is a flat object whose size is measured, not estimated
 (``JobState.measured_bytes``: ``sys.getsizeof`` of the state and of each value it holds).
+
+(Not named ``jobcache.py``: ``tests/test_install.py`` builds the wheel from the checkout
+without files matching ``*cache*``.)
 """
 
 from __future__ import annotations
