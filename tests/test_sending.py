@@ -105,3 +105,23 @@ async def test_head_of_a_streamed_answer_has_headers_and_no_body(
         response = await client.get("/v1/jobs/h/events")
         assert response.status == 200
         assert orjson.loads(await response.read())["last_seq"] == 1
+
+
+async def test_small_answers_have_a_length_and_large_ones_are_chunked(
+    make_config: ConfigFactory, make_client: ClientFactory
+) -> None:
+    """A body that fits in one 64 KiB piece (most pages, every snapshot under it) goes out
+    with Content-Length, as before; a larger one is chunked and arrives whole."""
+    client = await make_client(make_config())
+    await create_job(client, job_id="s", metadata={"note": "small"})
+    for path in ["/v1/jobs/s", "/v1/jobs/s/events", "/v1/jobs"]:
+        response = await client.get(path)
+        body = await response.read()
+        assert response.headers["Content-Length"] == str(len(body))
+        assert "Transfer-Encoding" not in response.headers
+    for _ in range(3):
+        await append(client, "s", {"type": "log", "message": "z" * 30_000})
+    response = await client.get("/v1/jobs/s/events")
+    assert response.headers["Transfer-Encoding"] == "chunked"
+    page = orjson.loads(await response.read())
+    assert [event["seq"] for event in page["events"]] == [1, 2, 3, 4]

@@ -99,12 +99,13 @@ async def _job_list(
     yield b'],"next_cursor":%s}' % orjson.dumps(cursor)
 
 
-async def get_job(request: web.Request) -> web.Response:
+async def get_job(request: web.Request) -> web.StreamResponse:
     job_id = _job_id(request)
     snapshot = await request.app[STORE].snapshot_json(job_id)
     if snapshot is None:
         raise JobNotFound(job_id)
-    return json_response(snapshot)
+    # Up to ~1.2 MiB (metadata, result, error): sent as the pages are.
+    return await send_bounded(request, _json_stream(), _only(snapshot))
 
 
 async def append_events(request: web.Request) -> web.Response:
@@ -189,6 +190,10 @@ async def _ndjson_lines(
             break
         yield b"".join(frame.json + b"\n" for frame in frames)
         after = frames[-1].seq
+
+
+async def _only(body: bytes) -> AsyncGenerator[bytes, None]:
+    yield body
 
 
 def _json_stream() -> web.StreamResponse:
