@@ -93,6 +93,18 @@ async def next_batch(batches: AsyncIterator[list[Frame] | None]) -> list[Frame] 
         return await anext(batches)
 
 
+async def parked(hub: Hub, job_id: str = JOB) -> None:
+    """Until a cursor with a push function is parked on ``job_id``'s channel. A cursor that
+    has caught up still makes one SQLite read before it parks; a commit that lands during
+    that read (a loaded machine) is read, not pushed. Parking is a state with no event to
+    wait on: yield to the loop until it holds."""
+    channel = hub.attach(job_id, 0)  # the cursor's own handle keeps the channel alive
+    hub.detach(channel)
+    async with asyncio.timeout(WAIT):
+        while not channel.live:  # noqa: ASYNC110 - the hub has no event for "parked"
+            await asyncio.sleep(0)
+
+
 async def drain(batches: AsyncIterator[list[Frame] | None]) -> list[list[Frame]]:
     """Every batch until the cursor ends; a heartbeat (None) here fails the test."""
     out: list[list[Frame]] = []
@@ -277,6 +289,7 @@ async def test_live_events_are_pushed_while_parked(make_feed: FeedFactory) -> No
     batches = feed.follow(cursor, await feed.head(), push=push)
     assert [f.seq for f in await next_batch(batches) or []] == [1, 2, 3]  # read, not pushed
     waiting = asyncio.create_task(next_batch(batches))
+    await parked(feed.hub)
     await feed.log(1)
     await feed.log(2)
     assert pushed == [4, 5, 6]
@@ -300,6 +313,7 @@ async def test_pushes_hold_off_the_heartbeat(make_feed: FeedFactory) -> None:
     idle = 1.0
     batches = feed.follow(Cursor(JOB, 1), await feed.head(), idle_seconds=idle, push=push)
     waiting = asyncio.create_task(next_batch(batches))
+    await parked(feed.hub)
     loop = asyncio.get_running_loop()
     started = loop.time()
     # Pushes every idle/10 for twice idle_seconds: the stream is never idle that long.
