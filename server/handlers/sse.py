@@ -14,6 +14,7 @@ import structlog
 from aiohttp import web
 
 from ..follow import Cursor, StreamClosing, follow
+from ..frames import WRITE_PART_BYTES, parts_of
 from ..keys import CONFIG, HUB, STORE
 from ..limits import bound_send_buffer
 from .subscription import Subscription, subscribe
@@ -57,12 +58,18 @@ async def _stream(request: web.Request, subscription: Subscription) -> web.Strea
                 cursor,
                 subscription.head,
                 page_events=config.page_events,
+                page_bytes=config.page_bytes,
                 idle_seconds=config.heartbeat_seconds,
             )
             async for batch in batches:
-                payload = b": heartbeat\n\n" if batch is None else b"".join(f.sse for f in batch)
                 async with asyncio.timeout(config.send_timeout):
-                    await response.write(payload)
+                    if batch is None:
+                        await response.write(b": heartbeat\n\n")
+                        continue
+                    # In parts: aiohttp waits for the peer between them (it drains every
+                    # 64 KiB written), so a slow reader never has a whole batch buffered.
+                    for part in parts_of(batch, WRITE_PART_BYTES):
+                        await response.write(b"".join(f.sse for f in part))
             outcome = "done"
             await _end(request, response, config.send_timeout)
         except StreamClosing:
