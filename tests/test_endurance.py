@@ -23,7 +23,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.procs import Launcher, ServerProcess, launching, read_log
+from tests.procs import Launcher, ServerProcess, launching, read_log, rss_bytes
 
 pytestmark = [pytest.mark.process, pytest.mark.endurance]
 
@@ -54,14 +54,6 @@ STUCK_RCVBUF = 4096
 def jobfeed_process(tmp_path: Path) -> Iterator[Launcher]:
     with launching(tmp_path) as launcher:
         yield launcher
-
-
-def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS line")
 
 
 @dataclass

@@ -19,7 +19,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.procs import Launcher, ServerProcess, launching
+from tests.procs import Launcher, ServerProcess, launching, rss_bytes
 
 pytestmark = pytest.mark.process
 
@@ -36,14 +36,6 @@ CUTOFF_WAIT = 60.0
 def launcher(tmp_path: Path) -> Iterator[Launcher]:
     with launching(tmp_path) as started:
         yield started
-
-
-def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for pid {pid}")
 
 
 async def fill_job(server: ServerProcess, job_id: str, events: int = EVENTS) -> None:
