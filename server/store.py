@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import itertools
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,6 +171,7 @@ class Store:
             max_pending=storage.max_pending_appends,
             max_event_bytes=self._config.limits.max_event_bytes,
             job_cache_size=storage.job_cache_size,
+            job_cache_bytes=storage.job_cache_bytes,
             probe_seconds=storage.probe_seconds,
             wal=self.wal,
             busy_timeout_ms=storage.busy_timeout_ms,
@@ -223,6 +224,36 @@ class Store:
         conn = self._readers[next(self._reader_turn) % len(self._readers)]
         return list(await conn.execute_fetchall(query, params))
 
+    async def _read_within(
+        self, query: str, params: Sequence[object], size_column: int, max_bytes: int
+    ) -> list[sqlite3.Row]:
+        """``_read``, stopping once the rows read hold ``max_bytes`` in ``size_column``.
+
+        Rows are taken while the ones before them hold less than ``max_bytes`` (so always at
+        least one, and at most ``max_bytes`` plus one row); the rest of the query is never
+        fetched, so a page of large rows is never materialised whole. Still one await, and the
+        cursor is closed inside the reader's thread (see ``_read``). aiosqlite has no public
+        way to run a function in its thread: ``_execute`` is what its own fetches use.
+        """
+        conn = self._readers[next(self._reader_turn) % len(self._readers)]
+
+        def fetch(db: sqlite3.Connection) -> list[sqlite3.Row]:
+            rows: list[sqlite3.Row] = []
+            held = 0
+            cursor = db.execute(query, params)
+            try:
+                for row in cursor:
+                    rows.append(row)
+                    held += len(row[size_column])
+                    if held >= max_bytes:
+                        break
+            finally:
+                cursor.close()
+            return rows
+
+        run_in_thread: Callable[..., Awaitable[list[sqlite3.Row]]] = conn._execute
+        return await run_in_thread(fetch, conn._conn)
+
     async def _checkpoint_loop(self) -> None:
         assert self._checkpoint_conn is not None
         last_commits = -1
@@ -274,17 +305,38 @@ class Store:
         limit: int,
         before: int | None,
         grants: JobGrants | None = None,
+        max_bytes: int | None = None,
     ) -> tuple[list[bytes], int | None]:
         """A tenant's snapshots newest first, only those ``grants`` cover (None: all); the
-        cursor is the job_no of the last one returned."""
+        cursor is the job_no of the last one returned.
+
+        With ``max_bytes`` the page ends early once its snapshots hold that many bytes
+        (always at least one) and the cursor points past the last one returned; when the
+        cut falls exactly at the end, the page after it is empty.
+        """
         query, params = list_jobs_sql(tenant, status, kind, limit, before, grants)
-        rows = await self._read(query, params)
+        if max_bytes is None:
+            rows = await self._read(query, params)
+        else:
+            rows = await self._read_within(query, params, 1, max_bytes)
         page = rows[:limit]
-        next_before = page[-1][0] if len(rows) > limit else None
+        # A row past the page, or a page cut by the byte budget: there is (or may be) more.
+        more = len(rows) > limit or (
+            max_bytes is not None and sum(len(row[1]) for row in rows) >= max_bytes
+        )
+        next_before = page[-1][0] if page and more else None
         return [bytes(row[1]) for row in page], next_before
 
-    async def read_after(self, key: JobKey, after: int, limit: int) -> list[Frame]:
-        rows = await self._read(READ_AFTER_SQL, (key.tenant, key.job_id, after, limit))
+    async def read_after(
+        self, key: JobKey, after: int, limit: int, max_bytes: int | None = None
+    ) -> list[Frame]:
+        """Up to ``limit`` events past ``after``, in order; with ``max_bytes``, only as many
+        as hold that many bytes of JSON (always at least one: see ``_read_within``)."""
+        params = (key.tenant, key.job_id, after, limit)
+        if max_bytes is None:
+            rows = await self._read(READ_AFTER_SQL, params)
+        else:
+            rows = await self._read_within(READ_AFTER_SQL, params, 4, max_bytes)
         job_id = key.job_id
         return [
             Frame(job_id, seq, event_id, event_type.decode(), ts.decode(), body)

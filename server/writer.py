@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -47,8 +46,9 @@ from .errors import (
 )
 from .frames import Frame
 from .hub import Hub
+from .job_states import JobCache
 from .models import EventIn, ProgressIn
-from .snapshot import CountsOutOfRange, JobState, apply_event, progress_in_context
+from .snapshot import CountsOutOfRange, JobState, apply_event, exact_bytes, progress_in_context
 from .tenancy import JobKey
 from .wal import WalBound
 
@@ -172,6 +172,7 @@ class Writer:
         max_pending: int,
         max_event_bytes: int,
         job_cache_size: int,
+        job_cache_bytes: int,
         probe_seconds: float = 1.0,
         wal: WalBound | None = None,
         busy_timeout_ms: int = 5_000,
@@ -181,13 +182,12 @@ class Writer:
         self._max_batch_events = max_batch_events
         self._max_pending = max_pending
         self._max_event_bytes = max_event_bytes
-        self._job_cache_size = job_cache_size
         self._probe_seconds = probe_seconds
         self._wal = wal
         self._busy_timeout_ms = busy_timeout_ms
         self._queue: asyncio.Queue[_Op | None] = asyncio.Queue()
         self._pending_weight = 0
-        self._jobs: OrderedDict[JobKey, JobState] = OrderedDict()
+        self._jobs = JobCache(job_cache_size, job_cache_bytes)
         self._next_id = 1
         self._last_ts = ""
         self._task: asyncio.Task[None] | None = None
@@ -227,6 +227,15 @@ class Writer:
     @property
     def pending(self) -> int:
         return self._pending_weight
+
+    @property
+    def cached_jobs(self) -> int:
+        return len(self._jobs)
+
+    @property
+    def cache_bytes(self) -> int:
+        """Measured bytes of the cached job states (``storage.job_cache_bytes`` bounds it)."""
+        return self._jobs.bytes
 
     async def create_job(
         self, key: JobKey, kind: str | None, metadata: dict[str, Any] | None
@@ -462,7 +471,6 @@ class Writer:
             if cached is None:
                 missing.append(key)
             else:
-                self._jobs.move_to_end(key)
                 states[key] = cached
         step = _MAX_PARAMS // 2
         for start in range(0, len(missing), step):
@@ -602,7 +610,8 @@ class Writer:
 
     def _serialize(self, event: dict[str, Any], index: int) -> bytes:
         try:
-            body = orjson.dumps(event)
+            # Kept by the hub's frame cache, which counts len(body): keep exactly that.
+            body = exact_bytes(orjson.dumps(event))
         except orjson.JSONEncodeError as exc:
             # orjson reads 1024 levels deep but writes only ~254: refuse what cannot be stored.
             raise InvalidJson(f"event {index} cannot be stored: {exc}") from None
@@ -673,7 +682,4 @@ class Writer:
             raise
 
     def _remember(self, key: JobKey, state: JobState) -> None:
-        self._jobs[key] = state
-        self._jobs.move_to_end(key)
-        while len(self._jobs) > self._job_cache_size:
-            self._jobs.popitem(last=False)
+        self._jobs.put(key, state)

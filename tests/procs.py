@@ -247,6 +247,15 @@ def launching(workdir: Path) -> Iterator[Launcher]:
         launcher.reap_all()
 
 
+def rss_bytes(pid: int) -> int:
+    """A process's resident memory (VmRSS), for the tests that bound the server's memory."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
 async def read_log(
     session: aiohttp.ClientSession, job_id: str, page: int = 100
 ) -> list[dict[str, Any]]:

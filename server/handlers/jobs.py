@@ -2,13 +2,16 @@
 
 Thin: parse and validate at the edge, hand the work to the store, shape the answer. Stored
 events and snapshots are already JSON; pages are built by joining those bytes, not by parsing
-and re-serializing them.
+and re-serializing them. Responses that can be large (the events page, the NDJSON export, the
+job list) are read in parts of at most ``stream.page_bytes`` and sent through
+``handlers.sending``: bounded buffering and a send timeout, as streams have.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import orjson
@@ -24,6 +27,7 @@ from ..errors import (
     JobNotFound,
     ValidationFailed,
 )
+from ..grants import JobGrants
 from ..keys import CONFIG, STORE
 from ..logs import bind_request
 from ..models import (
@@ -34,8 +38,10 @@ from ..models import (
     parse_append_body,
     stored_size_estimate,
 )
+from ..store import Store
 from ..tenancy import JobKey
-from .request import json_response, parse_int, query_int, read_json
+from .request import JSON_TYPE, json_response, parse_int, query_int, read_json
+from .sending import send_bounded
 from .subscription import check_offset
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -84,7 +90,7 @@ async def create_job(request: web.Request) -> web.Response:
     return response
 
 
-async def list_jobs(request: web.Request) -> web.Response:
+async def list_jobs(request: web.Request) -> web.StreamResponse:
     principal = require(request, READ)
     limits = request.app[CONFIG].limits
     status = request.query.get("status") or None
@@ -95,33 +101,66 @@ async def list_jobs(request: web.Request) -> web.Response:
     limit = query_int(request, "limit", default, minimum=1, maximum=limits.page_size_max)
     cursor_raw = request.query.get("cursor") or None
     before = None if cursor_raw is None else parse_int("cursor", cursor_raw, minimum=1)
-    snapshots, next_before = await request.app[STORE].list_jobs(
-        principal.tenant, status, kind, limit, before, principal.grants
+    pieces = _job_list(
+        request.app[STORE],
+        principal.tenant,
+        principal.grants,
+        status,
+        kind,
+        limit,
+        before,
+        _page_bytes(request),
     )
-    body = b'{"jobs":[%s],"next_cursor":%s}' % (
-        b",".join(snapshots),
-        orjson.dumps(None if next_before is None else str(next_before)),
-    )
-    return json_response(body)
+    return await send_bounded(request, _json_stream(), pieces)
 
 
-async def get_job(request: web.Request) -> web.Response:
+async def _job_list(
+    store: Store,
+    tenant: str,
+    grants: JobGrants | None,
+    status: str | None,
+    kind: str | None,
+    limit: int,
+    before: int | None,
+    page_bytes: int,
+) -> AsyncGenerator[bytes, None]:
+    """The job list's body in parts of at most ``page_bytes`` of snapshots (plus one): the
+    jobs of ``tenant`` that ``grants`` cover."""
+    opening = b'{"jobs":['
+    listed = 0
+    while True:
+        snapshots, next_before = await store.list_jobs(
+            tenant, status, kind, limit - listed, before, grants, max_bytes=page_bytes
+        )
+        yield opening + (b"," if listed and snapshots else b"") + b",".join(snapshots)
+        opening = b""
+        listed += len(snapshots)
+        if next_before is None or listed >= limit:
+            break
+        before = next_before
+    cursor = None if next_before is None else str(next_before)
+    yield b'],"next_cursor":%s}\n' % orjson.dumps(cursor)
+
+
+async def get_job(request: web.Request) -> web.StreamResponse:
     key = _job_key(request, READ)
     snapshot = await request.app[STORE].snapshot_json(key)
     if snapshot is None:
         raise JobNotFound(key.job_id)
-    return json_response(snapshot)
+    # Up to ~1.2 MiB (metadata, result, error): sent as the pages are.
+    return await send_bounded(request, _json_stream(), _only(snapshot + b"\n"))
 
 
 async def append_events(request: web.Request) -> web.Response:
     key = _job_key(request, WRITE)
+    job_id = key.job_id
     config = request.app[CONFIG]
     body = await read_json(request)
     if not isinstance(body, dict):
         raise InvalidJson('the body must be one event object or {"events": [...]}')
     events, errors = parse_append_body(body, config.limits.max_batch_events)
     if errors:
-        _refuse_oversize(key.job_id, body, config.limits.max_event_bytes)
+        _refuse_oversize(job_id, body, config.limits.max_event_bytes)
         raise ValidationFailed("the events are not valid", errors)
     result = await request.app[STORE].writer.append(key, events)
     payload = {
@@ -134,6 +173,7 @@ async def append_events(request: web.Request) -> web.Response:
 
 async def read_events(request: web.Request) -> web.StreamResponse:
     key = _job_key(request, READ)
+    job_id = key.job_id
     config = request.app[CONFIG]
     store = request.app[STORE]
     # Every parameter is read here, before the representation is chosen: the page and the
@@ -148,37 +188,67 @@ async def read_events(request: web.Request) -> web.StreamResponse:
     )
     head = await store.job_head(key)
     if head is None:
-        raise JobNotFound(key.job_id)
-    check_offset(key.job_id, head, after, request.query.get("epoch") or None)
+        raise JobNotFound(job_id)
+    check_offset(job_id, head, after, request.query.get("epoch") or None)
     if "application/x-ndjson" in request.headers.get("Accept", ""):
         return await _export_ndjson(request, key, after)
-    frames = await store.read_after(key, after, limit)
-    last_seq = max(head.last_seq, frames[-1].seq if frames else 0)
-    next_after = frames[-1].seq if frames and frames[-1].seq < last_seq else None
-    body = b'{"events":[%s],"last_seq":%d,"next_after":%s}' % (
-        b",".join(frame.json for frame in frames),
-        last_seq,
-        orjson.dumps(next_after),
-    )
-    return json_response(body)
+    pieces = _event_page(store, key, after, limit, head.last_seq, _page_bytes(request))
+    return await send_bounded(request, _json_stream(), pieces)
+
+
+async def _event_page(
+    store: Store, key: JobKey, after: int, limit: int, head_seq: int, page_bytes: int
+) -> AsyncGenerator[bytes, None]:
+    """An events page's body, read and sent in parts of at most ``page_bytes`` (plus one
+    event). ``last_seq`` is known only at the end, so it follows the events."""
+    opening = b'{"events":['
+    listed = 0
+    last = 0
+    while listed < limit:
+        frames = await store.read_after(key, after, limit - listed, max_bytes=page_bytes)
+        if not frames:
+            break
+        yield opening + (b"," if listed else b"") + b",".join(frame.json for frame in frames)
+        opening = b""
+        listed += len(frames)
+        after = last = frames[-1].seq
+    if opening:
+        yield opening
+    last_seq = max(head_seq, last)
+    next_after = last if last and last < last_seq else None
+    yield b'],"last_seq":%d,"next_after":%s}\n' % (last_seq, orjson.dumps(next_after))
 
 
 async def _export_ndjson(request: web.Request, key: JobKey, after: int) -> web.StreamResponse:
-    """The whole log from ``after``, one event per line, streamed page by page."""
-    store = request.app[STORE]
-    page = request.app[CONFIG].limits.page_size_max
+    """The whole log from ``after``, one event per line, read and sent in parts."""
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
-    await response.prepare(request)
+    page_events = request.app[CONFIG].limits.page_size_max
+    pieces = _ndjson_lines(request.app[STORE], key, after, page_events, _page_bytes(request))
+    return await send_bounded(request, response, pieces)
+
+
+async def _ndjson_lines(
+    store: Store, key: JobKey, after: int, page_events: int, page_bytes: int
+) -> AsyncGenerator[bytes, None]:
+    # A short read does not prove the end (it may be cut by bytes): read until one is empty.
     while True:
-        frames = await store.read_after(key, after, page)
+        frames = await store.read_after(key, after, page_events, max_bytes=page_bytes)
         if not frames:
             break
-        await response.write(b"".join(frame.json + b"\n" for frame in frames))
+        yield b"".join(frame.json + b"\n" for frame in frames)
         after = frames[-1].seq
-        if len(frames) < page:
-            break
-    await response.write_eof()
-    return response
+
+
+async def _only(body: bytes) -> AsyncGenerator[bytes, None]:
+    yield body
+
+
+def _json_stream() -> web.StreamResponse:
+    return web.StreamResponse(headers={"Content-Type": JSON_TYPE})
+
+
+def _page_bytes(request: web.Request) -> int:
+    return request.app[CONFIG].stream.page_bytes
 
 
 def _refuse_oversize(job_id: str, body: dict[str, Any], limit: int) -> None:

@@ -16,7 +16,7 @@ from aiohttp import web
 
 from ..auth import PRINCIPAL
 from ..follow import Cursor, StreamClosing, follow
-from ..frames import control_frame
+from ..frames import WRITE_PART_BYTES, control_frame, parts_of
 from ..keys import CONFIG, HUB, STORE
 from ..limits import bound_send_buffer
 from .guard import StreamGuard, guard_stream
@@ -69,14 +69,18 @@ async def _stream(
                     cursor,
                     subscription.head,
                     page_events=config.page_events,
+                    page_bytes=config.page_bytes,
                     idle_seconds=config.heartbeat_seconds,
                 )
                 async for batch in batches:
-                    payload = (
-                        b": heartbeat\n\n" if batch is None else b"".join(f.sse for f in batch)
-                    )
                     async with asyncio.timeout(config.send_timeout):
-                        await response.write(payload)
+                        if batch is None:
+                            await response.write(b": heartbeat\n\n")
+                            continue
+                        # In parts: aiohttp waits for the peer between them (it drains every
+                        # 64 KiB written), so a slow reader never has a whole batch buffered.
+                        for part in parts_of(batch, WRITE_PART_BYTES):
+                            await response.write(b"".join(f.sse for f in part))
             outcome = "done"
             await _end(request, response, config.send_timeout)
         except StreamClosing:

@@ -25,7 +25,7 @@ from aiohttp import WSMsgType, web
 from ..auth import PRINCIPAL
 from ..errors import ServiceError, WSClose
 from ..follow import Cursor, StreamClosing, follow
-from ..frames import Frame, control_frame, ws_text_header
+from ..frames import WRITE_PART_BYTES, Frame, control_frame, parts_of, ws_text_header
 from ..keys import CONFIG, HUB, STORE
 from ..limits import RateLimiter, bound_send_buffer
 from ..streams import OpenStream
@@ -194,6 +194,7 @@ async def _send_events(
         cursor,
         subscription.head,
         page_events=config.page_events,
+        page_bytes=config.page_bytes,
         idle_seconds=config.heartbeat_seconds,
         push=functools.partial(_push, request, ws),
     )
@@ -204,8 +205,11 @@ async def _send_events(
                 if batch is None:
                     heartbeat = control_frame({"type": "heartbeat", "last_seq": cursor.after})
                     await _send(request, ws, [ws_text_header(len(heartbeat)), heartbeat])
-                else:
-                    await _send(request, ws, _frame_parts(batch))
+                    continue
+                # In parts, waiting for the peer between them: a slow reader never has a
+                # whole batch buffered in the transport.
+                for part in parts_of(batch, WRITE_PART_BYTES):
+                    await _send(request, ws, _frame_parts(part))
         end.outcome, end.close_code, reason = "done", WSClose.DONE, b"job finished"
     except StreamClosing:
         end.outcome, end.close_code = "shutdown", WSClose.GOING_AWAY
