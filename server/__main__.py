@@ -25,7 +25,7 @@ from aiohttp import web
 
 from . import __version__
 from .app import create_app
-from .auth import READ, mint_token
+from .auth import READ, Authenticator, mint_token
 from .config import Config, ConfigError, ensure_storage_dir, load_config
 from .dblock import DatabaseInUse, DatabaseLock
 from .limits import ConnectionCappedRunner
@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         ensure_storage_dir(config)
         if args.command == "serve":
             refuse_anonymous_remote(config)
+            Authenticator(config.auth)  # unreadable or unusable public keys: one line, exit 2
     except ConfigError as exc:
         sys.stderr.write(f"jobfeed: {exc}\n")
         return 2

@@ -160,3 +160,20 @@ async def test_logs_carry_tenant_and_sub_and_no_credential(launcher: Launcher) -
         assert record.get("tenant") == "acme", record
         assert "sub" in record, record
     assert {r["sub"] for r in streams} == {"svc-1"}
+
+
+def test_an_unusable_public_key_stops_start_up_with_one_line(tmp_path: Path) -> None:
+    """A public key file that is missing or not PEM: exit 2 with one line naming it."""
+    (tmp_path / "not-a-key.pem").write_text("hello", encoding="utf-8")
+    for name in ("missing.pem", "not-a-key.pem"):
+        config = write_config(tmp_path / name.split(".")[0], "jobfeed.db")
+        config.write_text(
+            config.read_text() + f'\n[auth]\nmode = "jwt"\npublic_keys = ["{tmp_path / name}"]\n',
+            encoding="utf-8",
+        )
+        result = run_cli("serve", "--config", str(config), cwd=tmp_path)
+        assert result.returncode == 2, result
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1, result.stderr
+        assert "auth.public_keys" in lines[0]
+        assert name in lines[0]
