@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from .config import AuthConfig, ConfigError
 from .errors import Forbidden, JobNotFound, Unauthorized
+from .frames import Frame
 from .grants import BadSelector, JobGrants
 from .tenancy import DEFAULT_TENANT, TENANT_RE, JobKey
 
@@ -77,6 +78,36 @@ class Principal:
     @property
     def expires_at(self) -> str | None:
         return None if self.exp is None else rfc3339(self.exp)
+
+
+class TenantGrant:
+    """What a principal may read of a stream that spans jobs (the feed, feed.md): its own
+    tenant's events, of the jobs its grants cover. ``permits`` is asked about every frame
+    (replayed or live); ``sql_filter`` lets a replay skip other tenants' rows in SQL."""
+
+    __slots__ = ("grants", "key", "tenant")
+    everything = False  # never "every event": other tenants' events are always refused
+
+    def __init__(self, principal: Principal) -> None:
+        self.tenant = principal.tenant
+        self.grants = principal.grants
+        selectors = "*" if self.grants is None else ",".join(self.grants.selectors())
+        # Subscribers share a filter group only when their grants' keys are equal.
+        self.key = f"{self.tenant}|{selectors}"
+
+    def permits(self, frame: Frame) -> bool:
+        return frame.tenant == self.tenant and (
+            self.grants is None or self.grants.covers(frame.job_id)
+        )
+
+    def sql_filter(self, tenant_column: str, job_column: str) -> tuple[str, list[str | int]]:
+        clause = f"{tenant_column} = ?"
+        params: list[str | int] = [self.tenant]
+        if self.grants is not None:
+            grant_clause, grant_params = self.grants.sql_filter(job_column)
+            clause = f"{clause} AND {grant_clause}"
+            params.extend(grant_params)
+        return clause, params
 
 
 # With authentication off every request acts for this one: the tenant `default`, everything.

@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 
 from .models import TERMINAL_TYPES
+from .tenancy import DEFAULT_TENANT
 
 # A stream writes a batch of frames in parts of about this many bytes, waiting for the peer
 # between them (aiohttp's transports pause writers at 64 KiB buffered).
@@ -29,13 +30,25 @@ class Frame:
         "job_id",
         "json",
         "seq",
+        "tenant",
         "terminal",
         "ts",
     )
 
     def __init__(
-        self, job_id: str, seq: int, event_id: int, event_type: str, ts: str, json: bytes
+        self,
+        job_id: str,
+        seq: int,
+        event_id: int,
+        event_type: str,
+        ts: str,
+        json: bytes,
+        *,
+        tenant: str = DEFAULT_TENANT,
     ) -> None:
+        # The tenant never goes on the wire (events carry the public job_id only); it lets
+        # what spans jobs (the feed) check each frame against a credential's tenant.
+        self.tenant = tenant
         self.job_id = job_id
         self.seq = seq
         self.event_id = event_id

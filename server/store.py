@@ -337,9 +337,9 @@ class Store:
             rows = await self._read(READ_AFTER_SQL, params)
         else:
             rows = await self._read_within(READ_AFTER_SQL, params, 4, max_bytes)
-        job_id = key.job_id
+        tenant, job_id = key
         return [
-            Frame(job_id, seq, event_id, event_type.decode(), ts.decode(), body)
+            Frame(job_id, seq, event_id, event_type.decode(), ts.decode(), body, tenant=tenant)
             for seq, event_id, event_type, ts, body in rows
         ]
 

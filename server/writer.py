@@ -529,7 +529,9 @@ class Writer:
         group.event_rows.append(
             (next_id, key.tenant, key.job_id, 1, "created", ts, None, body.decode())
         )
-        group.frames.setdefault(key, []).append(Frame(key.job_id, 1, next_id, "created", ts, body))
+        group.frames.setdefault(key, []).append(
+            Frame(key.job_id, 1, next_id, "created", ts, body, tenant=key.tenant)
+        )
         group.answers.append((op, state))
         return next_id + 1
 
@@ -581,7 +583,7 @@ class Writer:
             rows.append(
                 (next_id, job.tenant, job_id, seq, event.type, ts, event.key, body.decode())
             )
-            frames.append(Frame(job_id, seq, next_id, event.type, ts, body))
+            frames.append(Frame(job_id, seq, next_id, event.type, ts, body, tenant=job.tenant))
             appended = AppendedEvent(seq, next_id, ts)
             answers[index] = appended
             if event.key is not None:
