@@ -640,3 +640,29 @@ def test_the_cache_is_bounded_and_rechecks_expiry_and_revocation() -> None:
     authenticator.set_revocations(revoked)
     with pytest.raises(Unauthorized, match=r"^revoked:"):
         authenticator.verify_token(fresh, now=now)
+
+
+def test_not_before_per_tenant_revokes_only_that_tenant() -> None:
+    """auth.tenants.<name>.not_before refuses that tenant's earlier tokens only; the global
+    one, when later, applies to every tenant."""
+    now = time.time()
+    environ = {
+        **{f"JOBFEED_{k.upper()}": v for k, v in auth_settings().items()},
+        "JOBFEED_AUTH__TENANTS": json.dumps(
+            {"acme": {"not_before": datetime.fromtimestamp(now + 10, UTC).isoformat()}}
+        ),
+    }
+    authenticator = Authenticator(load_config(None, environ=environ).auth)
+    with pytest.raises(Unauthorized, match=r"^revoked:"):
+        authenticator.verify_token(token("acme", now=now), now=now)
+    authenticator.verify_token(token("globex", now=now), now=now)
+    later = load_config(
+        None,
+        environ={
+            **environ,
+            "JOBFEED_AUTH__NOT_BEFORE": datetime.fromtimestamp(now + 20, UTC).isoformat(),
+        },
+    ).auth
+    authenticator.set_revocations(later)
+    with pytest.raises(Unauthorized, match=r"^revoked:"):
+        authenticator.verify_token(token("globex", sub="x", now=now), now=now)
