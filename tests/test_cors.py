@@ -1,5 +1,5 @@
 """Browsers and origins (auth.md): CORS answers for ``[http] cors_origins`` and the WebSocket
-``Origin`` check, through the real app on a real socket. tests/test_browser.py does the same
+``Origin`` check, through the real app on a real socket. tests/test_browser_cors.py does the same
 from a real browser."""
 
 from __future__ import annotations
