@@ -130,8 +130,14 @@ def _response_schemas() -> dict[str, Schema]:
             "properties": {
                 "jobs": {"type": "array", "items": _ref("Snapshot")},
                 "next_cursor": string_or_null,
+                "cursor": {
+                    "type": "integer",
+                    "minimum": 0,
+                    "description": "the last event id committed when the list was read: "
+                    "GET /v1/feed?after=<cursor> continues from exactly this list",
+                },
             },
-            "required": ["jobs", "next_cursor"],
+            "required": ["jobs", "next_cursor", "cursor"],
             "additionalProperties": False,
         },
         "AppendResult": {
@@ -402,6 +408,28 @@ def build_openapi(config: Config) -> dict[str, Any]:
                         "content": {"text/event-stream": {"schema": {"type": "string"}}},
                     },
                     **_error_responses(400, 404, 405, *common),
+                },
+            },
+        },
+        "/v1/feed": {
+            "get": {
+                "operationId": "feed",
+                "summary": "The events of many jobs on one cursor (the event id): WebSocket on "
+                "an Upgrade request, Server-Sent Events on Accept: text/event-stream.",
+                "description": "Outside OpenAPI's request/response model like the job stream; "
+                "frames, filters and the cursor are in docs/protocol.md. after absent: from "
+                "now; Last-Event-ID, when present, is after (SSE). Filters: job, kind and type "
+                "repeatable (OR), prefix; different filters AND.",
+                "parameters": [
+                    _query_int("after", 0, _MAX_QUERY_INT, "the last event id the client has"),
+                ],
+                "responses": {
+                    "101": {"description": "WebSocket: hello, the log, then live events"},
+                    "200": {
+                        "description": "SSE: hello, the log, then live events",
+                        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                    },
+                    **_error_responses(400, 405, *common),
                 },
             },
         },

@@ -65,10 +65,14 @@ async def list_jobs(request: web.Request) -> web.Response:
     limit = query_int(request, "limit", default, minimum=1, maximum=limits.page_size_max)
     cursor_raw = request.query.get("cursor") or None
     before = None if cursor_raw is None else parse_int("cursor", cursor_raw, minimum=1)
-    snapshots, next_before = await request.app[STORE].list_jobs(status, kind, limit, before)
-    body = b'{"jobs":[%s],"next_cursor":%s}' % (
+    store = request.app[STORE]
+    snapshots, next_before, last_id = await store.list_jobs(status, kind, limit, before)
+    # "cursor": the feed position of this list (feed.md): GET /v1/feed?after=<cursor> goes on
+    # from exactly the state these snapshots show.
+    body = b'{"jobs":[%s],"next_cursor":%s,"cursor":%d}' % (
         b",".join(snapshots),
         orjson.dumps(None if next_before is None else str(next_before)),
+        last_id,
     )
     return json_response(body)
 
