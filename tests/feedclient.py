@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,18 +71,22 @@ def feed_url(base: str, after: int | None = None, **filters: Any) -> str:
     return f"{base}/v1/feed" + (f"?{query}" if query else "")
 
 
+Stop = Callable[["FeedLog"], bool]
+
+
 async def read_feed_ws(
     session: aiohttp.ClientSession,
     url: str,
     *,
     until_id: int | None = None,
     count: int | None = None,
+    stop: Stop | None = None,
 ) -> FeedLog:
     """Read a WebSocket feed until an event or heartbeat reaches ``until_id``, ``count``
-    events arrived, or the server closes."""
+    events arrived, ``stop`` says so, or the server closes."""
     log = FeedLog("ws", status=101)
     async with session.ws_connect(url) as ws:
-        while not _done(log, until_id, count):
+        while not _done(log, until_id, count, stop):
             async with asyncio.timeout(WAIT):
                 message = await ws.receive()
             if message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
@@ -100,6 +104,7 @@ async def read_feed_sse(
     last_event_id: int | None = None,
     until_id: int | None = None,
     count: int | None = None,
+    stop: Stop | None = None,
 ) -> FeedLog:
     """Read an SSE feed as ``EventSource`` would; the position is the last ``id:`` field."""
     log = FeedLog("sse")
@@ -113,7 +118,7 @@ async def read_feed_sse(
                 log.errors.append(await response.json())
             return log
         parser = SseParser()
-        while not _done(log, until_id, count):
+        while not _done(log, until_id, count, stop):
             async with asyncio.timeout(WAIT):
                 raw = await response.content.readline()
             if not raw:
@@ -141,10 +146,12 @@ async def read_feed_sse(
     return log
 
 
-def _done(log: FeedLog, until_id: int | None, count: int | None) -> bool:
+def _done(log: FeedLog, until_id: int | None, count: int | None, stop: Stop | None) -> bool:
     if log.hello is None:
         return False
     if count is not None and len(log.events) >= count:
+        return True
+    if stop is not None and stop(log):
         return True
     return until_id is not None and log.position >= until_id
 

@@ -1,0 +1,163 @@
+"""The feed's guarantee under fire, on a real server process (feed.md, "Cursor"): producers
+append to many jobs while WebSocket and SSE feed subscribers, each with its own filter, join
+at random ids, drop at random points and resume from their last position; each one's
+events, joined up, equal the filter applied to the ground truth merged from the per-job logs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.feedclient import (
+    FeedLog,
+    feed_url,
+    ground_truth,
+    read_feed_sse,
+    read_feed_ws,
+    selected,
+)
+from tests.procs import Launcher, launching
+
+pytestmark = pytest.mark.process
+
+JOBS = 16
+EVENTS = 1_200  # appended in total, in requests of 1-5 events
+SUBSCRIBERS = 12
+KINDS = ("build", "deploy", "scan", None)
+TYPES = ("progress", "log", "notification", "stage_done")
+
+
+@pytest.fixture
+def jobfeed_process(tmp_path: Path) -> Iterator[Launcher]:
+    with launching(tmp_path) as launcher:
+        yield launcher
+
+
+def random_filter(
+    rng: random.Random, job_ids: list[str], kinds: dict[str, str | None]
+) -> dict[str, Any]:
+    choice = rng.randrange(6)
+    if choice == 0:
+        return {}
+    if choice == 1:
+        return {"job": rng.sample(job_ids, rng.randint(1, 3))}
+    if choice == 2:
+        return {"prefix": rng.choice(["a-", "b-", "a-1"])}
+    if choice == 3:
+        return {"kind": rng.sample(["build", "deploy", "scan"], rng.randint(1, 2))}
+    if choice == 4:
+        return {"type": rng.sample([*TYPES, "created", "completed"], rng.randint(1, 3))}
+    return {"prefix": "b-", "type": ["log", "progress"], "kind": ["build", "scan"]}
+
+
+async def produce(session: aiohttp.ClientSession, rng: random.Random, job_ids: list[str]) -> None:
+    """Appends in random requests to random jobs; a few jobs complete on the way."""
+    open_jobs = list(job_ids)
+    sent = 0
+    while sent < EVENTS and open_jobs:
+        job_id = rng.choice(open_jobs)
+        if sent > EVENTS // 2 and rng.random() < 0.01 and len(open_jobs) > JOBS // 2:
+            body: dict[str, Any] = {"type": "completed"}
+            open_jobs.remove(job_id)
+            count = 1
+        else:
+            count = rng.randint(1, 5)
+            events = [{"type": rng.choice(TYPES), "message": f"m{sent + i}"} for i in range(count)]
+            body = events[0] if count == 1 else {"events": events}
+        async with session.post(f"/v1/jobs/{job_id}/events", json=body) as response:
+            assert response.status == 201, await response.text()
+        sent += count
+
+
+async def current_id(session: aiohttp.ClientSession) -> int:
+    async with session.get("/v1/jobs?limit=1") as response:
+        cursor: int = (await response.json())["cursor"]
+    return cursor
+
+
+async def subscribe(
+    session: aiohttp.ClientSession,
+    base: str,
+    rng: random.Random,
+    transport: str,
+    filters: dict[str, Any],
+    start: int,
+    done: asyncio.Event,
+    final: list[int],
+) -> list[dict[str, Any]]:
+    """Join at ``start``, drop after a random number of events, resume from the last
+    position (event id or heartbeat), until the producers are done and the end is reached."""
+    received: list[dict[str, Any]] = []
+    position = start
+    while True:
+        drop_after = rng.randint(1, 80)
+
+        def stop(log: FeedLog, drop_after: int = drop_after) -> bool:
+            if done.is_set() and log.position >= final[0]:
+                return True
+            return len(log.events) >= drop_after
+
+        if done.is_set() and position >= final[0]:
+            return received
+        if transport == "ws":
+            log = await read_feed_ws(session, feed_url(base, position, **filters), stop=stop)
+        else:
+            # As a browser's EventSource resumes: Last-Event-ID, no after in the URL.
+            log = await read_feed_sse(
+                session, feed_url(base, None, **filters), last_event_id=position, stop=stop
+            )
+        assert log.hello is not None, log
+        assert log.hello["after"] == position
+        received.extend(log.events)
+        position = log.position
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_feed_subscribers_are_exact_under_fire(jobfeed_process: Launcher, seed: int) -> None:
+    """Every subscriber gets exactly the matching events after the id it joined at, in id
+    order, once each, however its drops and resumes fall between replay and live."""
+    rng = random.Random(seed)
+    server = await jobfeed_process.start(stream__heartbeat_seconds=0.2)
+    job_ids = [f"{'ab'[i % 2]}-{i}" for i in range(JOBS)]
+    kinds = {job_id: KINDS[i % len(KINDS)] for i, job_id in enumerate(job_ids)}
+    async with aiohttp.ClientSession(server.url) as session:
+        for job_id in job_ids:
+            body = {"job_id": job_id, **({"kind": kinds[job_id]} if kinds[job_id] else {})}
+            async with session.post("/v1/jobs", json=body) as response:
+                assert response.status == 201
+        done = asyncio.Event()
+        final = [0]
+        producer = asyncio.create_task(produce(session, rng, job_ids))
+        plans = []
+        subscribers = []
+        for index in range(SUBSCRIBERS):
+            await asyncio.sleep(0)  # let the producer run between joins
+            start = rng.randint(0, await current_id(session))
+            filters = random_filter(rng, job_ids, kinds)
+            transport = "ws" if index % 2 == 0 else "sse"
+            plans.append((transport, filters, start))
+            sub_rng = random.Random(rng.random())
+            subscribers.append(
+                asyncio.create_task(
+                    subscribe(session, server.url, sub_rng, transport, filters, start, done, final)
+                )
+            )
+        await producer
+        final[0] = await current_id(session)
+        done.set()
+        async with asyncio.timeout(120):
+            results = await asyncio.gather(*subscribers)
+        truth = await ground_truth(session, server.url, job_ids)
+    assert [event["id"] for event in truth] == sorted({event["id"] for event in truth})
+    for (transport, filters, start), received in zip(plans, results, strict=True):
+        expected = selected([e for e in truth if e["id"] > start], kinds, **filters)
+        got_ids = [event["id"] for event in received]
+        assert got_ids == [event["id"] for event in expected], (transport, filters, start)
+        assert received == expected, (transport, filters, start)
