@@ -2,12 +2,15 @@
 append to many jobs while WebSocket and SSE feed subscribers, each with its own filter, join
 at random ids, drop at random points and resume from their last position; each one's
 events, joined up, equal the filter applied to the ground truth merged from the per-job logs.
+Also on a real process: a stuck feed subscriber is closed 1013, and SIGTERM closes feeds.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import random
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,7 @@ from tests.feedclient import (
     selected,
 )
 from tests.procs import Launcher, launching
+from tests.test_overload import EVENT_BYTES, StuckSubscriber, wait_for_records
 
 pytestmark = pytest.mark.process
 
@@ -32,6 +36,7 @@ EVENTS = 1_200  # appended in total, in requests of 1-5 events
 SUBSCRIBERS = 12
 KINDS = ("build", "deploy", "scan", None)
 TYPES = ("progress", "log", "notification", "stage_done")
+STUCK_EVENTS = 80  # of EVENT_BYTES each: far more than a stuck socket can buffer
 
 
 @pytest.fixture
@@ -161,3 +166,70 @@ async def test_feed_subscribers_are_exact_under_fire(jobfeed_process: Launcher, 
         got_ids = [event["id"] for event in received]
         assert got_ids == [event["id"] for event in expected], (transport, filters, start)
         assert received == expected, (transport, filters, start)
+
+
+async def test_a_stuck_feed_subscriber_is_closed_1013(jobfeed_process: Launcher) -> None:
+    """A feed subscriber that stops reading is closed 1013 after stream.send_timeout, like a
+    job stream's, and logged with its filters; a reader of the same feed gets everything."""
+    server = await jobfeed_process.start(stream__send_timeout=0.5, log__access="false")
+    path = "/v1/feed?after=0&prefix=stuck"
+    padding = "x" * EVENT_BYTES
+    async with aiohttp.ClientSession(server.url) as session:
+        async with session.post("/v1/jobs", json={"job_id": "stuck-1"}) as response:
+            assert response.status == 201
+        stuck = [await StuckSubscriber.connect(server.host, server.port, path) for _ in range(3)]
+        reader_ws = await session.ws_connect(path, max_msg_size=1 << 20)
+        seqs: list[int] = []
+
+        async def read_all() -> None:
+            async for message in reader_ws:
+                frame = json.loads(message.data)
+                if "seq" in frame:
+                    seqs.append(frame["seq"])
+                if len(seqs) == STUCK_EVENTS + 1:
+                    return
+
+        reading = asyncio.create_task(read_all())
+        for n in range(STUCK_EVENTS):
+            event = {"type": "progress", "current": n, "data": {"pad": padding}}
+            async with session.post("/v1/jobs/stuck-1/events", json=event) as response:
+                assert response.status == 201, await response.text()
+        cut_off = await asyncio.to_thread(
+            wait_for_records, server, 3, 60, event="stream_closed", outcome="send_timeout"
+        )
+        assert cut_off == 3, server.describe()
+        async with asyncio.timeout(60):
+            await reading
+        await reader_ws.close()
+        for subscriber in stuck:
+            await asyncio.to_thread(subscriber.drain)
+    timed_out = [
+        r
+        for r in server.log.records
+        if r.get("event") == "stream_closed" and r.get("outcome") == "send_timeout"
+    ]
+    assert {r["close_code"] for r in timed_out} == {1013}
+    assert all(r["feed"] == {"prefix": "stuck"} for r in timed_out)
+    assert seqs == list(range(1, STUCK_EVENTS + 2))
+
+
+async def test_sigterm_closes_feeds_1001_and_ends_sse_feeds(jobfeed_process: Launcher) -> None:
+    """On SIGTERM a WebSocket feed closes with 1001 and an SSE feed's response ends (the
+    browser reconnects elsewhere); the process exits 0."""
+    server = await jobfeed_process.start()
+    async with aiohttp.ClientSession(server.url) as session:
+        ws = await session.ws_connect("/v1/feed")
+        async with asyncio.timeout(20):
+            assert json.loads((await ws.receive()).data)["type"] == "hello"
+        async with session.get("/v1/feed", headers={"Accept": "text/event-stream"}) as response:
+            assert response.status == 200
+            async with asyncio.timeout(20):
+                while b"event: hello" not in await response.content.readline():
+                    pass
+                server.kill(signal.SIGTERM)
+                message = await ws.receive()
+                rest = await response.content.read()  # returns at the end of the response
+        assert message.type == aiohttp.WSMsgType.CLOSE
+        assert ws.close_code == 1001
+        assert b'"seq"' not in rest  # the rest of hello, then the end
+        assert await server.wait_async(30) == 0
