@@ -27,7 +27,12 @@ from tests.feedclient import (
     selected,
 )
 from tests.procs import Launcher, launching
-from tests.test_overload import EVENT_BYTES, StuckSubscriber, wait_for_records
+from tests.test_overload import (
+    EVENT_BYTES,
+    StuckSubscriber,
+    admitted_connection,
+    wait_for_records,
+)
 
 pytestmark = pytest.mark.process
 
@@ -233,3 +238,28 @@ async def test_sigterm_closes_feeds_1001_and_ends_sse_feeds(jobfeed_process: Lau
         assert ws.close_code == 1001
         assert b'"seq"' not in rest  # the rest of hello, then the end
         assert await server.wait_async(30) == 0
+
+
+async def test_the_connection_cap_answers_event_source_with_a_retryable_error(
+    jobfeed_process: Launcher,
+) -> None:
+    """Past server.max_connections an EventSource-style request gets 200 text/event-stream
+    with retry: and an `event: error` (overloaded), then the connection closes: a browser
+    retries instead of giving up on a 503."""
+    server = await jobfeed_process.start(server__max_connections=1)
+    held = await admitted_connection(server)
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    request = f"GET /v1/feed HTTP/1.1\r\nHost: {server.host}\r\nAccept: text/event-stream\r\n\r\n"
+    writer.write(request.encode())
+    async with asyncio.timeout(20):
+        answer = await reader.read()  # until the server closes the connection
+    writer.close()
+    await held.close()
+    head, _, body = answer.decode().partition("\r\n\r\n")
+    assert head.startswith("HTTP/1.1 200"), head
+    assert "Content-Type: text/event-stream" in head
+    lines = body.splitlines()
+    assert lines[0].startswith("retry: ")
+    assert "event: error" in lines
+    data = next(line for line in lines if line.startswith("data: "))
+    assert json.loads(data[6:])["code"] == "overloaded"
