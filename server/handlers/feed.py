@@ -51,7 +51,7 @@ log = structlog.get_logger("jobfeed.stream")
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 _PREFIX = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _TYPE = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
-_KIND_MAX = 200
+_VALUE_MAX = 200  # longer than any job id (128), kind (128) or type (64)
 _SNAPSHOT_CHUNK = 100  # snapshot frames written per send
 
 
@@ -88,7 +88,7 @@ def _values(
             f"{name} is given {len(values)} times; at most {limit} (stream.feed_max_filter_values)"
         )
     for value in values:
-        bad = not value or len(value) > _KIND_MAX
+        bad = not value or len(value) > _VALUE_MAX
         if bad or (pattern is not None and not pattern.match(value)):
             raise InvalidParameter(f"{name}={value[:40]!r} cannot match any {name}")
     return frozenset(values)
