@@ -134,6 +134,9 @@ async def read_sse(
     request_headers = {"Accept": "text/event-stream", **(headers or {})}
     async with client.get(path, headers=request_headers) as response:
         log.status = response.status
+        if response.status == 204:  # a finished stream, reconnected at or past its end
+            log.ended = True
+            return log
         if response.status != 200:
             log.errors.append(await response.json())
             return log
