@@ -265,6 +265,9 @@ def w9(profile: Profile) -> list[Phase]:
     }
     metrics.update(latency_ms(latencies, "latency", ACK_QUANTILES))
     metrics["max lag at end, ids"] = produced["last_id"] - min(s["last"] for s in reports)
+    metrics["subscribers with a wrong sequence"] = sum(
+        1 for s in reports if s["holes"] or s["duplicates"]
+    )
     metrics["server peak RSS MB"] = peak_rss / 2**20
     notes = order_notes(reports, name)
     notes += status_notes([produced["statuses"]], name)
