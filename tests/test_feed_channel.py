@@ -5,9 +5,14 @@ answers only for the range it holds."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
-from server.feed import FeedChannel, FeedFilter, FeedLive
+from server.feed import FeedChannel, FeedCursor, FeedFilter, FeedLive, follow_feed
 from server.frames import Frame
+from server.hub import Hub
+from server.models import LogIn
+from server.store import Store
+from tests.conftest import ConfigFactory
 
 WAIT = 10.0
 
@@ -107,3 +112,68 @@ async def test_the_cache_answers_only_for_the_range_it_holds() -> None:
     assert page[1] == 4
     rest = channel.frames_after(4, 10, FeedFilter(jobs=frozenset({"nope"})))
     assert rest == ([], 6)
+
+
+class NotJob:
+    """A grant that refuses one job's events: what auth.md's tenant and job grants become."""
+
+    everything = False
+
+    def __init__(self, refused: str) -> None:
+        self.refused = refused
+        self.key = f"not:{refused}"
+
+    def permits(self, frame: Frame) -> bool:
+        return frame.job_id != self.refused
+
+
+async def test_the_grant_is_asked_about_every_event_replayed_or_live(
+    make_config: ConfigFactory, tmp_path: Path
+) -> None:
+    """One grant, one place: a refused job's events are left out of the SQLite replay (no
+    feed cache) and of the live pushes alike; the rest arrive in id order."""
+    config = make_config(stream__feed_cache_events=0)
+    hub = Hub(10, 1 << 20, 0, 0)
+    store = Store(config, hub)
+    await store.open()
+    try:
+        for job_id in ("a", "b"):
+            await store.writer.create_job(job_id, None, None)
+        for n in range(3):
+            for job_id in ("a", "b"):
+                await store.writer.append(job_id, [LogIn(type="log", message=f"{n}")])
+        replayed_to = hub.feed.high_water
+        cursor = FeedCursor(0)
+        pushed: list[list[Frame]] = []
+
+        def push(batch: list[Frame]) -> bool:
+            pushed.append(batch)
+            return True
+
+        batches = follow_feed(
+            store,
+            hub.feed,
+            cursor,
+            FeedFilter(grant=NotJob("b")),
+            page_events=2,
+            scan_ids=3,
+            idle_seconds=0.2,
+            push=push,
+        )
+        received: list[Frame] = []
+        async with asyncio.timeout(WAIT):
+            while cursor.after < replayed_to:
+                batch = await anext(batches)
+                received.extend(batch or [])
+            replayed = list(received)
+            for job_id in ("b", "a"):
+                await store.writer.append(job_id, [LogIn(type="log", message="live")])
+            while cursor.after < hub.feed.high_water:
+                batch = await anext(batches)  # read, or a heartbeat after pushes
+                received.extend(batch or [])
+        await batches.aclose()
+    finally:
+        await store.close()
+    assert [(f.job_id, f.seq) for f in replayed] == [("a", 1), ("a", 2), ("a", 3), ("a", 4)]
+    live = received[len(replayed) :] + [f for batch in pushed for f in batch]
+    assert [(f.job_id, f.seq) for f in live] == [("a", 5)]
