@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 from bisect import bisect_right
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -367,7 +367,7 @@ async def follow_feed(
     scan_ids: int,
     idle_seconds: float,
     push: FeedPushFn | None = None,
-) -> AsyncIterator[list[Frame] | None]:
+) -> AsyncGenerator[list[Frame] | None, None]:
     """Yield batches of matching frames past ``cursor.after``, in id order, forever; ``None``
     after ``idle_seconds`` without sending any (a heartbeat carries ``cursor.after``).
 
