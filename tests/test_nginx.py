@@ -24,6 +24,7 @@ import pytest
 from tests.feedclient import feed_url, read_feed_sse, read_feed_ws
 from tests.procs import Launcher, launching
 from tests.streams import SseParser
+from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, WAIT_MS
 
 pytestmark = pytest.mark.process
 
@@ -188,3 +189,72 @@ async def test_event_source_resumes_through_nginx_across_a_restart(
     assert after.hello["after"] == position
     assert [event["id"] for event in before.events + after.events] == list(range(1, last + 1))
     assert first == 2
+
+
+PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>feed via nginx</title></head>
+<body><h1>px-2 feed through nginx</h1><p id="state">connecting</p><ol id="log"></ol>
+<script>
+window.got = {events: [], opens: 0, errors: 0, down: 0};
+const source = new EventSource("/v1/feed?after=0&job=px-2");
+source.onopen = () => { got.opens++; };
+source.onerror = () => { got.errors++; };
+source.addEventListener("error", (e) => { if (e.data) got.down++; });
+source.onmessage = (m) => {
+  const event = JSON.parse(m.data);
+  got.events.push({lastEventId: m.lastEventId, event});
+  const li = document.createElement("li");
+  li.textContent = `#${m.lastEventId} ${event.type} ${event.message || ""}`;
+  document.getElementById("log").appendChild(li);
+  document.getElementById("state").textContent = `${got.events.length} events, ` +
+    `${got.opens} opens, ${got.down} upstream-down answers`;
+};
+</script></body></html>
+"""
+
+
+@pytest.mark.skipif(
+    not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is absent (.ci/run installs it)"
+)
+async def test_a_page_resumes_through_nginx_after_jobfeed_restarts(
+    jobfeed_process: Launcher, nginx_in_front: Any, tmp_path: Path
+) -> None:
+    """A Chromium page on native EventSource, behind nginx: while jobfeed is down it gets
+    nginx's 200 `event: error` answer and keeps retrying; after the restart it resumes from
+    its Last-Event-ID with no hole and no duplicate."""
+    from playwright.async_api import async_playwright
+
+    server = await jobfeed_process.start()
+    proxy = nginx_in_front(server.port)
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{proxy}/v1/jobs", json={"job_id": "px-2"}) as response:
+            assert response.status == 201
+        await append(session, proxy, "px-2", type="log", message="before")
+        async with async_playwright() as playwright:
+            context = await playwright.chromium.launch_persistent_context(
+                str(tmp_path / "profile"),
+                executable_path=CHROMIUM,
+                headless=True,
+                args=CHROMIUM_ARGS,
+            )
+            try:
+                page = context.pages[0] if context.pages else await context.new_page()
+                await page.route(
+                    f"{proxy}/page.html",
+                    lambda route: route.fulfill(status=200, content_type="text/html", body=PAGE),
+                )
+                await page.goto(f"{proxy}/page.html")
+                await page.wait_for_function("got.events.length >= 2", timeout=WAIT_MS)
+                server.kill()
+                await server.wait_async(10)
+                # nginx answers for the dead upstream; the page keeps retrying.
+                await page.wait_for_function("got.down >= 1", timeout=WAIT_MS)
+                server = await jobfeed_process.start(server__port=server.port)
+                await append(session, proxy, "px-2", type="notification", message="after")
+                await page.wait_for_function("got.events.length >= 3", timeout=WAIT_MS)
+                got = await page.evaluate("got")
+                await page.screenshot(path=str(tmp_path / "nginx-page.png"))
+            finally:
+                await context.close()
+    assert [item["event"]["seq"] for item in got["events"]] == [1, 2, 3]
+    assert [item["event"]["type"] for item in got["events"]] == ["created", "log", "notification"]
+    assert got["opens"] >= 3  # the first, at least one upstream-down answer, after the restart
