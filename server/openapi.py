@@ -404,8 +404,13 @@ def build_openapi(config: Config) -> dict[str, Any]:
                 "responses": {
                     "101": {"description": "WebSocket: hello, the log, then live events"},
                     "200": {
-                        "description": "SSE: hello, the log, then live events",
+                        "description": "SSE: hello, the log, then live events (a retryable "
+                        "refusal to an EventSource: one event: error record)",
                         "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                    },
+                    "204": {
+                        "description": "SSE: the job is finished and after (Last-Event-ID) "
+                        "is at or past its terminal event: EventSource stops reconnecting"
                     },
                     **_error_responses(400, 404, 405, *common),
                 },
