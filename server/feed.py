@@ -219,6 +219,7 @@ class FeedChannel:
         self.subscribers = 0
         self._groups: dict[tuple[object, ...], FilterGroup] = {}
         self._changed = asyncio.Event()
+        self._waiting = 0  # tasks in wait_beyond
 
     def start(self, last_id: int) -> None:
         """The log's end when the writer starts: nothing before it is cached."""
@@ -281,11 +282,14 @@ class FeedChannel:
         if self.high_water > after:
             return True
         changed = self._changed
+        self._waiting += 1
         try:
             async with asyncio.timeout(timeout):
                 await changed.wait()
         except TimeoutError:
             return False
+        finally:
+            self._waiting -= 1
         return True
 
     async def wait_pushed(self, group: FilterGroup, live: FeedLive, timeout: float) -> bool:
@@ -315,9 +319,11 @@ class FeedChannel:
         self._wake()
 
     def _wake(self) -> None:
-        # Waiters hold the old Event; a fresh one makes the next wait block again.
-        self._changed.set()
-        self._changed = asyncio.Event()
+        # Waiters hold the old Event; a fresh one makes the next wait block again. Only when
+        # someone waits: this runs on every commit, and most feeds park in a group instead.
+        if self._waiting:
+            self._changed.set()
+            self._changed = asyncio.Event()
 
     def _cache(self, frames: list[Frame]) -> None:
         if self.cache_events == 0 or self.cache_bytes == 0:
@@ -327,7 +333,9 @@ class FeedChannel:
         self.cached_bytes += sum(frame.size for frame in frames)
         overflow = len(self.frames) - self.cache_events
         if overflow > 0:
-            self._evict(overflow)
+            # Trimmed in bulk, down to 7/8 of the cap: deleting from the front of a list
+            # moves every pointer behind it, once per publish would be on every commit.
+            self._evict(overflow + self.cache_events // 8)
         while self.cached_bytes > self.cache_bytes and self.frames:
             self._evict(max(1, len(self.frames) // 4))
 
