@@ -31,10 +31,14 @@ from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
+import structlog
+
 from .frames import Frame
 
 if TYPE_CHECKING:
     from .store import Store
+
+log = structlog.get_logger("jobfeed.feed")
 
 # Sends frames to a subscriber now, without blocking; False if it cannot (it then reads them).
 FeedPushFn = Callable[[list[Frame]], bool]
@@ -190,6 +194,11 @@ class FilterGroup:
         for key in stalled:
             self.live.pop(key).wake()
 
+    def wake_all(self) -> None:
+        for live in self.live.values():
+            live.wake()
+        self.live.clear()
+
 
 def _pushed(push: FeedPushFn, frames: list[Frame]) -> bool:
     try:
@@ -274,7 +283,14 @@ class FeedChannel:
             now = asyncio.get_running_loop().time()
             for group in self._groups.values():
                 if group.live:
-                    group.deliver(frames, before, high, now)
+                    try:
+                        group.deliver(frames, before, high, now)
+                    except Exception:
+                        # A bug (or a grant that raises) must not reach the writer, which
+                        # has committed already: the group's subscribers read for themselves
+                        # and meet the error in their own tasks.
+                        log.exception("feed_deliver_failed", feed=group.feed_filter.describe())
+                        group.wake_all()
         self._wake()
 
     async def wait_beyond(self, after: int, timeout: float) -> bool:
@@ -313,9 +329,7 @@ class FeedChannel:
         """Shutdown: every waiting subscriber wakes up and sees ``closing``."""
         self.closing = True
         for group in self._groups.values():
-            for live in group.live.values():
-                live.wake()
-            group.live.clear()
+            group.wake_all()
         self._wake()
 
     def _wake(self) -> None:

@@ -179,3 +179,29 @@ async def test_the_grant_is_asked_about_every_event_replayed_or_live(
         await store.close()
     assert [(f.job_id, f.seq) for f in replayed] == [("a", 1), ("a", 2), ("a", 3), ("a", 4)]
     assert [(f.job_id, f.seq) for batch in pushed for f in batch] == [("a", 5)]
+
+
+class Raising:
+    """A grant with a bug."""
+
+    key = "raising"
+    everything = False
+
+    def permits(self, frame: Frame) -> bool:
+        raise RuntimeError("a bug in a grant")
+
+
+async def test_a_failing_filter_never_reaches_the_publisher() -> None:
+    """An exception while a group's filter runs is logged; the publish goes on for the other
+    groups, and that group's subscribers are woken to read for themselves."""
+    channel = FeedChannel(100, 1 << 20)
+    channel.start(0)
+    broken: list[list[Frame]] = []
+    fine: list[list[Frame]] = []
+    woken = await park(channel, FeedFilter(grant=Raising()), broken)
+    await park(channel, FeedFilter(), fine)
+    channel.publish(frames(1, 2))  # does not raise
+    assert [frame.event_id for batch in fine for frame in batch] == [1, 2]
+    assert broken == []
+    assert woken.after == 0
+    await unpark()
