@@ -38,6 +38,9 @@ class Target:
     comparator: str | None = None  # a ceiling label's prefix: "NATS JetStream", "raw aiohttp"
     comparator_phase: NamePredicate | None = None  # when it is another phase's figure
     bound: float | None = None  # a fixed limit instead of a comparator
+    # The comparator is another of jobfeed's own phases from the same run (comparator_phase),
+    # not a ceiling or a peer: e.g. W9's feed fan-out against W4's job-stream fan-out.
+    against_measured: bool = False
 
 
 TARGETS = (
@@ -131,6 +134,25 @@ TARGETS = (
         bound=2.0,
     ),
     Target(
+        "W9",
+        "feed fan-out ≥ 0.8x W4's job-stream fan-out",
+        starts("W9 feed fan-out"),
+        "deliveries/s",
+        True,
+        ratio=0.8,
+        comparator="jobfeed W4",
+        comparator_phase=starts("W4 fan-out"),
+        against_measured=True,
+    ),
+    Target(
+        "W9",
+        "every feed subscriber exact",
+        starts("W9 feed fan-out"),
+        "subscribers with a wrong sequence",
+        False,
+        bound=0.0,
+    ),
+    Target(
         "W7",
         "≤ 20 KB RSS per idle subscriber",
         both("W7", ": connect"),
@@ -184,9 +206,17 @@ def judge(measured: Sequence[Phase], compared: Sequence[Phase]) -> list[Verdict]
             continue
         assert target.ratio is not None
         assert target.comparator is not None
-        theirs, label = _median(
-            compared, target.comparator_phase or target.phase, target.metric, target.comparator
-        )
+        if target.against_measured:
+            assert target.comparator_phase is not None
+            theirs, _ = _median(measured, target.comparator_phase, target.metric)
+            label = target.comparator
+        else:
+            theirs, label = _median(
+                compared,
+                target.comparator_phase or target.phase,
+                target.metric,
+                target.comparator,
+            )
         met = None
         if ours is not None and theirs is not None:
             if target.higher_is_better:

@@ -17,7 +17,8 @@ from aiohttp.typedefs import Handler
 from . import openapi
 from .config import Config
 from .errors import RateLimited, ServiceError, StorageUnavailable, error_body
-from .handlers import health, jobs, stream
+from .handlers import feed, health, jobs, stream
+from .handlers.eventsource import retryable_refusal, wants_event_stream
 from .hub import Hub
 from .keys import CONFIG, HUB, RATE_LIMITER, REQUEST_ID, STORE, STREAMS
 from .limits import RateLimiter
@@ -105,6 +106,12 @@ def _error_response(request: web.Request, exc: Exception) -> web.Response:
         # A storage fault is logged by the writer, once per fault (storage_failed).
         if exc.status >= 500 and not isinstance(exc, StorageUnavailable):
             log.warning("request_refused", code=exc.code, message=exc.message)
+        if wants_event_stream(request):
+            # An EventSource stops for good on any status but 200: a retryable refusal is
+            # a 200 stream of one error record (server/handlers/eventsource.py).
+            refusal = retryable_refusal(exc, request.app[CONFIG].stream.sse_retry_ms)
+            if refusal is not None:
+                return refusal
         return web.Response(
             body=exc.body(),
             status=exc.status,
@@ -148,7 +155,12 @@ def create_app(config: Config) -> web.Application:
         middlewares.append(rate_limit_middleware)
     app = web.Application(client_max_size=limits.max_body_bytes, middlewares=middlewares)
     app[CONFIG] = config
-    app[HUB] = Hub(config.stream.cache_events_per_job, config.stream.cache_bytes)
+    app[HUB] = Hub(
+        config.stream.cache_events_per_job,
+        config.stream.cache_bytes,
+        config.stream.feed_cache_events,
+        config.stream.feed_cache_bytes,
+    )
     if limits.rate_per_client > 0:
         app[RATE_LIMITER] = RateLimiter(
             limits.rate_per_client, limits.rate_burst, limits.rate_max_clients
@@ -173,6 +185,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/jobs/{job_id}/events", jobs.read_events)
     # No HEAD: a stream has no headers-only form, and HEAD must never upgrade (405 instead).
     app.router.add_get("/v1/jobs/{job_id}/stream", stream.stream, allow_head=False)
+    app.router.add_get("/v1/feed", feed.feed, allow_head=False)
     app.router.add_get("/healthz", health.healthz)
     app.router.add_get("/readyz", health.readyz)
     app.router.add_get("/v1/openapi.json", openapi.openapi_json)

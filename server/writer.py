@@ -105,6 +105,8 @@ class _Group:
     touched: dict[str, JobState] = field(default_factory=dict)
     event_rows: list[tuple[int, str, int, str, str, str | None, str]] = field(default_factory=list)
     frames: dict[str, list[Frame]] = field(default_factory=dict)
+    # The same frames in id order, for the feed (ids are handed out in request order).
+    feed: list[Frame] = field(default_factory=list)
     keys: dict[tuple[str, str], AppendedEvent] = field(default_factory=dict)
     answers: list[tuple[_Op, Any]] = field(default_factory=list)
 
@@ -170,6 +172,7 @@ class Writer:
 
     async def start(self) -> None:
         await self._load_position()
+        self._hub.feed.start(self.last_id)
         if self._wal is not None:
             await self._wal.configure(self._conn)
         self._task = asyncio.create_task(self._run(), name="jobfeed-writer")
@@ -189,6 +192,11 @@ class Writer:
         self._queue.put_nowait(None)
         if self._task is not None:
             await self._task
+
+    @property
+    def last_id(self) -> int:
+        """The id of the last committed event (0 for an empty log)."""
+        return self._next_id - 1
 
     @property
     def pending(self) -> int:
@@ -377,6 +385,7 @@ class Writer:
                 self._remember(state)
             for job_id, frames in group.frames.items():
                 self._hub.publish(job_id, frames)
+            self._hub.publish_feed(group.feed)
         for op, answer in group.answers:
             if not op.future.done():
                 op.future.set_result(answer)
@@ -495,9 +504,9 @@ class Writer:
         group.touched[op.job_id] = state
         group.created.append(op.job_id)
         group.event_rows.append((next_id, op.job_id, 1, "created", ts, None, body.decode()))
-        group.frames.setdefault(op.job_id, []).append(
-            Frame(op.job_id, 1, next_id, "created", ts, body)
-        )
+        frame = Frame(op.job_id, 1, next_id, "created", ts, body, op.kind)
+        group.frames.setdefault(op.job_id, []).append(frame)
+        group.feed.append(frame)
         group.answers.append((op, state))
         return next_id + 1
 
@@ -547,7 +556,7 @@ class Writer:
             body = self._serialize(stored_event, index)
             state = apply_event(state, stored_event)
             rows.append((next_id, op.job_id, seq, event.type, ts, event.key, body.decode()))
-            frames.append(Frame(op.job_id, seq, next_id, event.type, ts, body))
+            frames.append(Frame(op.job_id, seq, next_id, event.type, ts, body, state.kind))
             appended = AppendedEvent(seq, next_id, ts)
             answers[index] = appended
             if event.key is not None:
@@ -559,6 +568,7 @@ class Writer:
         group.touched[op.job_id] = state
         group.event_rows.extend(rows)
         group.frames.setdefault(op.job_id, []).extend(frames)
+        group.feed.extend(frames)
         group.keys.update(new_keys)
         group.answers.append((op, AppendResult(op.job_id, state.last_seq, _filled(answers))))
         return next_id

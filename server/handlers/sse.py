@@ -1,7 +1,9 @@
 """Server-Sent Events transport: hello, the replay, then live events; ends after the terminal.
 
 Unknown jobs, bad offsets and a stale ``epoch`` (409 ``log_reset``) are refused with a plain
-HTTP error before the stream starts.
+HTTP error before the stream starts; a reconnect at or past a finished job's terminal event
+gets 204, which stops a browser's ``EventSource`` from reconnecting. Retryable refusals are
+200 streams of one error record (``server.handlers.eventsource``).
 ``Last-Event-ID`` (sent by browsers on reconnect) takes precedence over ``?after=``.
 """
 
@@ -17,6 +19,8 @@ from ..follow import Cursor, StreamClosing, follow
 from ..frames import WRITE_PART_BYTES, parts_of
 from ..keys import CONFIG, HUB, STORE
 from ..limits import bound_send_buffer
+from ..models import TERMINAL_TYPES
+from .eventsource import SSE_HEADERS, retry_field
 from .subscription import Subscription, subscribe
 
 log = structlog.get_logger("jobfeed.stream")
@@ -24,20 +28,17 @@ log = structlog.get_logger("jobfeed.stream")
 
 async def serve_sse(request: web.Request, job_id: str) -> web.StreamResponse:
     raw_after = request.headers.get("Last-Event-ID") or request.query.get("after") or "0"
-    async with subscribe(request, job_id, raw_after) as subscription:
+    async with subscribe(request, job_id, raw_after, finished_past_end=True) as subscription:
+        head = subscription.head
+        if head.status in TERMINAL_TYPES and subscription.after >= head.last_seq:
+            return web.Response(status=204)  # the stream is finished: EventSource stops
         return await _stream(request, subscription)
 
 
 async def _stream(request: web.Request, subscription: Subscription) -> web.StreamResponse:
     config = request.app[CONFIG].stream
     job_id, after, stream = subscription.job_id, subscription.after, subscription.stream
-    response = web.StreamResponse(
-        headers={
-            "Content-Type": "text/event-stream",
-            "Cache-Control": "no-cache",
-            "X-Accel-Buffering": "no",  # let proxies pass events through as they come
-        }
-    )
+    response = web.StreamResponse(headers=SSE_HEADERS)
     await response.prepare(request)
     # From here on the response is under way: every ending is the end of its body (or a
     # dropped connection), never an error response (which would land inside the body).
@@ -51,7 +52,10 @@ async def _stream(request: web.Request, subscription: Subscription) -> web.Strea
     try:
         try:
             async with asyncio.timeout(config.send_timeout):
-                await response.write(b"event: hello\ndata: %s\n\n" % subscription.hello())
+                await response.write(
+                    retry_field(config.sse_retry_ms)
+                    + b"event: hello\ndata: %s\n\n" % subscription.hello()
+                )
             batches = follow(
                 request.app[STORE],
                 request.app[HUB],
@@ -71,10 +75,10 @@ async def _stream(request: web.Request, subscription: Subscription) -> web.Strea
                     for part in parts_of(batch, WRITE_PART_BYTES):
                         await response.write(b"".join(f.sse for f in part))
             outcome = "done"
-            await _end(request, response, config.send_timeout)
+            await end_response(request, response, config.send_timeout)
         except StreamClosing:
             outcome = "shutdown"
-            await _end(request, response, config.send_timeout)
+            await end_response(request, response, config.send_timeout)
         except TimeoutError:
             # The peer stopped reading; drop it rather than hold its buffer. It resumes by
             # offset.
@@ -111,7 +115,7 @@ async def _stream(request: web.Request, subscription: Subscription) -> web.Strea
     return response
 
 
-async def _end(request: web.Request, response: web.StreamResponse, within: float) -> None:
+async def end_response(request: web.Request, response: web.StreamResponse, within: float) -> None:
     """End the body (its last chunk); drop the connection if the peer does not take it."""
     try:
         async with asyncio.timeout(within):
