@@ -1,0 +1,108 @@
+"""The reporter's buffer: events waiting for the server, in the order they were reported, with
+progress updates coalesced. Pure (no I/O, no clock), so its rules are tested exhaustively.
+
+The rules:
+- Log lines, custom events, phase changes and terminal events are kept, in order, each with
+  its own key; nothing is ever dropped.
+- A progress update that does not change the phase is merged into the buffer's last item
+  when that item is a progress update that was never sent: the latest value wins, and the
+  merged update leaves the job's snapshot exactly where applying both one after the other
+  would (a merge drops the older ``progress`` when the newer update has counts without one,
+  so the server derives it from the counts, as it would have).
+- An item that was handed out for sending is frozen: its key and body never change, so a
+  retry after an unknown outcome is recognised by the server as a duplicate.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+_COUNT_FIELDS = ("current", "total")
+
+
+@dataclass(slots=True)
+class Pending:
+    """One event waiting to be acknowledged; ``body`` is what will be sent, key included."""
+
+    body: dict[str, Any]
+    size: int  # bytes of body as JSON, for batching under the server's body limit
+    coalescable: bool
+    sent: bool = False
+
+
+def encoded_size(body: dict[str, Any]) -> int:
+    return len(json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")))
+
+
+class Outbox:
+    """Events not yet acknowledged: ``sending`` (handed out, frozen) then ``waiting``."""
+
+    def __init__(self) -> None:
+        self._items: deque[Pending] = deque()
+        self._in_flight = 0  # the first _in_flight items were handed out by take_batch
+        self.merged = 0  # progress updates folded into an earlier one, for stats and tests
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def waiting(self) -> int:
+        """Items not handed out yet."""
+        return len(self._items) - self._in_flight
+
+    def can_merge(self, phase_changes: bool) -> bool:
+        """Would ``add_progress(fields)`` merge (and so need no room in the buffer)?"""
+        if phase_changes or not self._items or self.waiting == 0:
+            return False
+        tail = self._items[-1]
+        return tail.coalescable and not tail.sent
+
+    def add_progress(self, key: str, fields: dict[str, Any], phase_changes: bool) -> None:
+        """A progress update: merged into the unsent progress update at the tail when the
+        phase stays, else appended with ``key``. An update that changes the phase is its
+        own item; later updates of the same phase may merge into it while it is unsent (it
+        stays the phase change, with newer values)."""
+        if self.can_merge(phase_changes):
+            tail = self._items[-1]
+            merged = {**tail.body, **fields}
+            if "progress" not in fields and any(name in fields for name in _COUNT_FIELDS):
+                merged.pop("progress", None)
+            tail.body = merged
+            tail.size = encoded_size(merged)
+            self.merged += 1
+            return
+        body = {"type": "progress", **fields, "key": key}
+        self._items.append(Pending(body, encoded_size(body), coalescable=True))
+
+    def add(self, body: dict[str, Any]) -> None:
+        """An event that is never merged or dropped (log, custom, terminal; ``key`` set)."""
+        self._items.append(Pending(body, encoded_size(body), coalescable=False))
+
+    def take_batch(self, max_events: int, max_bytes: int) -> list[dict[str, Any]]:
+        """The next events to send, oldest first, frozen from now on. The batch never
+        exceeds ``max_events`` or ``max_bytes`` (one event alone may, the server decides)."""
+        if self._in_flight:
+            raise RuntimeError("the previous batch is still in flight")
+        batch: list[dict[str, Any]] = []
+        size = 2
+        for item in self._items:
+            if batch and (len(batch) >= max_events or size + item.size + 1 > max_bytes):
+                break
+            item.sent = True
+            batch.append(item.body)
+            size += item.size + 1
+        self._in_flight = len(batch)
+        return batch
+
+    def acknowledged(self) -> None:
+        """The batch in flight is committed: forget it."""
+        for _ in range(self._in_flight):
+            self._items.popleft()
+        self._in_flight = 0
+
+    def bodies(self) -> list[dict[str, Any]]:
+        """Everything buffered, oldest first (for tests and error reports)."""
+        return [item.body for item in self._items]
