@@ -7,8 +7,9 @@ The rules:
 - A progress update that does not change the phase is merged into the buffer's last item
   when that item is a progress update that was never sent: the latest value wins, and the
   merged update leaves the job's snapshot exactly where applying both one after the other
-  would (a merge drops the older ``progress`` when the newer update has counts without one,
-  so the server derives it from the counts, as it would have).
+  would. One case is not merged: counts without a percentage after an update with one,
+  since whether the server derives the percentage from the counts depends on the job's
+  stored total, which the client may not know.
 - An item that was handed out for sending is frozen: its key and body never change, so a
   retry after an unknown outcome is recognised by the server as a duplicate.
 """
@@ -53,23 +54,24 @@ class Outbox:
         """Items not handed out yet."""
         return len(self._items) - self._in_flight
 
-    def can_merge(self, phase_changes: bool) -> bool:
+    def can_merge(self, fields: dict[str, Any], phase_changes: bool) -> bool:
         """Would ``add_progress(fields)`` merge (and so need no room in the buffer)?"""
         if phase_changes or not self._items or self.waiting == 0:
             return False
         tail = self._items[-1]
-        return tail.coalescable and not tail.sent
+        if not tail.coalescable or tail.sent:
+            return False
+        counts_only = "progress" not in fields and any(n in fields for n in _COUNT_FIELDS)
+        return not (counts_only and "progress" in tail.body)
 
     def add_progress(self, key: str, fields: dict[str, Any], phase_changes: bool) -> None:
         """A progress update: merged into the unsent progress update at the tail when the
         phase stays, else appended with ``key``. An update that changes the phase is its
         own item; later updates of the same phase may merge into it while it is unsent (it
         stays the phase change, with newer values)."""
-        if self.can_merge(phase_changes):
+        if self.can_merge(fields, phase_changes):
             tail = self._items[-1]
             merged = {**tail.body, **fields}
-            if "progress" not in fields and any(name in fields for name in _COUNT_FIELDS):
-                merged.pop("progress", None)
             tail.body = merged
             tail.size = encoded_size(merged)
             self.merged += 1

@@ -176,7 +176,7 @@ class AsyncJob:
         # a re-run with the same run_key gives call n the same key.
         own_key = key or self._next_key()
         phase_changes = phase is not None and phase != self._phase
-        if key is None and self._outbox.can_merge(phase_changes):
+        if key is None and self._outbox.can_merge(fields, phase_changes):
             self._check_open()
         else:
             await self._reserve()
