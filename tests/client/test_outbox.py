@@ -17,8 +17,8 @@ from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from jobfeed_client.outbox import Outbox
+
 from server.snapshot import JobState, apply_event, progress_in_context
 
 BATCH_EVENTS = 4
@@ -26,10 +26,10 @@ BATCH_BYTES = 10_000
 
 
 @st.composite
-def calls(draw: st.DrawFn) -> list[tuple[str, Any]]:
+def calls(draw: st.DrawFn) -> list[tuple[Any, ...]]:
     """Valid reporter calls: ("progress", fields, changes_phase) / ("event", body) /
     ("take",) / ("ack",). Counts respect current <= total against the running values."""
-    result: list[tuple[str, Any]] = []
+    result: list[tuple[Any, ...]] = []
     current: int | None = None
     total: int | None = None
     phase: str | None = None
@@ -68,7 +68,7 @@ def calls(draw: st.DrawFn) -> list[tuple[str, Any]]:
     return result
 
 
-def run_outbox(script: list[tuple[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def run_outbox(script: list[tuple[Any, ...]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(what the calls would send one by one, what the outbox sent), in order."""
     outbox = Outbox()
     uncoalesced: list[dict[str, Any]] = []
@@ -78,7 +78,7 @@ def run_outbox(script: list[tuple[str, Any]]) -> tuple[list[dict[str, Any]], lis
     for n, call in enumerate(script):
         key = f"r.{n}"
         if call[0] == "progress":
-            _, fields, changes = call
+            fields, changes = call[1], call[2]
             uncoalesced.append({"type": "progress", **fields, "key": key})
             outbox.add_progress(key, dict(fields), phase_changes=changes)
         elif call[0] == "event":
@@ -127,7 +127,7 @@ def server_states(bodies: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any
 
 @settings(max_examples=400)
 @given(calls())
-def test_coalescing_keeps_every_other_event_and_the_snapshot(script: list[tuple[str, Any]]) -> None:
+def test_coalescing_keeps_every_other_event_and_the_snapshot(script: list[tuple[Any, ...]]) -> None:
     """Nothing but progress updates is merged, and merging never changes what a reader of the
     snapshot sees at any event that was kept."""
     uncoalesced, sent = run_outbox(script)

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 from hypothesis import given
 from hypothesis import strategies as st
-
 from jobfeed_client.backoff import Backoff, RetryPolicy, parse_retry_after
 from jobfeed_client.errors import (
+    Forbidden,
     InvalidRequest,
     JobDeleted,
     JobNotFound,
     LogReset,
     StreamClosed,
-    Forbidden,
     Unauthorized,
     error_from_body,
     error_from_close,
@@ -75,9 +75,7 @@ def test_sse_parser_is_indifferent_to_chunk_boundaries(cuts: list[int]) -> None:
     """However the bytes are split (CRLF split in two included), the same records come out."""
     bounds = [0, *sorted(cuts), len(STREAM)]
     parser = SSEParser()
-    records = [
-        r for a, b in zip(bounds, bounds[1:], strict=False) for r in parser.feed(STREAM[a:b])
-    ]
+    records = [r for a, b in itertools.pairwise(bounds) for r in parser.feed(STREAM[a:b])]
     assert records == EXPECTED
     assert parser.retry_seconds == 1.5
 
