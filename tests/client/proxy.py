@@ -41,8 +41,9 @@ class Proxy:
 
     def start(self) -> Proxy:
         self._thread.start()
-        self._server = self._call(self._listen())
-        self.port = self._server.sockets[0].getsockname()[1]
+        server: asyncio.Server = self._call(self._listen())
+        self._server = server
+        self.port = server.sockets[0].getsockname()[1]
         return self
 
     def stop(self) -> None:
@@ -66,7 +67,7 @@ class Proxy:
                 writer.transport.abort()
             return len(writers)
 
-        return self._call(abort_all())
+        return int(self._call(abort_all()))
 
     def set(self, **state: Any) -> None:
         """Change ``refusing``, ``swallow_answers`` or ``upstream_port``."""
@@ -110,7 +111,7 @@ class Proxy:
             setattr(self, counter, getattr(self, counter) + 1)
             self._changed.notify_all()
 
-    async def _listen(self) -> asyncio.AbstractServer:
+    async def _listen(self) -> asyncio.Server:
         return await asyncio.start_server(self._serve, self.host, 0)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

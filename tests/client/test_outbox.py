@@ -17,8 +17,8 @@ from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from jobfeed_client.outbox import Outbox
 
+from jobfeed_client.outbox import Outbox
 from server.snapshot import JobState, apply_event, progress_in_context
 
 BATCH_EVENTS = 4

@@ -7,6 +7,7 @@ import random
 
 from hypothesis import given
 from hypothesis import strategies as st
+
 from jobfeed_client.backoff import Backoff, RetryPolicy, parse_retry_after
 from jobfeed_client.errors import (
     Forbidden,

@@ -7,9 +7,10 @@ The rules:
 - A progress update that does not change the phase is merged into the buffer's last item
   when that item is a progress update that was never sent: the latest value wins, and the
   merged update leaves the job's snapshot exactly where applying both one after the other
-  would. One case is not merged: counts without a percentage after an update with one,
-  since whether the server derives the percentage from the counts depends on the job's
-  stored total, which the client may not know.
+  would. Counts without a percentage are not merged into an update with a percentage, nor
+  into one with counts unless the merge carries both ``current`` and a non-zero ``total``:
+  whether the server derives the percentage otherwise depends on the job's stored counts,
+  which the client may not know. (``progress(i, n)`` in a loop always merges.)
 - An item that was handed out for sending is frozen: its key and body never change, so a
   retry after an unknown outcome is recognised by the server as a duplicate.
 """
@@ -61,8 +62,18 @@ class Outbox:
         tail = self._items[-1]
         if not tail.coalescable or tail.sent:
             return False
-        counts_only = "progress" not in fields and any(n in fields for n in _COUNT_FIELDS)
-        return not (counts_only and "progress" in tail.body)
+        if "progress" in fields or not any(n in fields for n in _COUNT_FIELDS):
+            return True
+        # Counts without a percentage: the server derives the percentage from the counts
+        # as it stores them (the job's own values filling in absent ones). Merging is only
+        # safe where the merged update certainly gets it derived: otherwise the percentage
+        # the older update set (or had derived) would have stayed, and the merge loses it.
+        if "progress" in tail.body:
+            return False
+        if any(n in tail.body for n in _COUNT_FIELDS):
+            merged = {**tail.body, **fields}
+            return merged.get("current") is not None and bool(merged.get("total"))
+        return True
 
     def add_progress(self, key: str, fields: dict[str, Any], phase_changes: bool) -> None:
         """A progress update: merged into the unsent progress update at the tail when the

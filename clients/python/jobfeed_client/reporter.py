@@ -119,8 +119,9 @@ class AsyncJob:
         self._failure: ServerError | None = None
         self._changed = asyncio.Event()  # something was added, or closing began
         self._room = asyncio.Event()  # an acknowledgement freed buffer room
-        self._drained = asyncio.Event()  # the buffer is empty and nothing is in flight
-        self._drained.set()
+        # The job exists, the buffer is empty and nothing is in flight. Unset until the job
+        # was created, so that flush() also waits for the creation.
+        self._drained = asyncio.Event()
         self._closing = False
         self._urgent = False  # a terminal event is waiting: skip the next pause
         self._flush_waiters = 0  # flush() calls waiting: no pauses until they return
@@ -361,11 +362,12 @@ class AsyncJob:
 
     async def _add(self, fields: dict[str, Any], key: str | None = None) -> None:
         own_key = key or self._next_key()
-        await self._reserve()
+        terminal = fields["type"] in ("completed", "failed", "cancelled")
+        await self._reserve(terminal)
         body = _without_none(fields)
         body["key"] = own_key
         self._outbox.add(body)
-        self._wake(urgent=body["type"] in ("completed", "failed", "cancelled"))
+        self._wake(urgent=terminal)
 
     def _next_key(self) -> str:
         self._calls += 1
@@ -378,10 +380,12 @@ class AsyncJob:
         if self._flusher is None:
             raise RuntimeError("use the reporter as `async with client.job(...) as job:`")
 
-    async def _reserve(self) -> None:
-        """Return once the buffer has room for one more event (or raise, by policy)."""
+    async def _reserve(self, terminal: bool = False) -> None:
+        """Return once the buffer has room for one more event (or raise, by policy). The
+        terminal event always has room (one past ``max_buffered``): leaving the block, even
+        on ``BufferFull``, can always finish the job."""
         self._check_open()
-        while len(self._outbox) >= self.settings.max_buffered:
+        while not terminal and len(self._outbox) >= self.settings.max_buffered:
             if self.settings.when_full == "raise":
                 raise BufferFull(
                     f"job {self.job_id}: {len(self._outbox)} events are waiting for the "
