@@ -25,7 +25,7 @@ from urllib.parse import quote
 import aiohttp
 
 from .backoff import Backoff, RetryPolicy, parse_retry_after
-from .errors import ServerError, Unavailable, error_from_body
+from .errors import JobfeedError, ServerError, Unavailable, error_from_body
 from .events import Event, Snapshot
 from .reporter import AsyncJob, ReporterSettings
 from .watch import AsyncWatch, Transport
@@ -86,6 +86,7 @@ class AsyncClient:
             close_timeout=close_timeout,
         )
         self._session: aiohttp.ClientSession | None = None
+        self._closed = False
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -101,12 +102,15 @@ class AsyncClient:
         await self.aclose()
 
     async def aclose(self) -> None:
+        self._closed = True
         session, self._session = self._session, None
         if session is not None:
             await session.close()
 
     def session(self) -> aiohttp.ClientSession:
         """The connection pool, made on first use inside the running loop."""
+        if self._closed:
+            raise JobfeedError("the client is closed")
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(
