@@ -1,6 +1,9 @@
 """A worker for tests/client/test_producer_restart.py: reports ``steps`` steps of a job with
-the sync client, printing ``step N`` after each step's calls so the test can kill it at a
-chosen point. ``python -m tests.client.producer URL JOB_ID RUN_KEY STEPS``."""
+the sync client, printing ``step N`` once each step is acknowledged, so the test can kill it
+at a chosen point with that much already stored and the next request on its way.
+
+    python -m tests.client.producer URL JOB_ID RUN_KEY STEPS
+"""
 
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ def main(url: str, job_id: str, run_key: str, steps: int) -> None:
             job.log(f"step {i}")
             job.progress(i + 1, steps, phase="odd" if i % 2 else "even")
             job.event("step.done", data={"i": i})
+            job.flush()
             print(f"step {i}", flush=True)
 
 

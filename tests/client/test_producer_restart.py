@@ -1,9 +1,9 @@
 """A producer killed (SIGKILL) mid-job and started again with the same ``run_key`` leaves
 the job's log with every step once, in order: no duplicate, no gap.
 
-The producer is a real subprocess reporting through the sync client, with no flush interval
-so that requests are in flight whenever it is killed. The kill comes right after it printed
-a chosen step, not after a sleep.
+The producer is a real subprocess reporting through the sync client. The kill comes right
+after it printed that a chosen step was acknowledged (not after a sleep), while it sends the
+next one.
 """
 
 from __future__ import annotations
