@@ -123,8 +123,9 @@ async def _jobs(client: AsyncClient, args: argparse.Namespace) -> int:
     from rich.table import Table
 
     table = Table(box=None, header_style="bold")
-    for column in ("JOB", "KIND", "STATUS", "PROGRESS", "PHASE", "MESSAGE", "UPDATED"):
-        table.add_column(column, overflow="fold")
+    for column in ("JOB", "KIND", "STATUS", "PROGRESS", "PHASE", "UPDATED"):
+        table.add_column(column, no_wrap=True)  # ids and times are read whole or not at all
+    table.add_column("MESSAGE", overflow="fold")
     for s in found:
         table.add_row(
             s.job_id,
@@ -132,8 +133,8 @@ async def _jobs(client: AsyncClient, args: argparse.Namespace) -> int:
             f"[{_status_style(s.status)}]{s.status}[/]",
             "" if s.progress is None else f"{s.progress:.0f}%",
             s.phase or "",
-            s.message or "",
             s.updated_at[:19].replace("T", " "),
+            s.message or "",
         )
     Console().print(table)
     return EXIT_OK
