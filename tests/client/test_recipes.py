@@ -118,3 +118,17 @@ def test_script_with_track(shared_server: ServerProcess, tmp_path: Path) -> None
     assert snapshot.status == "completed"
     assert snapshot.result == {"rows": 1000, "sum": 500500}
     assert (snapshot.current, snapshot.total, snapshot.phase) == (1000, 1000, "import")
+
+
+def test_the_readme_worker_reports_in_five_lines(shared_server: ServerProcess) -> None:
+    """README.md's "From Python" example, run as printed (against this test's server)."""
+    readme = (DOC.parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## From Python", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert len(code.strip().splitlines()) <= 7  # the import, a blank line, five lines
+    exec(compile(code.replace("http://127.0.0.1:8080", shared_server.url), "README", "exec"), {})
+    with Client(shared_server.url) as client:
+        snapshot = client.get_job("build-43")
+        logs = [e.message for e in client.events("build-43") if e.type == "log"]
+    assert (snapshot.status, snapshot.phase, snapshot.current) == ("completed", "test", 3)
+    assert logs == ["fetch done", "build done", "test done"]
