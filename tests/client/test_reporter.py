@@ -5,12 +5,15 @@ when the server is away (through a proxy the test controls)."""
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import threading
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from jobfeed_client import (
     AsyncClient,
@@ -21,7 +24,9 @@ from jobfeed_client import (
     ReporterError,
     RetryPolicy,
 )
+from server.snapshot import JobState, apply_event
 from tests.client.proxy import Proxy
+from tests.client.test_outbox import calls, server_states
 from tests.procs import ServerProcess
 
 pytestmark = pytest.mark.process
@@ -281,3 +286,73 @@ def test_a_refusal_stops_the_reporter_loudly(client: Client) -> None:
         job.log("too late")
     assert isinstance(error.value.__cause__, JobFinished)
     assert error.value.unsent == 2
+
+
+def test_a_forked_child_gets_its_own_loop_and_pool(client: Client) -> None:
+    """A client used before a fork (a Celery prefork worker's parent) works in the child:
+    the child starts its own loop thread and connection pool."""
+    job_id = new_id()
+    client.create_job(job_id)  # the parent's loop thread and pool exist now
+    context = multiprocessing.get_context("fork")
+    child = context.Process(target=_report_in_child, args=(client, job_id))
+    child.start()
+    child.join(JOIN_TIMEOUT)
+    assert child.exitcode == 0
+    assert [e.message for e in client.events(job_id) if e.type == "log"] == ["from the child"]
+
+
+def _report_in_child(client: Client, job_id: str) -> None:
+    with client.job(job_id) as job:
+        job.log("from the child")
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(script=calls(), flush_interval=st.sampled_from([0.0, 0.01, 3600.0]))
+def test_reported_calls_leave_the_snapshot_sending_each_would(
+    shared_server: ServerProcess, script: list[tuple[Any, ...]], flush_interval: float
+) -> None:
+    """End to end, whatever the flush interval and the flush points: every log line and
+    custom event is stored once in order, and the job ends in the state it would have
+    reached had each progress update been sent on its own (the server's own reducer)."""
+    job_id = new_id()
+    expected: list[dict[str, Any]] = []
+    with Client(shared_server.url, flush_interval=flush_interval) as client:
+        with client.job(job_id) as job:
+            for call in script:
+                if call[0] == "progress":
+                    fields = dict(call[1])
+                    expected.append({"type": "progress", **fields})
+                    job.progress(
+                        fields.pop("current", None),
+                        fields.pop("total", None),
+                        percent=fields.pop("progress", None),
+                        **fields,
+                    )
+                elif call[0] == "event" and call[1]["type"] == "log":
+                    expected.append({"type": "log", "message": "m", "level": "info"})
+                    job.log("m")
+                elif call[0] == "event" and call[1]["type"] != "completed":
+                    expected.append({"type": "step.done"})
+                    job.event("step.done")
+                elif call[0] == "take":
+                    job.flush()
+        expected.append({"type": "completed"})
+        events = list(client.events(job_id))
+        snapshot = client.get_job(job_id).to_dict()
+    stored_others = [e.type for e in events if e.type not in ("progress", "created")]
+    assert stored_others == [b["type"] for b in expected if b["type"] != "progress"]
+
+    def comparable(view: dict[str, Any]) -> dict[str, Any]:
+        moving = ("last_seq", "updated_at", "created_at", "finished_at", "epoch", "job_id")
+        return {k: v for k, v in view.items() if k not in moving}
+
+    # The job's state at every kept event, and at the end, is the oracle's.
+    state: JobState | None = None
+    at_kept_events = []
+    for event in events:
+        state = apply_event(state, event.raw)
+        if event.type not in ("progress", "created"):
+            at_kept_events.append(comparable(state.to_dict()))
+    oracle = [comparable(view) for kind, view in server_states(expected) if kind != "progress"]
+    assert at_kept_events == oracle
+    assert comparable(snapshot) == oracle[-1]

@@ -107,6 +107,11 @@ class AsyncClient:
         if session is not None:
             await session.close()
 
+    def forget_session(self) -> None:
+        """Drop the connection pool without closing it: in a forked child it belongs to the
+        parent's event loop (its sockets are the parent's too)."""
+        self._session = None
+
     def session(self) -> aiohttp.ClientSession:
         """The connection pool, made on first use inside the running loop."""
         if self._closed:

@@ -44,7 +44,6 @@ from .errors import (
     FlushTimeout,
     JobExists,
     ReporterError,
-    ServerError,
     Unavailable,
 )
 from .outbox import Outbox
@@ -116,7 +115,8 @@ class AsyncJob:
         self._current: int | None = None
         self._total: int | None = None
         self._finished = False  # a terminal event was reported
-        self._failure: ServerError | None = None
+        # Why the flusher stopped: a refusal (ServerError), or a bug, raised to the caller.
+        self._failure: Exception | None = None
         self._changed = asyncio.Event()  # something was added, or closing began
         self._room = asyncio.Event()  # an acknowledgement freed buffer room
         # The job exists, the buffer is empty and nothing is in flight. Unset until the job
@@ -405,7 +405,7 @@ class AsyncJob:
     def _raise_failure(self) -> None:
         if self._failure is not None:
             raise ReporterError(
-                f"job {self.job_id}: the server refused events ({self._failure}); "
+                f"job {self.job_id}: cannot deliver events ({self._failure!r}); "
                 f"{len(self._outbox)} events were not delivered",
                 unsent=len(self._outbox),
             ) from self._failure
@@ -443,7 +443,7 @@ class AsyncJob:
                 if not len(self._outbox):
                     self._drained.set()
                 await self._pause()
-        except ServerError as exc:
+        except Exception as exc:  # a refusal, or a bug: the caller hears of it, with the count
             self._failure = exc
             self._room.set()
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections.abc import Coroutine, Iterable, Iterator, Mapping, Sized
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sized
 from concurrent.futures import Future
 from types import TracebackType
 from typing import Any, Literal, TypeVar
@@ -30,7 +30,8 @@ T = TypeVar("T")
 class _Portal:
     """An event loop on a daemon thread; ``call`` runs a coroutine there and waits."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_new_process: Callable[[], None] | None = None) -> None:
+        self._on_new_process = on_new_process
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -39,6 +40,10 @@ class _Portal:
     def loop(self) -> asyncio.AbstractEventLoop:
         with self._lock:
             if self._loop is None or self._pid != os.getpid():
+                if self._pid and self._pid != os.getpid() and self._on_new_process:
+                    # A forked child: the parent's loop thread does not exist here, and
+                    # what was bound to that loop (the connection pool) must not be used.
+                    self._on_new_process()
                 loop = asyncio.new_event_loop()
                 ready = threading.Event()
                 thread = threading.Thread(
@@ -85,7 +90,7 @@ class Client:
         when_full: Literal["block", "raise"] = "block",
         close_timeout: float | None = None,
     ) -> None:
-        self._portal = _Portal()
+        self._portal = _Portal(on_new_process=self._forget_parents_pool)
         self._async = AsyncClient(
             url,
             token=token,
@@ -114,6 +119,9 @@ class Client:
     def close(self) -> None:
         self._portal.call(self._async.aclose())
         self._portal.stop()
+
+    def _forget_parents_pool(self) -> None:
+        self._async.forget_session()
 
     def job(
         self,
