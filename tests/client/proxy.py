@@ -30,6 +30,7 @@ class Proxy:
         self._changed = threading.Condition()
         self._loop = asyncio.new_event_loop()
         self._writers: set[asyncio.StreamWriter] = set()
+        self._stalled: set[int] = set()  # id() of writers that no longer get data
         self._server: asyncio.AbstractServer | None = None
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="test-proxy", daemon=True
@@ -68,6 +69,18 @@ class Proxy:
             return len(writers)
 
         return int(self._call(abort_all()))
+
+    def stall(self) -> int:
+        """Stop forwarding on every open connection, both ways, without closing it: a peer
+        gone silent (a cable pulled, a NAT entry expired). New connections are not affected.
+        Returns how many connections were stalled."""
+
+        async def stall_all() -> int:
+            stalled = {id(w) for w in self._writers}
+            self._stalled |= stalled
+            return len(stalled) // 2
+
+        return int(self._call(stall_all()))
 
     def set(self, **state: Any) -> None:
         """Change ``refusing``, ``swallow_answers`` or ``upstream_port``."""
@@ -145,6 +158,8 @@ class Proxy:
                 if answers and self.swallow_answers:
                     self._bump("swallowed")
                     raise ConnectionResetError("answer swallowed")
+                if id(writer) in self._stalled:
+                    continue  # read and dropped: the other side hears nothing, ever
                 writer.write(data)
                 await writer.drain()
         except (ConnectionError, OSError):

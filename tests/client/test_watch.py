@@ -278,3 +278,28 @@ async def test_a_hole_in_seq_is_not_papered_over(aiohttp_server: Any) -> None:
     peer = ScriptedPeer([([1, 3], 1000)])
     with pytest.raises(ProtocolViolation):
         await watch_peer(aiohttp_server, peer)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_resumes_when_the_connection_goes_silent(
+    shared_server: ServerProcess, proxy_to: Callable[[ServerProcess], Proxy], transport: Any
+) -> None:
+    """A connection that stays open but carries nothing (no close, no reset) is noticed
+    within ``stream_idle_timeout`` (WebSocket pings; SSE read timeout) and resumed."""
+    proxy = proxy_to(shared_server)
+    job_id = new_id()
+    async with (
+        AsyncClient(shared_server.url) as direct,
+        AsyncClient(proxy.url, retry=FAST_RETRY, stream_idle_timeout=1.0) as watching,
+    ):
+        await direct.create_job(job_id)
+        collector = Collector(watching.watch(job_id, transport=transport))
+        await collector.reached(1)
+        assert proxy.stall() == 1
+        await append_steps(direct, job_id, 0, 3)
+        # Not the terminal event yet: the server would then close the stream, and the
+        # proxy would pass that on; these must arrive over a new connection.
+        await collector.reached(4)
+        await direct.append(job_id, {"type": "completed"})
+        assert await collector.finished() == list(range(1, 6))
+        assert collector.watch.resumes >= 1
