@@ -230,6 +230,8 @@ async def test_tail_in_a_terminal_across_a_server_restart(
 
     server.kill(signal.SIGKILL)
     await server.wait_async(RUN_TIMEOUT)
+    during = pane.wait_for(lambda s: "reconnecting" in s)  # the bar says it is resuming
+    print(f"\n--- jobfeed tail pane, server down ---\n{during}--- end ---")
     restarted = await launcher.start()
     proxy.set(upstream_port=restarted.port)
     with Client(restarted.url) as client:

@@ -27,7 +27,7 @@ from jobfeed_client import (
 from server.snapshot import JobState, apply_event
 from tests.client.proxy import Proxy
 from tests.client.test_outbox import calls, server_states
-from tests.procs import ServerProcess
+from tests.procs import Launcher, ServerProcess
 
 pytestmark = pytest.mark.process
 
@@ -356,3 +356,18 @@ def test_reported_calls_leave_the_snapshot_sending_each_would(
     oracle = [comparable(view) for kind, view in server_states(expected) if kind != "progress"]
     assert at_kept_events == oracle
     assert comparable(snapshot) == oracle[-1]
+
+
+async def test_rate_limited_appends_are_retried(launcher: Launcher) -> None:
+    """A server that throttles (429 with Retry-After) slows the reporter down; every event
+    still arrives once, in order."""
+    server = await launcher.start(limits__rate_per_client=4, limits__rate_burst=1)
+    job_id = new_id()
+    async with AsyncClient(server.url, retry=FAST_RETRY, flush_interval=0) as client:
+        async with client.job(job_id) as job:
+            for i in range(3):
+                await job.log(f"line {i}")
+                await job.flush()
+        assert job.stats.retries >= 1
+        messages = [e.message async for e in client.events(job_id) if e.type == "log"]
+    assert messages == [f"line {i}" for i in range(3)]
