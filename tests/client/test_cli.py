@@ -255,3 +255,16 @@ async def test_tail_in_a_terminal_across_a_server_restart(
     error = next(line for line in colored.splitlines() if "test 7 flaked" in line)
     assert "\x1b[33m" in warning  # yellow
     assert "\x1b[1m\x1b[31m" in error or "\x1b[1;31m" in error  # bold red
+
+
+@pytest.mark.parametrize("mode", [[], ["--sse"]])
+def test_tail_past_the_end_still_exits_by_status(
+    shared_server: ServerProcess, finished_jobs: dict[str, str], mode: list[str]
+) -> None:
+    """``--after`` at the terminal event gets no event (SSE: 204, no hello): the exit status
+    still says the job failed."""
+    result = jobfeed(
+        "tail", finished_jobs["failed"], "--after", "4", "--json", *mode, "--url", shared_server.url
+    )
+    assert result.returncode == 1
+    assert result.stdout == ""

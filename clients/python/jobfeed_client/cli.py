@@ -150,18 +150,21 @@ async def _tail(client: AsyncClient, args: argparse.Namespace) -> int:
             last = event
             sys.stdout.write(json.dumps(event.raw, separators=(",", ":")) + "\n")
             sys.stdout.flush()
-        return _exit_for(watch, last)
-    return await _tail_live(watch)
+        return await _exit_for(client, watch, last)
+    return await _tail_live(client, watch)
 
 
-def _exit_for(watch: AsyncWatch, last: Event | None) -> int:
-    """By how the job ended: its terminal event, or (nothing new after ``--after``) the
-    status the hello reported."""
-    status = last.type if last is not None and last.terminal else (watch.hello or {}).get("status")
-    return EXIT_BY_STATUS.get(str(status), EXIT_OK)
+async def _exit_for(client: AsyncClient, watch: AsyncWatch, last: Event | None) -> int:
+    """By how the job ended: its terminal event, or (nothing new after ``--after``) its
+    snapshot's status."""
+    if last is not None and last.terminal:
+        status = last.type
+    else:
+        status = (await client.get_job(watch.job_id)).status
+    return EXIT_BY_STATUS.get(status, EXIT_OK)
 
 
-async def _tail_live(watch: AsyncWatch) -> int:
+async def _tail_live(client: AsyncClient, watch: AsyncWatch) -> int:
     """A rich progress bar (percent, phase, message, connection state) with log lines and
     custom events printed above it."""
     from rich.console import Console
@@ -216,7 +219,7 @@ async def _tail_live(watch: AsyncWatch) -> int:
                     fields["completed"] = event.progress
                 progress.update(task, status="running", **fields)
     _print_outcome(console, last)
-    return _exit_for(watch, last)
+    return await _exit_for(client, watch, last)
 
 
 def _print_event(console: Any, event: Event) -> None:

@@ -122,7 +122,6 @@ class AsyncJob:
         # The job exists, the buffer is empty and nothing is in flight. Unset until the job
         # was created, so that flush() also waits for the creation.
         self._drained = asyncio.Event()
-        self._closing = False
         self._urgent = False  # a terminal event is waiting: skip the next pause
         self._flush_waiters = 0  # flush() calls waiting: no pauses until they return
         self._flusher: asyncio.Task[None] | None = None
@@ -417,8 +416,6 @@ class AsyncJob:
                 await asyncio.shield(self._flusher)
 
     async def _stop(self) -> None:
-        self._closing = True
-        self._changed.set()
         flusher, self._flusher = self._flusher, None
         if flusher is not None and not flusher.done():
             flusher.cancel()

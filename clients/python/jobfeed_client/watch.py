@@ -31,7 +31,7 @@ import aiohttp
 
 from .backoff import Backoff, parse_retry_after
 from .errors import ProtocolViolation, error_from_body, error_from_close
-from .events import Event, Snapshot
+from .events import TERMINAL_TYPES, Event, Snapshot
 from .sse import SSEParser
 
 if TYPE_CHECKING:
@@ -231,8 +231,19 @@ class AsyncWatch:
                         yield _parse_frame(record.data)
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise _Resume(f"SSE: {exc!r}") from exc
+        if self._finished_before_after():
+            raise _Done()  # subscribed at the terminal event: hello, then the end
         # Ended without the terminal event (shutdown, a proxy's timeout): resume.
         raise _Resume("SSE response ended")
+
+    def _finished_before_after(self) -> bool:
+        """The latest hello said the job is finished and we already hold its whole log."""
+        hello = self.hello
+        return (
+            hello is not None
+            and hello.get("status") in TERMINAL_TYPES
+            and self.after >= int(hello.get("last_seq") or 0)
+        )
 
 
 def _parse_frame(data: Any) -> dict[str, Any]:
