@@ -53,6 +53,10 @@ class Proxy:
                 self._server.close()
             for writer in list(self._writers):
                 writer.transport.abort()
+            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in others:
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
 
         self._call(close())
         self._loop.call_soon_threadsafe(self._loop.stop)

@@ -178,7 +178,8 @@ class AsyncClient:
         kind: str | None = None,
         metadata: Mapping[str, Any] | None = None,
     ) -> Snapshot:
-        """``POST /v1/jobs``; raises ``JobExists`` if ``job_id`` is taken."""
+        """``POST /v1/jobs``; raises ``JobExists`` if ``job_id`` is taken (which includes a
+        retry after the answer to this very creation was lost: ``job()`` attaches instead)."""
         body = _without_none({"job_id": job_id, "kind": kind, "metadata": metadata})
         _, answer = await self.request("POST", "/v1/jobs", body=body)
         return Snapshot.from_dict(answer)
@@ -225,11 +226,13 @@ class AsyncClient:
 
     async def export(self, job_id: str, *, after: int = 0) -> AsyncIterator[bytes]:
         """The job's log as NDJSON, one event per line (``\\n`` included), as the server
-        sends it. Not retried once lines have been yielded (the caller holds them)."""
+        sends it. A connection lost midway is resumed after the last whole line's seq, so
+        no line is yielded twice or skipped."""
         url = f"{self.url}/v1/jobs/{_quoted(job_id)}/events"
         headers = {**self.headers(), "Accept": "application/x-ndjson"}
         backoff = Backoff(self.retry)
-        for attempt in range(1, self.attempts + 1):
+        failures = 0
+        while True:
             error: BaseException | None = None
             try:
                 async with self.session().get(
@@ -243,14 +246,20 @@ class AsyncClient:
                             pending += chunk
                             *lines, pending = pending.split(b"\n")
                             for line in lines:
+                                after = json.loads(line)["seq"]
+                                backoff.reset()
+                                failures = 0
                                 yield line + b"\n"
-                        if pending:
+                        if pending:  # the server ends every line; be lenient all the same
                             yield pending
                         return
             except _RETRY_EXCEPTIONS as exc:
                 retry_after, error = None, exc
-            if attempt == self.attempts:
-                raise Unavailable(f"GET {url}: no answer after {attempt} attempts") from error
+            failures += 1
+            if failures >= self.attempts:
+                raise Unavailable(
+                    f"GET {url}: no answer after {failures} attempts", retry_after=retry_after
+                ) from error
             await asyncio.sleep(backoff.next_delay(retry_after))
 
     async def append(self, job_id: str, *events: Mapping[str, Any]) -> list[Appended]:
