@@ -30,7 +30,6 @@ class Pending:
     """One event waiting to be acknowledged; ``body`` is what will be sent, key included."""
 
     body: dict[str, Any]
-    size: int  # bytes of body as JSON, for batching under the server's body limit
     coalescable: bool
     sent: bool = False
 
@@ -82,17 +81,15 @@ class Outbox:
         stays the phase change, with newer values)."""
         if self.can_merge(fields, phase_changes):
             tail = self._items[-1]
-            merged = {**tail.body, **fields}
-            tail.body = merged
-            tail.size = encoded_size(merged)
+            tail.body = {**tail.body, **fields}
             self.merged += 1
             return
         body = {"type": "progress", **fields, "key": key}
-        self._items.append(Pending(body, encoded_size(body), coalescable=True))
+        self._items.append(Pending(body, coalescable=True))
 
     def add(self, body: dict[str, Any]) -> None:
         """An event that is never merged or dropped (log, custom, terminal; ``key`` set)."""
-        self._items.append(Pending(body, encoded_size(body), coalescable=False))
+        self._items.append(Pending(body, coalescable=False))
 
     def take_batch(self, max_events: int, max_bytes: int) -> list[dict[str, Any]]:
         """The next events to send, oldest first, frozen from now on. The batch never
@@ -102,11 +99,13 @@ class Outbox:
         batch: list[dict[str, Any]] = []
         size = 2
         for item in self._items:
-            if batch and (len(batch) >= max_events or size + item.size + 1 > max_bytes):
+            # Measured here, once per send, not per report: merges keep changing the body.
+            item_size = encoded_size(item.body)
+            if batch and (len(batch) >= max_events or size + item_size + 1 > max_bytes):
                 break
             item.sent = True
             batch.append(item.body)
-            size += item.size + 1
+            size += item_size + 1
         self._in_flight = len(batch)
         return batch
 
