@@ -277,24 +277,26 @@ class AsyncJob:
         *,
         total: int | None = None,
         phase: str | None = None,
+        min_interval: float = 0.1,
     ) -> AsyncIterator[T]:
-        """Yield ``items`` and report ``current``/``total`` after each (``total`` from
-        ``len(items)`` when it has one)."""
+        """Yield ``items`` (an iterable or an async iterable) and report ``current``/
+        ``total`` as they are consumed (``total`` from ``len(items)`` when it has one): at
+        most every ``min_interval`` seconds, and always the final count (see ``track``)."""
         if total is None and isinstance(items, Sized):
             total = len(items)
-        done = 0
         if total is not None or phase is not None:
             await self.progress(0, total, phase=phase)
-        if isinstance(items, AsyncIterable):
-            async for item in items:
-                yield item
-                done += 1
+        done = 0
+        reported_at = time.monotonic()
+        iterator = _aiter(items)
+        async for item in iterator:
+            yield item
+            done += 1
+            now = time.monotonic()
+            if now - reported_at >= min_interval:
                 await self.progress(done, total)
-        else:
-            for item in items:
-                yield item
-                done += 1
-                await self.progress(done, total)
+                reported_at = now
+        await self.progress(done, total)
 
     # -- internals ---------------------------------------------------------------------
 
@@ -490,6 +492,15 @@ class AsyncJob:
                 # a copy the server did commit (answer lost) a duplicate, not a second event.
                 self.stats.retries += 1
                 await asyncio.sleep(backoff.next_delay(exc.retry_after))
+
+
+async def _aiter(items: Iterable[T] | AsyncIterable[T]) -> AsyncIterator[T]:
+    if isinstance(items, AsyncIterable):
+        async for item in items:
+            yield item
+    else:
+        for item in items:
+            yield item
 
 
 async def _first(*waits: Any) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sized
 from concurrent.futures import Future
 from types import TracebackType
@@ -308,9 +309,14 @@ class Job:
         self._portal.call(self._job.flush(timeout))
 
     def track(
-        self, items: Iterable[T], *, total: int | None = None, phase: str | None = None
+        self,
+        items: Iterable[T],
+        *,
+        total: int | None = None,
+        phase: str | None = None,
+        min_interval: float = 0.1,
     ) -> Iterator[T]:
-        return track(items, job=self, total=total, phase=phase)
+        return track(items, job=self, total=total, phase=phase, min_interval=min_interval)
 
 
 class Watch:
@@ -349,16 +355,30 @@ class Watch:
 
 
 def track(
-    items: Iterable[T], *, job: Job, total: int | None = None, phase: str | None = None
+    items: Iterable[T],
+    *,
+    job: Job,
+    total: int | None = None,
+    phase: str | None = None,
+    min_interval: float = 0.1,
 ) -> Iterator[T]:
-    """Yield ``items`` and report ``current``/``total`` to ``job`` after each one, the tqdm
-    habit: ``for path in track(paths, job=job): ...``. ``total`` defaults to ``len(items)``
-    when it has one. Updates are coalesced by the reporter, so a fast loop costs a few
-    requests, not one per item."""
+    """Yield ``items`` and report ``current``/``total`` to ``job`` as they are consumed, the
+    tqdm habit: ``for path in track(paths, job=job): ...``. ``total`` defaults to
+    ``len(items)`` when it has one. Like tqdm's ``mininterval``, it reports at most every
+    ``min_interval`` seconds, and always the final count (updates in between would be
+    coalesced by the reporter anyway; skipping them saves a thread hop per item). If the
+    loop stops early, the last count reported may be up to ``min_interval`` old."""
     if total is None and isinstance(items, Sized):
         total = len(items)
     if total is not None or phase is not None:
         job.progress(0, total, phase=phase)
-    for done, item in enumerate(items, start=1):
+    done = 0
+    reported_at = time.monotonic()
+    for item in items:
         yield item
-        job.progress(done, total)
+        done += 1
+        now = time.monotonic()
+        if now - reported_at >= min_interval:
+            job.progress(done, total)
+            reported_at = now
+    job.progress(done, total)
