@@ -371,3 +371,17 @@ async def test_rate_limited_appends_are_retried(launcher: Launcher) -> None:
         assert job.stats.retries >= 1
         messages = [e.message async for e in client.events(job_id) if e.type == "log"]
     assert messages == [f"line {i}" for i in range(3)]
+
+
+def test_names_are_checked_at_the_call(client: Client) -> None:
+    """A job id or custom type the server would refuse fails where it is written, instead of
+    stopping the reporter later."""
+    with pytest.raises(ValueError, match="job_id"):
+        client.job("no spaces allowed")
+    job_id = new_id()
+    with client.job(job_id) as job:
+        for bad in ("Upper", "progress", "error", "x" * 65, "1st"):
+            with pytest.raises(ValueError, match="custom event type"):
+                job.event(bad)
+        job.event("ok.name_1-2")
+    assert [e.type for e in client.events(job_id)][1:] == ["ok.name_1-2", "completed"]

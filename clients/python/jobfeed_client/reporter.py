@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import secrets
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sized
@@ -53,6 +54,14 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 LEVELS = frozenset({"debug", "info", "warning", "error"})
+# The protocol's rules for names, checked here so that a typo fails at the call, not later
+# as a refused batch that stops the reporter.
+JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+CUSTOM_TYPE_RE = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
+RESERVED_TYPES = frozenset(
+    {"created", "progress", "log", "completed", "failed", "cancelled"}
+    | {"hello", "heartbeat", "ping", "pong", "error"}
+)
 # Under the server's defaults (limits.max_batch_events 1000, limits.max_body_bytes 1 MiB),
 # with room for the envelope.
 BATCH_EVENTS = 500
@@ -101,6 +110,8 @@ class AsyncJob:
         run_key: str | None,
         settings: ReporterSettings,
     ) -> None:
+        if job_id is not None and not JOB_ID_RE.match(job_id):
+            raise ValueError(f"job_id {job_id!r} does not match {JOB_ID_RE.pattern}")
         self._client = client
         self.job_id = job_id or new_job_id()
         self.kind = kind
@@ -208,6 +219,12 @@ class AsyncJob:
     ) -> None:
         """A custom event (e.g. ``"artifact.uploaded"``): any type name matching
         ``^[a-z][a-z0-9_.-]{0,63}$`` that is not one of the protocol's own."""
+        if not CUSTOM_TYPE_RE.match(type) or type in RESERVED_TYPES:
+            raise ValueError(
+                f"a custom event type matches {CUSTOM_TYPE_RE.pattern} and is not one of "
+                f"{sorted(RESERVED_TYPES)}; got {type!r} (use progress(), log(), complete(), "
+                "fail() or cancel() for the protocol's own)"
+            )
         await self._add({"type": type, "message": message, "data": data}, key)
 
     async def complete(
