@@ -33,7 +33,15 @@ import os
 import re
 import secrets
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sized
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+    Sized,
+)
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -498,12 +506,12 @@ class AsyncJob:
         self.stats.merged = self._outbox.merged
         self.stats.last_seq = answer[1]["last_seq"]
 
-    async def _retrying(self, attempt: Any) -> tuple[int, Any]:
+    async def _retrying(self, attempt: Callable[[], Awaitable[tuple[int, Any]]]) -> tuple[int, Any]:
+        """``attempt()`` until it gets an answer (retryable failures wait a backoff)."""
         backoff = Backoff(self._client.retry)
         while True:
             try:
-                result: tuple[int, Any] = await attempt()
-                return result
+                return await attempt()
             except Unavailable as exc:
                 # The batch stays in flight, frozen, and goes again as it was: its keys make
                 # a copy the server did commit (answer lost) a duplicate, not a second event.
