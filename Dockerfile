@@ -1,6 +1,7 @@
 # syntax=docker/dockerfile:1
 # jobfeed: a durable job-progress log. Build: docker build -t jobfeed .
-# Run:   docker run -d --name jobfeed -p 8080:8080 -v jobfeed-data:/data jobfeed
+# Run:   docker run -d --name jobfeed -p 127.0.0.1:8080:8080 -v jobfeed-data:/data jobfeed
+#        (loopback only: jobfeed has no authentication yet; see README.md)
 # See README.md ("Running in a container") and docs/operations.md.
 
 # --- build: a virtualenv with jobfeed and its pinned dependencies -----------------------------

@@ -29,7 +29,7 @@ HOST = "127.0.0.1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 START_TIMEOUT = 20.0
-# jobfeed drains for server.shutdown_timeout (10 s in config.toml) before it exits.
+# jobfeed exits within server.shutdown_timeout (10 s in config.toml) of SIGTERM.
 STOP_TIMEOUT = 20.0
 
 

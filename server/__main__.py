@@ -1,5 +1,6 @@
-"""The ``jobfeed`` command: ``serve`` and ``migrate``; ``tail``, ``jobs`` and ``export`` are
-the Python client's (clients/python), run from here when it is installed.
+"""The ``jobfeed`` command: ``serve`` and ``migrate`` (``--help`` shows ``DESCRIPTION``);
+``tail``, ``jobs`` and ``export`` are the Python client's (clients/python), run from here when
+it is installed.
 
 Start-up problems (bad config, unwritable or corrupt database, a schema from a newer jobfeed,
 port in use) end the process with one clear line on stderr and exit status 2 (config) or 1.
@@ -25,12 +26,22 @@ from aiohttp import web
 from . import __version__
 from .app import create_app
 from .config import Config, ConfigError, ensure_storage_dir, load_config
+from .dblock import DatabaseInUse, DatabaseLock
 from .limits import ConnectionCappedRunner
 from .logs import configure_logging
 from .migrate import MigrationError, apply_migrations
-from .store import StorageCorrupt
+from .store import StorageCorrupt, check_integrity
 
 log = structlog.get_logger("jobfeed")
+# Plain text for --help (the module docstring is reStructuredText, for readers of the code).
+DESCRIPTION = (
+    "A durable job-progress log: producers append events over HTTP; subscribers follow a "
+    "job over WebSocket or Server-Sent Events, from any offset."
+)
+
+# An idle kept-alive connection is closed after this long (aiohttp's run_app default; its
+# low-level default, an hour, would let idle clients hold connection slots).
+KEEPALIVE_SECONDS = 75.0
 
 
 CLIENT_COMMANDS = ("tail", "jobs", "export")
@@ -42,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         return _client_command(args_given)
     parser = argparse.ArgumentParser(
         prog="jobfeed",
-        description=__doc__.splitlines()[0],
+        description=DESCRIPTION,
         epilog="Client commands (pip install 'jobfeed-client[cli]'): " + ", ".join(CLIENT_COMMANDS),
     )
     parser.add_argument("--version", action="version", version=f"jobfeed {__version__}")
@@ -61,11 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(config.log)
     try:
         if args.command == "migrate":
-            applied = apply_migrations(config.storage.path)
-            log.info("migrated", path=str(config.storage.path), applied=applied)
+            _migrate(config)
             return 0
         _run(_serve(config), _loop_factory(config))
-    except (MigrationError, StorageCorrupt, sqlite3.DatabaseError, OSError) as exc:
+    except (DatabaseInUse, MigrationError, StorageCorrupt, sqlite3.DatabaseError, OSError) as exc:
         sys.stderr.write(f"jobfeed: cannot start: {exc}\n")
         return 1
     return 0
@@ -81,6 +91,22 @@ def _client_command(argv: list[str]) -> int:
         )
         return 1
     return client_main(argv, prog="jobfeed")
+
+
+def _migrate(config: Config) -> None:
+    """What ``serve`` does before it serves: refuse a file in use or damaged, then migrate.
+
+    Never under a running server: its writer and readers hold the schema it started with.
+    """
+    lock = DatabaseLock(config.storage.path)
+    lock.acquire()
+    try:
+        if config.storage.integrity_check:
+            check_integrity(config.storage.path)
+        applied = apply_migrations(config.storage.path)
+    finally:
+        lock.release()
+    log.info("migrated", path=str(config.storage.path), applied=applied)
 
 
 def _loop_factory(config: Config) -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -124,7 +150,11 @@ async def _serve(config: Config) -> None:
         header_timeout=config.server.header_timeout,
         access_log=None,  # our middleware writes one structured line per request
         handle_signals=False,
-        shutdown_timeout=config.server.shutdown_timeout,
+        # aiohttp waits this long for the requests in flight, then cancels them and waits
+        # as long again at most: half each keeps the whole shutdown within the setting.
+        # The streams get the same half, concurrently (server.app._streams_ctx).
+        shutdown_timeout=config.server.shutdown_timeout / 2,
+        keepalive_timeout=KEEPALIVE_SECONDS,
     )
     await runner.setup()
     try:

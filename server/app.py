@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import math
 import os
 import re
 import time
-import weakref
 from collections.abc import AsyncIterator
 
 import structlog
@@ -16,12 +16,13 @@ from aiohttp.typedefs import Handler
 
 from . import openapi
 from .config import Config
-from .errors import RateLimited, ServiceError, StorageUnavailable, WSClose, error_body
+from .errors import RateLimited, ServiceError, StorageUnavailable, error_body
 from .handlers import health, jobs, stream
 from .hub import Hub
-from .keys import CONFIG, HUB, JOB_STREAMS, RATE_LIMITER, REQUEST_ID, STORE, STREAMS
-from .limits import JobStreamSlots, RateLimiter
+from .keys import CONFIG, HUB, RATE_LIMITER, REQUEST_ID, STORE, STREAMS
+from .limits import RateLimiter
 from .store import Store
+from .streams import StreamRegistry
 
 log = structlog.get_logger("jobfeed.http")
 
@@ -148,14 +149,17 @@ def create_app(config: Config) -> web.Application:
     app = web.Application(client_max_size=limits.max_body_bytes, middlewares=middlewares)
     app[CONFIG] = config
     app[HUB] = Hub(config.stream.cache_events_per_job, config.stream.cache_bytes)
-    app[JOB_STREAMS] = JobStreamSlots(config.stream.max_subscribers_per_job)
     if limits.rate_per_client > 0:
         app[RATE_LIMITER] = RateLimiter(
             limits.rate_per_client, limits.rate_burst, limits.rate_max_clients
         )
-    app[STREAMS] = weakref.WeakSet[web.StreamResponse]()
+    app[STREAMS] = StreamRegistry(
+        config.stream.max_subscribers, config.stream.max_subscribers_per_job
+    )
     app.cleanup_ctx.append(_store_ctx)
-    app.on_shutdown.append(_close_streams)
+    # After the store's: cleanup contexts exit in reverse, so the streams have ended (and
+    # stopped reading) before the store closes.
+    app.cleanup_ctx.append(_streams_ctx)
     app.on_response_prepare.append(_tag_response)
     add_routes(app)
     return app
@@ -167,7 +171,8 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/jobs/{job_id}", jobs.get_job)
     app.router.add_post("/v1/jobs/{job_id}/events", jobs.append_events)
     app.router.add_get("/v1/jobs/{job_id}/events", jobs.read_events)
-    app.router.add_get("/v1/jobs/{job_id}/stream", stream.stream)
+    # No HEAD: a stream has no headers-only form, and HEAD must never upgrade (405 instead).
+    app.router.add_get("/v1/jobs/{job_id}/stream", stream.stream, allow_head=False)
     app.router.add_get("/healthz", health.healthz)
     app.router.add_get("/readyz", health.readyz)
     app.router.add_get("/v1/openapi.json", openapi.openapi_json)
@@ -187,10 +192,20 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
         log.info("store_closed", path=store.path)
 
 
-async def _close_streams(app: web.Application) -> None:
-    """Shutdown: wake every cursor (they end with 1001 / end of stream), close sockets."""
-    app[HUB].close()
-    streams = app[STREAMS]
-    for response in list(streams):
-        if isinstance(response, web.WebSocketResponse) and not response.closed:
-            await response.close(code=WSClose.GOING_AWAY, message=b"server shutting down")
+async def _streams_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Shutdown ends every stream at once (``server.streams``), concurrently with aiohttp's
+    wait for the other requests in flight; the process's __main__ gives aiohttp half of
+    ``server.shutdown_timeout``, and the streams get the same."""
+    ending: asyncio.Task[None] | None = None
+
+    async def end_streams(app: web.Application) -> None:
+        nonlocal ending
+        # Wakes every parked cursor: each stream closes itself (1001 / end of SSE).
+        app[HUB].close()
+        grace = app[CONFIG].server.shutdown_timeout / 2
+        ending = asyncio.create_task(app[STREAMS].end_all(grace), name="end-streams")
+
+    app.on_shutdown.append(end_streams)
+    yield
+    if ending is not None:
+        await ending

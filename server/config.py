@@ -45,7 +45,13 @@ class StorageConfig(_Section):
     max_batch_events: int = Field(2_000, ge=1)
     max_pending_appends: int = Field(10_000, ge=1)
     checkpoint_seconds: float = Field(1.0, gt=0)
+    # The -wal file is kept under this: the writer restarts the WAL once it passes half of it
+    # (server/wal.py). At least 64 KiB: a WAL holds a few pages at any time.
+    wal_max_bytes: int = Field(64 * 1024 * 1024, ge=65_536)
     job_cache_size: int = Field(10_000, ge=1)
+    # The same cache in bytes, measured (server/job_states.py): a count alone let 600 jobs with
+    # object-heavy metadata take a gigabyte.
+    job_cache_bytes: int = Field(64 * 1024 * 1024, ge=0)
     busy_timeout_ms: int = Field(5_000, ge=0)
     probe_seconds: float = Field(1.0, gt=0)
     integrity_check: bool = True
@@ -65,6 +71,9 @@ class StreamConfig(_Section):
     # Open streams on any one job, so that one hot job cannot take every stream slot.
     max_subscribers_per_job: int = Field(10_000, ge=1)
     page_events: int = Field(500, ge=1)
+    # The most one page read from SQLite may hold (a replay step, a part of a REST page or
+    # export); always at least one event. Bounds what one slow or stuck client pins.
+    page_bytes: int = Field(1024 * 1024, ge=1)
     cache_events_per_job: int = Field(4_096, ge=0)
     cache_bytes: int = Field(64 * 1024 * 1024, ge=0)
 

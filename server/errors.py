@@ -28,7 +28,9 @@ class ServiceError(Exception):
 
 
 def error_body(code: str, message: str, details: list[dict[str, Any]] | None = None) -> bytes:
-    return orjson.dumps({"error": {"code": code, "message": message, "details": details or []}})
+    """The HTTP error body, ending with a newline like every JSON body the server sends."""
+    body = {"error": {"code": code, "message": message, "details": details or []}}
+    return orjson.dumps(body, option=orjson.OPT_APPEND_NEWLINE)
 
 
 class InvalidJson(ServiceError):
@@ -140,6 +142,25 @@ class StorageUnavailable(ServiceError):
     def __init__(self, message: str, retry_after: int = 1) -> None:
         super().__init__(message)
         self.headers = {"Retry-After": str(retry_after)}
+
+
+class CommitOutcomeUnknown(StorageUnavailable):
+    """The COMMIT itself failed (e.g. the WAL's fsync): the events may or may not be in the
+    log. Same code as any storage fault; ``details`` says that the outcome is unknown."""
+
+    def __init__(self, error: str, retry_after: int = 1) -> None:
+        super().__init__(
+            f"the commit failed ({error}): these events may or may not be in the log; "
+            "retrying with the same idempotency keys is safe (an event already stored is "
+            "answered as a duplicate); without keys a retry may store them twice",
+            retry_after,
+        )
+        self.details = [
+            {
+                "type": "outcome_unknown",
+                "msg": "the commit's outcome is unknown; retry with the same keys",
+            }
+        ]
 
 
 class ShuttingDown(ServiceError):

@@ -14,7 +14,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from .frames import Frame
+from .frames import Frame, within_bytes
 from .hub import Hub, JobChannel, LiveSubscriber, PushFn
 from .store import JobHead, Store
 
@@ -40,6 +40,7 @@ async def follow(
     head: JobHead,
     *,
     page_events: int,
+    page_bytes: int,
     idle_seconds: float,
     push: PushFn | None = None,
 ) -> AsyncIterator[list[Frame] | None]:
@@ -52,6 +53,10 @@ async def follow(
 
     ``head`` is the job's status and last_seq read before the caller sent its hello, so
     that a finished job whose log the subscriber already has ends at once.
+
+    A batch holds at most ``page_events`` frames and ``page_bytes`` of JSON (plus one
+    frame, so always at least one): what a subscriber that stops reading pins is bounded
+    in bytes, whatever its events weigh.
     """
     if head.status in ("completed", "failed", "cancelled") and cursor.after >= head.last_seq:
         cursor.done = True
@@ -67,9 +72,16 @@ async def follow(
                 raise StreamClosing()
             frames = channel.frames_after(cursor.after, page_events)
             if frames is None or (not frames and not verified):
-                frames = await store.read_after(cursor.job_id, cursor.after, page_events)
-                # Only a short page proves the read reached the end of the log.
-                verified = verified or len(frames) < page_events
+                frames = await store.read_after(
+                    cursor.job_id, cursor.after, page_events, max_bytes=page_bytes
+                )
+                # Only a short page proves the read reached the end of the log; one cut
+                # short by bytes does not.
+                verified = verified or (
+                    len(frames) < page_events and sum(len(f.json) for f in frames) < page_bytes
+                )
+            elif frames:
+                frames = within_bytes(frames, page_bytes)
             if frames:
                 cursor.after = frames[-1].seq
                 cursor.sent += len(frames)

@@ -8,11 +8,16 @@ the first time an SSE subscriber needs it.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
 
 from .models import TERMINAL_TYPES
+
+# A stream writes a batch of frames in parts of about this many bytes, waiting for the peer
+# between them (aiohttp's transports pause writers at 64 KiB buffered).
+WRITE_PART_BYTES = 64 * 1024
 
 
 class Frame:
@@ -65,6 +70,31 @@ class Frame:
 
     def __repr__(self) -> str:
         return f"Frame({self.job_id!r}, seq={self.seq}, type={self.event_type!r})"
+
+
+def within_bytes(frames: list[Frame], max_bytes: int) -> list[Frame]:
+    """The leading frames of ``frames`` while those before hold less than ``max_bytes`` of
+    JSON: always at least one, at most ``max_bytes`` plus one frame."""
+    held = 0
+    for index, frame in enumerate(frames):
+        held += len(frame.json)
+        if held >= max_bytes:
+            return frames[: index + 1]
+    return frames
+
+
+def parts_of(frames: list[Frame], max_bytes: int) -> Iterator[list[Frame]]:
+    """``frames`` in consecutive parts of about ``max_bytes`` of JSON each (at least one
+    frame): a transport writes a part, then waits for the peer before the next, so that it
+    never buffers a whole batch for a slow reader."""
+    start = held = 0
+    for index, frame in enumerate(frames):
+        held += len(frame.json)
+        if held >= max_bytes:
+            yield frames[start : index + 1]
+            start, held = index + 1, 0
+    if start < len(frames):
+        yield frames[start:] if start else frames
 
 
 _FIN_TEXT = 0x81  # FIN bit + opcode 1 (RFC 6455 section 5.2); no RSV bits: not compressed

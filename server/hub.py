@@ -19,7 +19,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable
 
-from .frames import Frame
+from .frames import WRITE_PART_BYTES, Frame
 
 # Sends frames to a subscriber now, without blocking; False if it cannot (it then reads them).
 PushFn = Callable[[list[Frame]], bool]
@@ -146,8 +146,10 @@ class JobChannel:
         wake the others, and every plain waiter."""
         if self.live:
             first, last = frames[0].seq, frames[-1].seq
-            # A terminal event is sent by the subscriber's own task, which then closes.
-            pushable = not frames[-1].terminal
+            # A terminal event is sent by the subscriber's own task, which then closes; so is
+            # a batch larger than one write part, in parts with a drain between them: nobody
+            # waits on a push, so it must not hand any one socket more than a part.
+            pushable = not frames[-1].terminal and _bytes(frames) <= WRITE_PART_BYTES
             now = asyncio.get_running_loop().time()
             stalled = []
             for key, live in self.live.items():
@@ -173,6 +175,10 @@ class JobChannel:
             live.wake()
         self.live.clear()
         self.wake()
+
+
+def _bytes(frames: list[Frame]) -> int:
+    return sum(frame.size for frame in frames)
 
 
 def _pushed(live: LiveSubscriber, frames: list[Frame]) -> bool:
@@ -241,7 +247,7 @@ class Hub:
         if not channel.frames:
             channel.first_seq = frames[0].seq
         channel.frames.extend(frames)
-        added = sum(frame.size for frame in frames)
+        added = _bytes(frames)
         channel.cached_bytes += added
         self._total_bytes += added
         overflow = len(channel.frames) - cap
@@ -250,7 +256,7 @@ class Hub:
 
     def _evict(self, channel: JobChannel, count: int) -> None:
         dropped = channel.frames[:count]
-        freed = sum(frame.size for frame in dropped)
+        freed = _bytes(dropped)
         del channel.frames[:count]
         channel.first_seq += count
         channel.cached_bytes -= freed

@@ -17,7 +17,7 @@ import contextlib
 import socket
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -34,9 +34,35 @@ REFUSED_GRACE_SECONDS = 2.0
 
 class JsonErrorRequestHandler(web.RequestHandler):
     """aiohttp's connection protocol, with the errors it answers itself (a malformed request
-    line, too many or too large headers) in the protocol's error shape instead of text."""
+    line, too many or too large headers) in the protocol's error shape instead of text; a
+    header deadline for every request (``ConnectionCappedServer``); and ``on_lost``, called
+    once when the connection closes (``server.streams``: an idle stream hears of it at once).
+    """
 
-    __slots__ = ()  # aiohttp's handler is slotted: no per-connection __dict__
+    __slots__ = ("on_lost",)  # aiohttp's handler is slotted: no per-connection __dict__
+
+    def __init__(self, manager: web.Server, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self.on_lost: Callable[[], None] | None = None
+
+    def data_received(self, data: bytes) -> None:
+        # The first bytes of a request on a kept-alive connection start its header deadline
+        # (a new connection's starts when it opens). Not while a request is being handled
+        # (its body is limits.body_timeout's) or once upgraded to a WebSocket.
+        manager = self._manager
+        if (
+            not self._request_in_progress
+            and not self._upgraded
+            and isinstance(manager, ConnectionCappedServer)
+        ):
+            manager.expect_headers(self)
+        super().data_received(data)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        on_lost, self.on_lost = self.on_lost, None
+        if on_lost is not None:
+            on_lost()
 
     def handle_error(
         self,
@@ -79,10 +105,11 @@ class ConnectionCappedServer(web.Server):
         self.header_timeout = header_timeout
         self._admitted: set[web.RequestHandler] = set()
         self._refused: set[web.RequestHandler] = set()
-        # Admitted connections whose first request's headers have not arrived yet, with the
-        # timer that drops them; it is cancelled when the headers arrive, so that a
-        # long-lived connection (a stream) does not hold it for header_timeout.
-        self._silent: dict[web.RequestHandler, asyncio.TimerHandle] = {}
+        # Admitted connections waiting for a request's headers (a new connection's first, or
+        # the next one on a kept-alive connection once its first bytes arrive), with the timer
+        # that drops them; it is cancelled when the headers arrive, so that a long-lived
+        # request (a stream) does not hold it for header_timeout.
+        self._awaiting_headers: dict[web.RequestHandler, asyncio.TimerHandle] = {}
 
     def __call__(self) -> web.RequestHandler:
         return JsonErrorRequestHandler(self, loop=self._loop, **self._kwargs)
@@ -97,9 +124,7 @@ class ConnectionCappedServer(web.Server):
             self._admitted.add(handler)
             # aiohttp has no deadline for a request's headers: a peer trickling them (or
             # sending nothing) would hold its slot forever. Keep-alive idling is aiohttp's.
-            self._silent[handler] = asyncio.get_running_loop().call_later(
-                self.header_timeout, self._drop_if_silent, handler, transport
-            )
+            self.expect_headers(handler)
             return
         self._refused.add(handler)
         asyncio.get_running_loop().call_later(REFUSED_GRACE_SECONDS, transport.close)
@@ -110,20 +135,29 @@ class ConnectionCappedServer(web.Server):
         super().connection_lost(handler, exc)
         self._admitted.discard(handler)
         self._refused.discard(handler)
-        timer = self._silent.pop(handler, None)
+        timer = self._awaiting_headers.pop(handler, None)
         if timer is not None:
             timer.cancel()
 
-    def _drop_if_silent(self, handler: web.RequestHandler, transport: asyncio.Transport) -> None:
-        if self._silent.pop(handler, None) is not None:
+    def expect_headers(self, handler: web.RequestHandler) -> None:
+        """Start ``handler``'s header deadline, unless it runs already."""
+        if handler in self._awaiting_headers or handler not in self._admitted:
+            return
+        self._awaiting_headers[handler] = asyncio.get_running_loop().call_later(
+            self.header_timeout, self._drop_if_silent, handler
+        )
+
+    def _drop_if_silent(self, handler: web.RequestHandler) -> None:
+        if self._awaiting_headers.pop(handler, None) is not None:
             log.info("connection_dropped", reason="header_timeout", seconds=self.header_timeout)
-            transport.close()
+            if handler.transport is not None:
+                handler.transport.close()
 
     def _handle_or_refuse(self, request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
         # Not a coroutine itself: an admitted request's handler coroutine is returned as is,
         # so that no extra frame stays alive for as long as a stream lasts.
         if request.protocol not in self._refused:
-            timer = self._silent.pop(request.protocol, None)
+            timer = self._awaiting_headers.pop(request.protocol, None)
             if timer is not None:
                 timer.cancel()
             return self._admit(request)

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 from aiohttp import web
 from pydantic import BaseModel
 
 from .config import Config
+from .handlers.request import json_response
 from .keys import CONFIG
 from .models import (
     JOB_ID_PATTERN,
@@ -212,7 +214,7 @@ _ERRORS = {
     404: "job_not_found",
     405: "method_not_allowed: another method on this path (with an Allow header)",
     408: "body_timeout: the body did not arrive within limits.body_timeout",
-    409: "job_exists or job_finished",
+    409: "job_exists or job_finished (POST); log_reset (GET with an epoch that does not fit)",
     413: "body_too_large (limits.max_body_bytes) or event_too_large (limits.max_event_bytes)",
     415: "unsupported_media_type: a body without Content-Type: application/json",
     422: "validation_error: JSON that breaks the schema; details lists the fields",
@@ -229,14 +231,31 @@ def _json(schema: Schema, description: str, **extra: Any) -> dict[str, Any]:
     return {"description": description, "content": {JSON: {"schema": schema}}, **extra}
 
 
-def _query_int(name: str, minimum: int, maximum: int, description: str) -> dict[str, Any]:
-    return {
+def _query(name: str, schema: Schema, description: str | None = None) -> dict[str, Any]:
+    """An optional query parameter. An empty value (``?limit=``) counts as absent
+    (docs/protocol.md), which is what ``allowEmptyValue`` says."""
+    parameter: dict[str, Any] = {
         "name": name,
         "in": "query",
         "required": False,
-        "description": description,
-        "schema": {"type": "integer", "minimum": minimum, "maximum": maximum},
+        "allowEmptyValue": True,
+        "schema": schema,
     }
+    if description is not None:
+        parameter["description"] = description
+    return parameter
+
+
+def _query_int(name: str, minimum: int, maximum: int, description: str) -> dict[str, Any]:
+    return _query(name, {"type": "integer", "minimum": minimum, "maximum": maximum}, description)
+
+
+_EPOCH = _query(
+    "epoch",
+    {"type": "string"},
+    "the epoch from an earlier hello or snapshot: a log that is not that one, or is behind "
+    "after, is 409 log_reset",
+)
 
 
 def build_openapi(config: Config) -> dict[str, Any]:
@@ -298,18 +317,8 @@ def build_openapi(config: Config) -> dict[str, Any]:
                 "operationId": "listJobs",
                 "summary": "List jobs, newest first.",
                 "parameters": [
-                    {
-                        "name": "status",
-                        "in": "query",
-                        "required": False,
-                        "schema": {"enum": list(JOB_STATUSES)},
-                    },
-                    {
-                        "name": "kind",
-                        "in": "query",
-                        "required": False,
-                        "schema": {"type": "string"},
-                    },
+                    _query("status", {"enum": list(JOB_STATUSES)}),
+                    _query("kind", {"type": "string"}),
                     _query_int(
                         "limit",
                         1,
@@ -317,13 +326,11 @@ def build_openapi(config: Config) -> dict[str, Any]:
                         f"jobs per page (default "
                         f"{min(limits.jobs_page_default, limits.page_size_max)})",
                     ),
-                    {
-                        "name": "cursor",
-                        "in": "query",
-                        "required": False,
-                        "description": "next_cursor of the previous page",
-                        "schema": {"type": "string", "pattern": "^[1-9][0-9]{0,17}$"},
-                    },
+                    _query(
+                        "cursor",
+                        {"type": "string", "pattern": "^[1-9][0-9]{0,17}$"},
+                        "next_cursor of the previous page",
+                    ),
                 ],
                 "responses": {
                     "200": _json(_ref("JobList"), "a page of snapshots"),
@@ -368,8 +375,10 @@ def build_openapi(config: Config) -> dict[str, Any]:
                         1,
                         limits.page_size_max,
                         f"events per page (default "
-                        f"{min(limits.page_size_default, limits.page_size_max)})",
+                        f"{min(limits.page_size_default, limits.page_size_max)}; "
+                        "checked, then ignored, by the NDJSON export)",
                     ),
+                    _EPOCH,
                 ],
                 "responses": {
                     "200": {
@@ -379,7 +388,7 @@ def build_openapi(config: Config) -> dict[str, Any]:
                             "application/x-ndjson": {"schema": {"type": "string"}},
                         },
                     },
-                    **_error_responses(400, 404, 405, *common),
+                    **_error_responses(400, 404, 405, 409, *common),
                 },
             },
         },
@@ -394,6 +403,7 @@ def build_openapi(config: Config) -> dict[str, Any]:
                 "Last-Event-ID, when present, is after (SSE).",
                 "parameters": [
                     _query_int("after", 0, _MAX_QUERY_INT, "the last seq the client has"),
+                    _EPOCH,
                 ],
                 "responses": {
                     "101": {"description": "WebSocket: hello, the log, then live events"},
@@ -401,7 +411,7 @@ def build_openapi(config: Config) -> dict[str, Any]:
                         "description": "SSE: hello, the log, then live events",
                         "content": {"text/event-stream": {"schema": {"type": "string"}}},
                     },
-                    **_error_responses(400, 404, 405, *common),
+                    **_error_responses(400, 404, 405, 409, *common),
                 },
             },
         },
@@ -456,4 +466,4 @@ def _error_headers(status: int) -> dict[str, Any]:
 
 async def openapi_json(request: web.Request) -> web.Response:
     """``GET /v1/openapi.json``: built per request (rarely asked; a few milliseconds)."""
-    return web.json_response(build_openapi(request.app[CONFIG]))
+    return json_response(orjson.dumps(build_openapi(request.app[CONFIG])))

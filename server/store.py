@@ -3,7 +3,8 @@
 One aiosqlite connection writes (``server.writer``); a small pool reads, so replays and audit
 pages never wait behind a commit (WAL readers see the last committed state). WAL checkpoints
 run from a separate connection on a timer instead of inside the writer's commits, which keeps
-the append path's p99 flat (see ``../shared/notes/measured-here.md``).
+the append path's p99 flat, and the writer restarts the WAL between groups before it passes
+``storage.wal_max_bytes`` (``server.wal``).
 
 At open, before migrations, ``PRAGMA quick_check`` refuses a damaged file
 (``storage.integrity_check``).
@@ -15,7 +16,7 @@ import asyncio
 import contextlib
 import itertools
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,8 +25,10 @@ import structlog
 
 from . import migrate
 from .config import Config
+from .dblock import DatabaseLock
 from .frames import Frame
 from .hub import Hub
+from .wal import WalBound
 from .writer import Writer
 
 log = structlog.get_logger("jobfeed.store")
@@ -81,6 +84,8 @@ class Store:
         self._reader_turn = itertools.count()
         self._checkpoint_task: asyncio.Task[None] | None = None
         self._writer: Writer | None = None
+        self._lock = DatabaseLock(config.storage.path)
+        self.wal = WalBound(config.storage.path, config.storage.wal_max_bytes)
         self.schema_version = 0
 
     @property
@@ -94,6 +99,15 @@ class Store:
         return self._writer
 
     async def open(self) -> None:
+        # First of all: nothing (not even the integrity check) touches a file in use.
+        self._lock.acquire()
+        try:
+            await self._open()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _open(self) -> None:
         storage = self._config.storage
         if storage.integrity_check:
             await asyncio.to_thread(check_integrity, storage.path)
@@ -113,7 +127,10 @@ class Store:
             max_pending=storage.max_pending_appends,
             max_event_bytes=self._config.limits.max_event_bytes,
             job_cache_size=storage.job_cache_size,
+            job_cache_bytes=storage.job_cache_bytes,
             probe_seconds=storage.probe_seconds,
+            wal=self.wal,
+            busy_timeout_ms=storage.busy_timeout_ms,
         )
         await self._writer.start()
         self._checkpoint_task = asyncio.create_task(self._checkpoint_loop(), name="checkpoint")
@@ -136,6 +153,7 @@ class Store:
                 await conn.close()
         self._readers.clear()
         self._writer_conn = self._checkpoint_conn = None
+        self._lock.release()
 
     async def _connect(self, read_only: bool = False) -> aiosqlite.Connection:
         storage = self._config.storage
@@ -162,18 +180,55 @@ class Store:
         conn = self._readers[next(self._reader_turn) % len(self._readers)]
         return list(await conn.execute_fetchall(query, params))
 
+    async def _read_within(
+        self, query: str, params: Sequence[object], size_column: int, max_bytes: int
+    ) -> list[sqlite3.Row]:
+        """``_read``, stopping once the rows read hold ``max_bytes`` in ``size_column``.
+
+        Rows are taken while the ones before them hold less than ``max_bytes`` (so always at
+        least one, and at most ``max_bytes`` plus one row); the rest of the query is never
+        fetched, so a page of large rows is never materialised whole. Still one await, and the
+        cursor is closed inside the reader's thread (see ``_read``). aiosqlite has no public
+        way to run a function in its thread: ``_execute`` is what its own fetches use.
+        """
+        conn = self._readers[next(self._reader_turn) % len(self._readers)]
+
+        def fetch(db: sqlite3.Connection) -> list[sqlite3.Row]:
+            rows: list[sqlite3.Row] = []
+            held = 0
+            cursor = db.execute(query, params)
+            try:
+                for row in cursor:
+                    rows.append(row)
+                    held += len(row[size_column])
+                    if held >= max_bytes:
+                        break
+            finally:
+                cursor.close()
+            return rows
+
+        run_in_thread: Callable[..., Awaitable[list[sqlite3.Row]]] = conn._execute
+        return await run_in_thread(fetch, conn._conn)
+
     async def _checkpoint_loop(self) -> None:
         assert self._checkpoint_conn is not None
         last_commits = -1
         failing = False
         while True:
-            await asyncio.sleep(self._config.storage.checkpoint_seconds)
+            # On the timer, or at once when the writer is about to restart the WAL: the
+            # copying is done here, off the append path, and the restart finds little left.
+            wanted = self.wal.passive_wanted
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wanted.wait(), self._config.storage.checkpoint_seconds)
             commits = self.writer.commits
-            if commits == last_commits and not failing:
+            if commits == last_commits and not failing and not wanted.is_set():
                 continue
+            wanted.clear()
             last_commits = commits
             try:
-                await self._checkpoint_conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                async with self.wal.checkpoint_lock:
+                    await self._checkpoint_conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                    self.wal.passive_runs += 1
             except sqlite3.Error as exc:
                 # Logged once per fault, not once a second: the WAL keeps every commit
                 # meanwhile, and the next checkpoint that succeeds copies them all.
@@ -202,9 +257,19 @@ class Store:
         return JobHead(status.decode(), last_seq, None if epoch is None else epoch.decode())
 
     async def list_jobs(
-        self, status: str | None, kind: str | None, limit: int, before: int | None
+        self,
+        status: str | None,
+        kind: str | None,
+        limit: int,
+        before: int | None,
+        max_bytes: int | None = None,
     ) -> tuple[list[bytes], int | None]:
-        """Snapshots newest first; the cursor is the job_no of the last one returned."""
+        """Snapshots newest first; the cursor is the job_no of the last one returned.
+
+        With ``max_bytes`` the page ends early once its snapshots hold that many bytes
+        (always at least one) and the cursor points past the last one returned; when the
+        cut falls exactly at the end, the page after it is empty.
+        """
         clauses: list[str] = []
         params: list[str | int] = []
         if status is not None:
@@ -218,17 +283,32 @@ class Store:
             params.append(before)
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         query = f"SELECT job_no, snapshot FROM jobs {where} ORDER BY job_no DESC LIMIT ?"
-        rows = await self._read(query, [*params, limit + 1])
+        if max_bytes is None:
+            rows = await self._read(query, [*params, limit + 1])
+        else:
+            rows = await self._read_within(query, [*params, limit + 1], 1, max_bytes)
         page = rows[:limit]
-        next_before = page[-1][0] if len(rows) > limit else None
+        # A row past the page, or a page cut by the byte budget: there is (or may be) more.
+        more = len(rows) > limit or (
+            max_bytes is not None and sum(len(row[1]) for row in rows) >= max_bytes
+        )
+        next_before = page[-1][0] if page and more else None
         return [bytes(row[1]) for row in page], next_before
 
-    async def read_after(self, job_id: str, after: int, limit: int) -> list[Frame]:
-        rows = await self._read(
+    async def read_after(
+        self, job_id: str, after: int, limit: int, max_bytes: int | None = None
+    ) -> list[Frame]:
+        """Up to ``limit`` events past ``after``, in order; with ``max_bytes``, only as many
+        as hold that many bytes of JSON (always at least one: see ``_read_within``)."""
+        query = (
             "SELECT seq, id, type, ts, body FROM events WHERE job_id = ? AND seq > ? "
-            "ORDER BY seq LIMIT ?",
-            (job_id, after, limit),
+            "ORDER BY seq LIMIT ?"
         )
+        params = (job_id, after, limit)
+        if max_bytes is None:
+            rows = await self._read(query, params)
+        else:
+            rows = await self._read_within(query, params, 4, max_bytes)
         return [
             Frame(job_id, seq, event_id, event_type.decode(), ts.decode(), body)
             for seq, event_id, event_type, ts, body in rows

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -33,6 +32,7 @@ import orjson
 import structlog
 
 from .errors import (
+    CommitOutcomeUnknown,
     EventTooLarge,
     InvalidJson,
     JobExists,
@@ -46,8 +46,10 @@ from .errors import (
 )
 from .frames import Frame
 from .hub import Hub
+from .job_states import JobCache
 from .models import EventIn, ProgressIn
-from .snapshot import CountsOutOfRange, JobState, apply_event, progress_in_context
+from .snapshot import CountsOutOfRange, JobState, apply_event, exact_bytes, progress_in_context
+from .wal import WalBound
 
 log = structlog.get_logger("jobfeed.writer")
 
@@ -107,6 +109,14 @@ class _Group:
     answers: list[tuple[_Op, Any]] = field(default_factory=list)
 
 
+class _CommitFailed(Exception):
+    """COMMIT itself failed: SQLite rolled back, but the frames may be in the -wal file."""
+
+    def __init__(self, error: sqlite3.Error) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 def _filled(answers: list[AppendedEvent | None]) -> list[AppendedEvent]:
     """A request's answers once every event has one (stored before, or appended now)."""
     filled = [answer for answer in answers if answer is not None]
@@ -128,18 +138,22 @@ class Writer:
         max_pending: int,
         max_event_bytes: int,
         job_cache_size: int,
+        job_cache_bytes: int,
         probe_seconds: float = 1.0,
+        wal: WalBound | None = None,
+        busy_timeout_ms: int = 5_000,
     ) -> None:
         self._conn = conn
         self._hub = hub
         self._max_batch_events = max_batch_events
         self._max_pending = max_pending
         self._max_event_bytes = max_event_bytes
-        self._job_cache_size = job_cache_size
         self._probe_seconds = probe_seconds
+        self._wal = wal
+        self._busy_timeout_ms = busy_timeout_ms
         self._queue: asyncio.Queue[_Op | None] = asyncio.Queue()
         self._pending_weight = 0
-        self._jobs: OrderedDict[str, JobState] = OrderedDict()
+        self._jobs = JobCache(job_cache_size, job_cache_bytes)
         self._next_id = 1
         self._last_ts = ""
         self._task: asyncio.Task[None] | None = None
@@ -155,13 +169,19 @@ class Writer:
         self._fault_refused = 0
 
     async def start(self) -> None:
+        await self._load_position()
+        if self._wal is not None:
+            await self._wal.configure(self._conn)
+        self._task = asyncio.create_task(self._run(), name="jobfeed-writer")
+
+    async def _load_position(self) -> None:
+        """The next event id and the newest ts, from the file."""
         # The newest event by id also has the newest ts: the writer keeps ts monotonic.
         rows = list(
             await self._conn.execute_fetchall("SELECT id, ts FROM events ORDER BY id DESC LIMIT 1")
         )
         self._next_id = rows[0][0] + 1 if rows else 1
         self._last_ts = rows[0][1] if rows else ""
-        self._task = asyncio.create_task(self._run(), name="jobfeed-writer")
 
     async def stop(self) -> None:
         """Commit everything already queued, then stop taking requests."""
@@ -173,6 +193,15 @@ class Writer:
     @property
     def pending(self) -> int:
         return self._pending_weight
+
+    @property
+    def cached_jobs(self) -> int:
+        return len(self._jobs)
+
+    @property
+    def cache_bytes(self) -> int:
+        """Measured bytes of the cached job states (``storage.job_cache_bytes`` bounds it)."""
+        return self._jobs.bytes
 
     async def create_job(
         self, job_id: str, kind: str | None, metadata: dict[str, Any] | None
@@ -221,6 +250,9 @@ class Writer:
                         op.future.set_exception(exc)
             finally:
                 self._pending_weight -= weight
+            if self._wal is not None:
+                # Between groups: no transaction is open, and the answers are already out.
+                await self._wal.restart_if_due(self._conn, self._busy_timeout_ms)
 
     async def _next_op(self) -> _Op | None:
         """The next request; while unhealthy and idle, probe the write path meanwhile."""
@@ -265,7 +297,9 @@ class Writer:
             # After SQLITE_FULL / IOERR / BUSY SQLite may have rolled back already.
             log.debug("rollback_failed")
 
-    def _fault(self, exc: sqlite3.Error, stage: str, refused: int) -> None:
+    def _fault(
+        self, exc: sqlite3.Error, stage: str, refused: int, outcome: str = "not_written"
+    ) -> None:
         """Record a failed write; log it only when a fault starts or changes."""
         error = f"{type(exc).__name__}: {exc}"
         if self.healthy:
@@ -280,6 +314,7 @@ class Writer:
                 error=error,
                 sqlite_error=getattr(exc, "sqlite_errorname", None),
                 refused=refused,
+                outcome=outcome,
             )
         self.healthy = False
         self.last_error = error
@@ -327,6 +362,9 @@ class Writer:
         if group.event_rows:
             try:
                 await self._write(group)
+            except _CommitFailed as failed:
+                await self._commit_outcome_unknown([op for op, _ in group.answers], failed.error)
+                return
             except sqlite3.Error as exc:
                 self._fail([op for op, _ in group.answers], exc, "commit")
                 return
@@ -357,6 +395,40 @@ class Writer:
                 StorageUnavailable(f"the event log cannot be written right now ({exc})")
             )
 
+    async def _commit_outcome_unknown(self, ops: Iterable[_Op], exc: sqlite3.Error) -> None:
+        """After a failed COMMIT: make the file's state definite, believe only the file, and
+        only then answer, saying that the outcome is unknown.
+
+        When the WAL's fsync fails, SQLite rolls the transaction back in memory, but its
+        frames, commit marker included, are already in the ``-wal`` file past the end that
+        SQLite now uses: a crash before the next write would let recovery replay them, and
+        an append answered 503 would be in the log. A WAL frame counts only if its checksum
+        continues the chain of the frames before it (https://sqlite.org/fileformat2.html,
+        "WAL file format"), and the next transaction is written at that same place (or, if
+        the WAL restarts, under a new salt): so one more commit, the probe, made at once,
+        before anyone is answered, leaves those frames unrecoverable. PostgreSQL's lesson
+        from fsync failures is not to carry on as if nothing was written: if the probe too
+        cannot be written, the state stays unknown until a later write lands (the probe
+        runs again every ``probe_seconds``), and a restart in between may bring the events
+        back. That is why the answer says the outcome is unknown and a retry with the same
+        keys is safe: it is answered from whatever the file holds.
+
+        Then what the writer keeps in memory is read again from the file: the next id and
+        ts, and no cached job state. The hub needs nothing: it is only ever advanced after a
+        commit succeeded, and the live log never moved.
+        """
+        refused = [op for op in ops if not op.future.done()]
+        self._fault(exc, "commit", refused=len(refused), outcome="unknown")
+        await self._probe()
+        try:
+            await self._load_position()
+        except sqlite3.Error as reload_error:  # the state stays as planned before the group
+            log.warning("writer_reload_failed", error=str(reload_error))
+        self._jobs.clear()
+        error = f"{type(exc).__name__}: {exc}"
+        for op in refused:
+            op.future.set_exception(CommitOutcomeUnknown(error))
+
     async def _load_states(self, job_ids: set[str]) -> dict[str, JobState | None]:
         states: dict[str, JobState | None] = {}
         missing = []
@@ -365,7 +437,6 @@ class Writer:
             if cached is None:
                 missing.append(job_id)
             else:
-                self._jobs.move_to_end(job_id)
                 states[job_id] = cached
         for start in range(0, len(missing), _MAX_PARAMS):
             chunk = missing[start : start + _MAX_PARAMS]
@@ -505,7 +576,8 @@ class Writer:
 
     def _serialize(self, event: dict[str, Any], index: int) -> bytes:
         try:
-            body = orjson.dumps(event)
+            # Kept by the hub's frame cache, which counts len(body): keep exactly that.
+            body = exact_bytes(orjson.dumps(event))
         except orjson.JSONEncodeError as exc:
             # orjson reads 1024 levels deep but writes only ~254: refuse what cannot be stored.
             raise InvalidJson(f"event {index} cannot be stored: {exc}") from None
@@ -562,13 +634,17 @@ class Writer:
                         for s in updated
                     ],
                 )
+        except BaseException:
+            await self._rollback()
+            raise
+        try:
             await conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            await self._rollback()
+            raise _CommitFailed(exc) from exc
         except BaseException:
             await self._rollback()
             raise
 
     def _remember(self, state: JobState) -> None:
-        self._jobs[state.job_id] = state
-        self._jobs.move_to_end(state.job_id)
-        while len(self._jobs) > self._job_cache_size:
-            self._jobs.popitem(last=False)
+        self._jobs.put(state)

@@ -156,13 +156,16 @@ class Launcher:
         self.db_path = workdir / "jobfeed.db"
         self.started: list[ServerProcess] = []
 
-    async def start(self, **settings: object) -> ServerProcess:
+    async def start(
+        self, env: Mapping[str, str] | None = None, /, **settings: object
+    ) -> ServerProcess:
         """Run a server on ``self.db_path`` and return it once it is listening and ready.
 
         ``settings`` are ``section__key=value`` overrides passed as ``JOBFEED_*`` variables,
-        e.g. ``server__shutdown_timeout=3``.
+        e.g. ``server__shutdown_timeout=3``; ``env`` (positional) adds other variables, such
+        as ``LD_PRELOAD``.
         """
-        process = self._spawn(settings)
+        process = self._spawn(settings, env or {})
         listening = await asyncio.to_thread(process.log.wait_for, "listening", START_TIMEOUT)
         if listening is None:
             process.reap()
@@ -178,7 +181,7 @@ class Launcher:
         await _wait_ready(process)
         return process
 
-    def _spawn(self, settings: Mapping[str, object]) -> ServerProcess:
+    def _spawn(self, settings: Mapping[str, object], extra_env: Mapping[str, str]) -> ServerProcess:
         config_path = self.workdir / "jobfeed-test.toml"
         config_path.write_text(
             f"[storage]\npath = {json.dumps(str(self.db_path))}\n", encoding="utf-8"
@@ -190,6 +193,7 @@ class Launcher:
             JOBFEED_LOG__FORMAT="json",
         )
         env.update({f"JOBFEED_{name.upper()}": str(value) for name, value in settings.items()})
+        env.update(extra_env)
         popen = subprocess.Popen(
             [sys.executable, "-m", "server", "serve", "--config", str(config_path)],
             stdin=subprocess.DEVNULL,
@@ -241,6 +245,15 @@ def launching(workdir: Path) -> Iterator[Launcher]:
         yield launcher
     finally:
         launcher.reap_all()
+
+
+def rss_bytes(pid: int) -> int:
+    """A process's resident memory (VmRSS), for the tests that bound the server's memory."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
 
 
 async def read_log(

@@ -7,13 +7,21 @@ it byte for byte with the stored log.
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import json
+import os
+import socket
+import struct
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import ClientResponse, WSMsgType
 from aiohttp.test_utils import TestClient
+
+STUCK_WAIT = 10.0  # bound on a stuck client's handshake and on its final read
+STUCK_RCVBUF = 4096  # a small receive window, so the server's send buffer fills quickly
 
 
 @dataclass(frozen=True)
@@ -185,3 +193,85 @@ async def stored_log(client: TestClient[Any, Any], job_id: str) -> list[str]:
     assert response.status == 200, await response.text()
     body = await response.text()
     return body.splitlines()
+
+
+class StuckSubscriber:
+    """A subscriber that completes the handshake by hand (a WebSocket upgrade, or an SSE
+    request) and then never reads; at the end it reads what the server left."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    @classmethod
+    async def connect(
+        cls, host: str, port: int, path: str, transport: str = "ws"
+    ) -> StuckSubscriber:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, STUCK_RCVBUF)
+        sock.setblocking(False)
+        await loop.sock_connect(sock, (host, port))
+        if transport == "ws":
+            key = base64.b64encode(os.urandom(16)).decode()
+            headers = (
+                f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                "Sec-WebSocket-Version: 13\r\n"
+            )
+            expected = b"HTTP/1.1 101"
+        else:
+            headers = "Accept: text/event-stream\r\n"
+            expected = b"HTTP/1.1 200"
+        request = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n{headers}\r\n"
+        await loop.sock_sendall(sock, request.encode())
+        head = b""
+        async with asyncio.timeout(STUCK_WAIT):
+            while b"\r\n\r\n" not in head:
+                chunk = await loop.sock_recv(sock, 1)  # byte by byte: leave the frames unread
+                assert chunk, "the server closed the connection during the handshake"
+                head += chunk
+        assert head.startswith(expected), head
+        return cls(sock)
+
+    def read_rest(self) -> bytes:
+        """Read until the server's EOF (blocking: run it in a thread); what arrived."""
+        self.sock.setblocking(True)
+        self.sock.settimeout(STUCK_WAIT)
+        data = bytearray()
+        try:
+            while chunk := self.sock.recv(1 << 16):
+                data += chunk
+        except (ConnectionResetError, TimeoutError):
+            pass  # an aborted connection: what arrived before the reset is what we check
+        finally:
+            self.sock.close()
+        return bytes(data)
+
+    def drain(self) -> tuple[list[dict[str, Any]], int | None]:
+        """``read_rest`` of a WebSocket: the text frames and the close code, if a close
+        frame came through."""
+        return parse_frames(self.read_rest())
+
+
+def parse_frames(data: bytes) -> tuple[list[dict[str, Any]], int | None]:
+    """Unmasked server frames (RFC 6455 5.2); a trailing partial frame is ignored."""
+    frames: list[dict[str, Any]] = []
+    close_code = None
+    at = 0
+    while at + 2 <= len(data):
+        opcode, length = data[at] & 0x0F, data[at + 1] & 0x7F
+        at += 2
+        if length == 126:
+            (length,) = struct.unpack_from("!H", data, at)
+            at += 2
+        elif length == 127:
+            (length,) = struct.unpack_from("!Q", data, at)
+            at += 8
+        if at + length > len(data):
+            break
+        payload = data[at : at + length]
+        at += length
+        if opcode == 0x1:
+            frames.append(json.loads(payload))
+        elif opcode == 0x8:
+            close_code = struct.unpack_from("!H", payload)[0] if len(payload) >= 2 else None
+    return frames, close_code

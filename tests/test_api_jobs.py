@@ -418,6 +418,9 @@ async def test_list_jobs_exact_last_page_has_null_cursor(client: Client) -> None
         "cursor=abc",
         "cursor=0",
         "cursor=-3",
+        "cursor=1%0A",
+        "limit=1%0A",
+        "limit=%D9%A3",
     ],
 )
 async def test_list_jobs_bad_parameter_is_400(client: Client, query: str) -> None:
@@ -1053,14 +1056,16 @@ async def test_events_page_limit_up_to_page_size_max(
 
 @pytest.mark.parametrize(
     "query",
-    ["after=-1", "after=abc", "after=1.5", "after=4", "after=99", "limit=0", "limit=-2",
-     "limit=abc", "limit=1001"],
+    ["after=-1", "after=abc", "after=1.5", "after=4", "after=99", "after=0%0A", "after=%0A0",
+     "after=%D9%A3", "limit=0", "limit=-2", "limit=abc", "limit=1001", "limit=1%0A"],
 )  # fmt: skip
-async def test_events_page_bad_parameter_is_400(client: Client, query: str) -> None:
-    """A bad ``after`` (negative, not an integer, past last_seq) or ``limit`` (0, not an
-    integer, over page_size_max) is 400 invalid_parameter."""
+@pytest.mark.parametrize("accept", ["application/json", "application/x-ndjson"])
+async def test_events_page_bad_parameter_is_400(client: Client, query: str, accept: str) -> None:
+    """A bad ``after`` (negative, not plain ASCII digits, a trailing newline, past last_seq)
+    or ``limit`` (0, not an integer, over page_size_max) is 400 invalid_parameter, on the
+    JSON page and on the NDJSON export alike."""
     await _job_with_events(client, "badq", 2)
-    response = await client.get(f"/v1/jobs/badq/events?{query}")
+    response = await client.get(f"/v1/jobs/badq/events?{query}", headers={"Accept": accept})
     await assert_error(response, 400, "invalid_parameter")
 
 
@@ -1205,3 +1210,46 @@ async def test_stream_responses_carry_the_request_id(client: TestClient[Any, Any
     response = await client.get("/v1/jobs/rid/events", headers=headers)
     assert response.headers["X-Request-ID"] == "trace-123"
     await response.read()
+
+
+async def test_every_json_body_ends_with_a_newline(client: Client) -> None:
+    """Each JSON answer, success or error, is one document and one line feed, so that curl
+    prints it as a whole line (schemathesis checks the same on every generated request)."""
+    await create_job(client, job_id="nl")
+    answers = [
+        await client.post("/v1/jobs", json={"job_id": "nl2"}),
+        await client.post("/v1/jobs/nl/events", json={"type": "log", "message": "m"}),
+        await client.get("/v1/jobs"),
+        await client.get("/v1/jobs/nl"),
+        await client.get("/v1/jobs/nl/events"),
+        await client.get("/v1/openapi.json"),
+        await client.get("/healthz"),
+        await client.get("/readyz"),
+        await client.get("/v1/jobs/nope"),
+        await client.get("/v1/jobs?limit=0"),
+        await client.get("/nowhere"),
+        await client.delete("/v1/jobs/nl"),
+        await client.post("/v1/jobs", json={"job_id": "nl"}),
+        await client.post("/v1/jobs/nl/events", json={"type": "log"}),
+        await client.get("/v1/jobs/nl/stream"),
+    ]
+    for response in answers:
+        raw = await response.read()
+        assert response.content_type == "application/json", response
+        assert raw.endswith(b"\n"), (response.url, raw[-80:])
+        assert raw.count(b"\n") == 1, (response.url, raw[-80:])
+        json.loads(raw)
+
+
+async def test_empty_query_values_count_as_absent(client: Client) -> None:
+    """``?status=&kind=&limit=&cursor=`` and ``?after=&limit=&epoch=`` answer as if the
+    parameters were absent (the OpenAPI document says so with ``allowEmptyValue``)."""
+    await _job_with_events(client, "empties", 2)
+    plain = await (await client.get("/v1/jobs")).json()
+    empty = await client.get("/v1/jobs?status=&kind=&limit=&cursor=")
+    assert empty.status == 200
+    assert await empty.json() == plain
+    plain = await (await client.get("/v1/jobs/empties/events")).json()
+    empty = await client.get("/v1/jobs/empties/events?after=&limit=&epoch=")
+    assert empty.status == 200
+    assert await empty.json() == plain

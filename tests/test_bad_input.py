@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from server.errors import ValidationFailed
+from server.handlers.request import parse_json
 from tests.conftest import ClientFactory, ConfigFactory, append, create_job
 from tests.test_api_jobs import assert_error, list_jobs, log_end, read_log
 
@@ -379,14 +383,14 @@ async def test_batch_over_max_batch_events_is_422(
     "event",
     [{"message": "no type"}, {"type": None, "message": "m"}, {"type": 5},
      {"type": "progress"}, {"type": "log"}, {"type": "failed"},
-     {"type": "log", "message": "m", "key": ""}, {"type": "log", "message": "m", "key": "k" * 201},
-     {"type": "log", "message": "x" * 65_537}],
+     {"type": "log", "message": "m", "key": ""}, {"type": "log", "message": "m", "key": "k" * 201}],
 )  # fmt: skip
 async def test_missing_or_invalid_required_fields_are_422(
     client: Client, job: str, event: dict[str, Any]
 ) -> None:
     """No type, a progress with no field, a log with no message, a failed with no error,
-    a key of 0 or over 200 chars, a text over 65,536 chars: each is 422."""
+    a key of 0 or over 200 chars: each is 422. (A text over 65,536 characters is 422 only
+    in an event within limits.max_event_bytes: see the size tests below.)"""
     await assert_error(await client.post(EVENTS, json=event), 422, "validation_error")
     await assert_unchanged(client)
 
@@ -547,3 +551,192 @@ async def test_oversize_request_does_not_fail_concurrent_ones(client: Client, jo
     await assert_error(responses[0], 413, "event_too_large")
     assert [r.status for r in responses[1:]] == [201] * 3
     assert await log_end(client, JOB) == 5
+
+
+# -- integers outside the signed 64-bit range: 422, never a silent float -----------------------
+
+I64_MIN, I64_MAX = -(2**63), 2**63 - 1
+
+
+@pytest.mark.parametrize(
+    ("raw", "loc"),
+    [
+        (b'{"type":"log","message":"m","data":{"x":18446744073709551616}}', ["data", "x"]),
+        (b'{"type":"log","message":"m","data":{"x":9223372036854775808}}', ["data", "x"]),
+        (b'{"type":"log","message":"m","data":{"x":-9223372036854775809}}', ["data", "x"]),
+        (b'{"type":"log","message":"m","data":{"a":[1,{"b":[123456789012345678901234]}]}}',
+         ["data", "a", 1, "b", 0]),
+        (b'{"type":"completed","result":99999999999999999999}', ["result"]),
+        (b'{"type":"failed","error":{"message":"m","details":[18446744073709551615]}}',
+         ["error", "details", 0]),
+        (b'{"events":[{"type":"log","message":"m"},{"type":"x.y","data":{"n":-1e2,'
+         b'"big":-18446744073709551617}}]}', ["events", 1, "data", "big"]),
+        (b'{"type":"progress","current":9223372036854775808}', ["current"]),
+    ],
+)  # fmt: skip
+async def test_integer_outside_int64_is_422_with_loc(
+    client: Client, job: str, raw: bytes, loc: list[Any]
+) -> None:
+    """An integer outside [-2**63, 2**63-1] anywhere in an event is 422 naming where it is,
+    not stored as a float; nothing is written."""
+    assert await locs_of(await post_raw(client, EVENTS, raw)) == [loc]
+    await assert_unchanged(client)
+
+
+async def test_integer_outside_int64_in_metadata_is_422(client: Client) -> None:
+    """Job metadata is held to the same rule: 422 with its loc, and no job is made."""
+    raw = b'{"job_id":"bigmeta","metadata":{"deep":[[{"n":18446744073709551616}]]}}'
+    locs = await locs_of(await post_raw(client, "/v1/jobs", raw))
+    assert locs == [["metadata", "deep", 0, 0, "n"]]
+    await assert_error(await client.get("/v1/jobs/bigmeta"), 404, "job_not_found")
+
+
+async def test_integers_at_the_int64_bounds_are_stored_exactly(client: Client, job: str) -> None:
+    """The bounds themselves, and big digit runs inside strings, are kept exactly."""
+    raw = (
+        b'{"type":"log","message":"12345678901234567890123","data":{"min":-9223372036854775808,'
+        b'"max":9223372036854775807,"s":"99999999999999999999","f":1.8446744073709552e19}}'
+    )
+    response = await post_raw(client, EVENTS, raw)
+    assert response.status == 201, await response.text()
+    page = await (await client.get(f"{EVENTS}?after=2")).read()
+    assert b'"min":-9223372036854775808,"max":9223372036854775807' in page
+    assert b'"s":"99999999999999999999"' in page
+    assert b'"message":"12345678901234567890123"' in page
+
+
+# -- size before field rules: an event over limits.max_event_bytes is 413, never 422 -----------
+
+
+@pytest.mark.parametrize(
+    ("max_event_bytes", "event"),
+    [
+        # The default limit: a log message past the 65,536-character field cap.
+        (65_536, {"type": "log", "message": "x" * 70_000}),
+        (65_536, {"type": "progress", "phase": "p" * 66_000, "current": 1}),
+        # A limit below the field caps: a key over its 200 characters in a too-big event.
+        (1024, {"type": "log", "message": "x" * 2000, "key": "k" * 300}),
+        (1024, {"type": "log", "message": "x" * 2000, "level": "loud"}),
+        (1024, {"type": "failed", "error": {"message": "x" * 2000, "code": "c" * 300}}),
+        # A limit above the field caps: a message past both.
+        (300_000, {"type": "log", "message": "x" * 310_000}),
+        (300_000, {"type": "log", "message": "x" * 310_000, "key": "k" * 300}),
+    ],
+)
+async def test_oversize_event_is_413_whatever_its_field_errors(
+    make_client: ClientFactory, make_config: ConfigFactory, max_event_bytes: int, event: Any
+) -> None:
+    """No field cap turns an event over limits.max_event_bytes into a 422: size comes first,
+    alone or in a batch, whatever the limit is configured to."""
+    config = make_config(
+        limits__max_event_bytes=max_event_bytes, limits__max_body_bytes=4 * 1024 * 1024
+    )
+    client = await make_client(config)
+    await create_job(client, job_id="sized")
+    for body in (event, {"events": [{"type": "log", "message": "small"}, event]}):
+        response = await client.post("/v1/jobs/sized/events", json=body)
+        await assert_error(response, 413, "event_too_large")
+    assert await log_end(client, "sized") == 1
+
+
+async def test_field_cap_still_applies_under_a_higher_limit(
+    make_client: ClientFactory, make_config: ConfigFactory
+) -> None:
+    """With limits.max_event_bytes above the field caps, an event within the limit whose
+    message is over 65,536 characters is still 422 (the cap, not the size, is broken)."""
+    config = make_config(limits__max_event_bytes=300_000)
+    client = await make_client(config)
+    await create_job(client, job_id="capped")
+    body = {"type": "log", "message": "x" * 70_000}
+    assert await locs_of(await client.post("/v1/jobs/capped/events", json=body)) == [["message"]]
+
+
+def _near(bound: int) -> st.SearchStrategy[int]:
+    return st.integers(bound - 3, bound + 3)
+
+
+_INTEGERS = st.one_of(
+    st.integers(-1000, 1000),
+    *(_near(b) for b in (I64_MIN, I64_MAX, 2**64 - 1, -(2**64))),
+    st.integers(-(2**80), 2**80),
+)
+_SCALARS = st.one_of(
+    _INTEGERS,
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(alphabet='0123456789"\\.e- x'),
+    st.booleans(),
+    st.none(),
+)
+_DOCUMENTS = st.recursive(
+    _SCALARS,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=3), inner, max_size=4)
+    ),
+    max_leaves=30,
+)
+
+
+def _int_locs(value: Any, loc: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[Any, ...], int]]:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _int_locs(item, (*loc, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _int_locs(item, (*loc, index))
+    elif isinstance(value, int) and not isinstance(value, bool):
+        yield loc, value
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal, with the same JSON types all the way down (an int is never a float)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(map(_same, a, b))
+    return bool(a == b)
+
+
+@settings(max_examples=400, derandomize=True, database=None, deadline=None)
+@given(document=_DOCUMENTS)
+def test_every_integer_is_exact_or_refused(document: Any) -> None:
+    """Over nested JSON with integers near the 64-bit bounds (and digit runs in strings):
+    a body whose integers all fit in signed 64 bits parses to exactly what was sent; one with
+    any integer outside is 422 ``int_out_of_range`` naming each such integer's loc."""
+    raw = json.dumps(document).encode()
+    outside = {loc for loc, n in _int_locs(document) if not I64_MIN <= n <= I64_MAX}
+    if not outside:
+        assert _same(parse_json(raw), document)
+        return
+    with pytest.raises(ValidationFailed) as refused:
+        parse_json(raw)
+    reported = {tuple(detail["loc"]) for detail in refused.value.details}
+    assert {detail["type"] for detail in refused.value.details} == {"int_out_of_range"}
+    # A float that happens to equal an offender's rounded value may be named too.
+    assert outside <= reported
+
+
+@pytest.mark.parametrize(
+    "extra", [{"kind": "k" * 200}, {"job_id": "bad id"}, {"kind": ""}], ids=["kind", "id", "empty"]
+)
+async def test_oversize_created_event_is_413_whatever_its_field_errors(
+    client: Client, extra: dict[str, Any]
+) -> None:
+    """Job creation keeps the same order: a created event over limits.max_event_bytes is 413
+    even with a field error beside it; no job is made."""
+    body = {"job_id": "hugejob", "metadata": {"blob": "x" * 70_000}, **extra}
+    await assert_error(await client.post("/v1/jobs", json=body), 413, "event_too_large")
+    await assert_error(await client.get("/v1/jobs/hugejob"), 404, "job_not_found")
+
+
+async def test_integer_outside_int64_deep_in_a_body_is_422_not_500(
+    client: Client, job: str
+) -> None:
+    """The check walks a body as deep as the parser takes (1024), past Python's recursion
+    limit, without a RecursionError: the loc is named."""
+    depth = 1000
+    raw = b'{"type":"log","message":"m","data":{"x":' + b"[" * depth
+    raw += b"18446744073709551616" + b"]" * depth + b"}}"
+    locs = await locs_of(await post_raw(client, EVENTS, raw))
+    assert locs == [["data", "x", *[0] * depth]]

@@ -165,6 +165,33 @@ async def test_empty_epoch_counts_as_absent(client: Client) -> None:
     assert sse.status == 400
 
 
+EVENTS_REPRESENTATIONS = ("application/json", "application/x-ndjson")
+
+
+async def read_events(client: Client, job_id: str, query: str, accept: str) -> Any:
+    return await client.get(f"/v1/jobs/{job_id}/events?{query}", headers={"Accept": accept})
+
+
+async def test_events_page_and_export_check_the_epoch(client: Client) -> None:
+    """``?epoch=`` on the events page and the NDJSON export is checked as on the streams:
+    another epoch, or the right one with after past last_seq, is 409 log_reset; the right
+    one reads on; without epoch, after past last_seq stays 400 invalid_parameter."""
+    epoch = await job_with_log(client, "pages", 2)
+    created_id, _, micros = epoch.partition("-")
+    other = f"{created_id}-{int(micros, 16) + 1:x}"
+    for accept in EVENTS_REPRESENTATIONS:
+        for query in (f"epoch={other}", f"after=3&epoch={other}", f"after=4&epoch={epoch}"):
+            response = await read_events(client, "pages", query, accept)
+            assert response.status == 409, (accept, query, await response.text())
+            body = await response.json()
+            assert body["error"]["code"] == "log_reset"
+        response = await read_events(client, "pages", f"after=1&epoch={epoch}", accept)
+        assert response.status == 200, await response.text()
+        response = await read_events(client, "pages", "after=4", accept)
+        assert response.status == 400
+        assert (await response.json())["error"]["code"] == "invalid_parameter"
+
+
 async def test_recreated_job_in_a_new_database_has_another_epoch(
     make_client: ClientFactory, make_config: ConfigFactory, tmp_path: Path
 ) -> None:

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -78,12 +79,16 @@ async def ride_out_a_fault(
     break_storage: Callable[[], None],
     mend_storage: Callable[[], None],
     error_part: str,
+    restart: Callable[[], Awaitable[ServerProcess]],
     message_bytes: int = 100,
 ) -> None:
-    """One outage against a running server, checked end to end (see the module docstring)."""
+    """One outage against a running server, checked end to end (see the module docstring);
+    then a second outage that ends in SIGKILL, and a restart: see ``crash_in_a_fault``."""
     refused_count = 5
     async with aiohttp.ClientSession(server.url) as session:
         async with session.post("/v1/jobs", json={"job_id": "j"}) as response:
+            assert response.status == 201, await response.text()
+        async with session.post("/v1/jobs", json={"job_id": "k"}) as response:
             assert response.status == 201, await response.text()
         async with post_event(session, "j", "before") as response:
             assert response.status == 201, await response.text()
@@ -141,6 +146,39 @@ async def ride_out_a_fault(
     assert error_part in failed[0]["error"], failed
     per_request = [r for r in server.lines if r.get("code") == "storage_unavailable"]
     assert per_request == [], per_request
+    await crash_in_a_fault(server, break_storage, mend_storage, restart, message_bytes)
+
+
+async def crash_in_a_fault(
+    server: ServerProcess,
+    break_storage: Callable[[], None],
+    mend_storage: Callable[[], None],
+    restart: Callable[[], Awaitable[ServerProcess]],
+    message_bytes: int,
+) -> None:
+    """ "Nothing written" checked on the file, not only on the live process: appends refused
+    in a fault, then SIGKILL while the fault lasts, then a restart once it is mended. The
+    new process serves exactly the logs the old one served after refusing (same events, same
+    bytes), and none of the refused events."""
+    async with aiohttp.ClientSession(server.url) as session:
+        break_storage()
+        responses = await asyncio.gather(
+            *(post_event(session, "k", f"refused-{i}" + "x" * message_bytes) for i in range(3))
+        )
+        for response in responses:
+            async with response:
+                assert response.status == 503, await response.text()
+        live = {job: await read_log(session, job) for job in ("j", "k")}
+    server.kill(signal.SIGKILL)
+    assert await server.wait_async(WAIT) == -signal.SIGKILL
+    mend_storage()
+    restarted = await restart()
+    async with aiohttp.ClientSession(restarted.url) as session:
+        for job, events in live.items():
+            assert await read_log(session, job) == events, f"job {job} changed across the crash"
+            assert await get_snapshot(session, job) == fold_log(events)
+    refused = [e for e in live["k"] if str(e.get("message", "")).startswith("refused-")]
+    assert refused == [], refused
 
 
 async def ready(session: aiohttp.ClientSession) -> bool:
@@ -190,7 +228,8 @@ async def test_full_disk_refuses_appends_and_recovers_by_itself(
     launcher = process_on_small_filesystem
     # No checkpoint during the test: otherwise SQLite would reuse the WAL's existing space
     # and a small commit could still fit on the full disk.
-    server = await launcher.start(storage__checkpoint_seconds=3600, **FAULT_SETTINGS)
+    settings: dict[str, object] = {"storage__checkpoint_seconds": 3600, **FAULT_SETTINGS}
+    server = await launcher.start(**settings)
     filler = launcher.workdir / "filler"
 
     def fill_disk() -> None:
@@ -210,7 +249,12 @@ async def test_full_disk_refuses_appends_and_recovers_by_itself(
         os.close(fd)
 
     await ride_out_a_fault(
-        server, fill_disk, filler.unlink, "database or disk is full", message_bytes=8_000
+        server,
+        fill_disk,
+        filler.unlink,
+        "database or disk is full",
+        lambda: launcher.start(**settings),
+        message_bytes=8_000,
     )
 
 
@@ -249,7 +293,11 @@ async def test_read_only_database_refuses_appends_and_recovers(
     files = [db, db.with_name(db.name + "-wal")]
     immutable_files.extend(files)
     await ride_out_a_fault(
-        server, lambda: chattr("+i", *files), lambda: chattr("-i", *files), "disk I/O error"
+        server,
+        lambda: chattr("+i", *files),
+        lambda: chattr("-i", *files),
+        "disk I/O error",
+        lambda: jobfeed_process.start(**FAULT_SETTINGS),
     )
 
 
@@ -290,9 +338,17 @@ async def test_lock_held_by_another_process_refuses_appends_and_recovers(
         locker.stdin.write("\n")
         locker.stdin.close()
         assert locker.wait(WAIT) == 0
+        if locker.stdout is not None:
+            locker.stdout.close()  # take_lock may start another locker
 
     try:
-        await ride_out_a_fault(server, take_lock, release_lock, "database is locked")
+        await ride_out_a_fault(
+            server,
+            take_lock,
+            release_lock,
+            "database is locked",
+            lambda: jobfeed_process.start(**FAULT_SETTINGS),
+        )
     finally:
         if locker is not None:
             if locker.poll() is None:

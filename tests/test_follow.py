@@ -51,6 +51,7 @@ class Feed:
         head: JobHead,
         *,
         page_events: int = 500,
+        page_bytes: int = 1 << 20,
         idle_seconds: float = 60,
         push: PushFn | None = None,
     ) -> AsyncIterator[list[Frame] | None]:
@@ -60,6 +61,7 @@ class Feed:
             cursor,
             head,
             page_events=page_events,
+            page_bytes=page_bytes,
             idle_seconds=idle_seconds,
             push=push,
         )
@@ -89,6 +91,18 @@ async def make_feed(make_config: ConfigFactory) -> AsyncIterator[FeedFactory]:
 async def next_batch(batches: AsyncIterator[list[Frame] | None]) -> list[Frame] | None:
     async with asyncio.timeout(WAIT):
         return await anext(batches)
+
+
+async def parked(hub: Hub, job_id: str = JOB) -> None:
+    """Until a cursor with a push function is parked on ``job_id``'s channel. A cursor that
+    has caught up still makes one SQLite read before it parks; a commit that lands during
+    that read (a loaded machine) is read, not pushed. Parking is a state with no event to
+    wait on: yield to the loop until it holds."""
+    channel = hub.attach(job_id, 0)  # the cursor's own handle keeps the channel alive
+    hub.detach(channel)
+    async with asyncio.timeout(WAIT):
+        while not channel.live:  # noqa: ASYNC110 - the hub has no event for "parked"
+            await asyncio.sleep(0)
 
 
 async def drain(batches: AsyncIterator[list[Frame] | None]) -> list[list[Frame]]:
@@ -137,6 +151,24 @@ async def test_replay_pages_are_at_most_page_events(make_feed: FeedFactory) -> N
     last = await feed.complete()
     batches = await drain(feed.follow(Cursor(JOB, 0), await feed.head(), page_events=6))
     assert all(len(batch) <= 6 for batch in batches)
+    assert seqs(batches) == list(range(1, last + 1))
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["sqlite", "cache"])
+async def test_replay_batches_are_bounded_in_bytes(make_feed: FeedFactory, cached: bool) -> None:
+    """With page_bytes, a batch (read from SQLite or taken from the cache) stops at the
+    event that reaches the budget: never more than the budget plus one event, never empty,
+    contiguous across batches and complete."""
+    feed = await make_feed(stream__cache_events_per_job=4096 if cached else 0)
+    await feed.create()
+    await feed.log(30)
+    last = await feed.complete()
+    one = len((await feed.store.read_after(JOB, 1, 1))[0].json)  # a log event's size
+    budget = 3 * one
+    batches = await drain(feed.follow(Cursor(JOB, 0), await feed.head(), page_bytes=budget))
+    assert all(batch for batch in batches)
+    assert max(sum(len(f.json) for f in batch) for batch in batches) < budget + one + 100
+    assert max(len(batch) for batch in batches) <= 4
     assert seqs(batches) == list(range(1, last + 1))
 
 
@@ -257,6 +289,7 @@ async def test_live_events_are_pushed_while_parked(make_feed: FeedFactory) -> No
     batches = feed.follow(cursor, await feed.head(), push=push)
     assert [f.seq for f in await next_batch(batches) or []] == [1, 2, 3]  # read, not pushed
     waiting = asyncio.create_task(next_batch(batches))
+    await parked(feed.hub)
     await feed.log(1)
     await feed.log(2)
     assert pushed == [4, 5, 6]
@@ -280,6 +313,7 @@ async def test_pushes_hold_off_the_heartbeat(make_feed: FeedFactory) -> None:
     idle = 1.0
     batches = feed.follow(Cursor(JOB, 1), await feed.head(), idle_seconds=idle, push=push)
     waiting = asyncio.create_task(next_batch(batches))
+    await parked(feed.hub)
     loop = asyncio.get_running_loop()
     started = loop.time()
     # Pushes every idle/10 for twice idle_seconds: the stream is never idle that long.

@@ -7,7 +7,7 @@ import contextlib
 
 import pytest
 
-from server.frames import Frame
+from server.frames import WRITE_PART_BYTES, Frame
 from server.hub import Hub, JobChannel, LiveSubscriber
 
 
@@ -180,8 +180,9 @@ async def test_publish_pushes_to_a_parked_subscriber_without_waking_it() -> None
         (Socket(accepts=False), frames(4, 4), "backed-up socket"),
         (Socket(), [frame(4, event_type="completed")], "terminal event"),
         (Socket(), frames(5, 6), "not contiguous with its position"),
+        (Socket(), frames(4, 5, size=WRITE_PART_BYTES // 2 + 1), "more than one write part"),
     ],
-    ids=["backed-up", "terminal", "gap"],
+    ids=["backed-up", "terminal", "gap", "large"],
 )
 async def test_a_subscriber_that_cannot_take_a_push_is_woken(
     socket: Socket, published: list[Frame], why: str

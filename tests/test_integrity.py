@@ -75,6 +75,21 @@ def test_serve_refuses_a_damaged_database(tmp_path: Path) -> None:
     assert db.read_bytes() == before
 
 
+def test_migrate_refuses_a_damaged_database(tmp_path: Path) -> None:
+    """``jobfeed migrate`` runs the same integrity check as ``serve``: a damaged file is
+    refused with exit 1 and one line, and nothing is written to it."""
+    config = write_config(tmp_path, "jobfeed.db")
+    db = tmp_path / "jobfeed.db"
+    damage_middle_page(db)
+    before = db.read_bytes()
+    result = run_cli("migrate", "--config", str(config), cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    line = one_line(result.stderr)
+    assert "integrity check failed" in line, line
+    assert str(db) in line, line
+    assert db.read_bytes() == before
+
+
 def test_serve_refuses_a_file_that_is_not_a_database(tmp_path: Path) -> None:
     """A file that is not SQLite at all is refused: exit 1, one line."""
     config = write_config(tmp_path, "jobfeed.db")

@@ -25,6 +25,7 @@ import aiohttp
 import pytest
 
 from tests.procs import Launcher, ServerProcess, launching, read_log
+from tests.streams import StuckSubscriber
 
 pytestmark = pytest.mark.process
 
@@ -234,3 +235,127 @@ async def test_sigint_exits_0(jobfeed_process: Launcher) -> None:
     server.kill(signal.SIGINT)
     assert await server.wait_async(SHUTDOWN_TIMEOUT + EXIT_MARGIN) == 0, server.describe()
     assert server.log.wait_for("stopped", timeout=5) is not None, server.describe()
+
+
+STUCK_EVENT = "x" * 60_000  # events large enough that a few fill every buffer on the way
+STUCK_APPENDS = 40  # 2.4 MB: far more than a stuck socket's buffers hold
+
+
+async def test_sigterm_with_stuck_subscribers_exits_0_in_time_and_keeps_acks(
+    jobfeed_process: Launcher,
+) -> None:
+    """SIGTERM with stuck WebSocket and SSE subscribers (their buffers full, never read; one
+    of them mid-replay) and a live reader: the process exits 0 within
+    server.shutdown_timeout (plus a margin), the database is closed (store_closed), and
+    every acknowledged append is in it afterwards."""
+    server = await jobfeed_process.start(
+        server__shutdown_timeout=SHUTDOWN_TIMEOUT,
+        stream__send_timeout=600,  # no send timeout rescues the shutdown
+        stream__send_buffer_bytes=4096,
+        log__access="false",
+    )
+    acked: dict[int, int] = {}
+    async with aiohttp.ClientSession(server.url) as session:
+        async with session.post("/v1/jobs", json={"job_id": "stuck"}) as response:
+            assert response.status == 201
+        path = "/v1/jobs/stuck/stream"
+        stuck = [
+            await StuckSubscriber.connect(server.host, server.port, path, transport)
+            for transport in ("ws", "ws", "sse", "sse")
+        ]
+        live = await session.ws_connect(path, max_msg_size=1 << 20)
+        for n in range(STUCK_APPENDS):
+            event = {"type": "log", "message": STUCK_EVENT, "key": f"k{n}"}
+            async with session.post("/v1/jobs/stuck/events", json=event) as response:
+                assert response.status == 201, await response.text()
+                appended = (await response.json())["events"][0]
+                acked[appended["seq"]] = appended["id"]
+        # One more that joins now: it is stuck in the middle of its replay at SIGTERM.
+        stuck.append(await StuckSubscriber.connect(server.host, server.port, path))
+        server.kill(signal.SIGTERM)
+        sigterm_at = time.monotonic()
+        try:
+            returncode: int | None = await server.wait_async(SHUTDOWN_TIMEOUT + EXIT_MARGIN)
+        except subprocess.TimeoutExpired:
+            returncode = None
+            server.kill(signal.SIGKILL)
+            await server.wait_async(10)
+        exited_after = time.monotonic() - sigterm_at
+        await live.close()
+    await asyncio.gather(*(asyncio.to_thread(s.read_rest) for s in stuck))
+
+    assert returncode == 0, f"exit {returncode} after {exited_after:.1f} s\n{server.describe()}"
+    assert server.log.wait_for("store_closed", timeout=5) is not None, server.describe()
+    closed = [r for r in server.lines if r.get("event") == "stream_closed"]
+    assert sorted(r["transport"] for r in closed) == ["sse", "sse", "ws", "ws", "ws", "ws"], closed
+    assert {r["outcome"] for r in closed} == {"shutdown"}, closed
+
+    restarted = await jobfeed_process.start()
+    async with aiohttp.ClientSession(restarted.url) as session:
+        stored = {event["seq"]: event["id"] for event in await read_log(session, "stuck")}
+    assert len(acked) == STUCK_APPENDS
+    assert {seq: stored.get(seq) for seq in acked} == acked
+
+
+async def test_websocket_stream_outcomes_are_logged(jobfeed_process: Launcher) -> None:
+    """Each WebSocket stream's stream_closed line says how it ended: done / 1000 after the
+    terminal event, client_gone when the client closed, send_timeout / 1013 for a client
+    that stopped reading, shutdown / 1001 for a live stream at SIGTERM."""
+    server = await jobfeed_process.start(
+        server__shutdown_timeout=SHUTDOWN_TIMEOUT,
+        stream__send_timeout=0.5,
+        stream__send_buffer_bytes=4096,
+        log__access="false",
+    )
+    async with aiohttp.ClientSession(server.url) as session:
+        for job_id in ("done", "gone", "stuck", "live"):
+            async with session.post("/v1/jobs", json={"job_id": job_id}) as response:
+                assert response.status == 201
+        async with session.post("/v1/jobs/done/events", json={"type": "completed"}) as response:
+            assert response.status == 201
+        async with session.ws_connect("/v1/jobs/done/stream") as ws:
+            async for _ in ws:
+                pass
+            assert ws.close_code == 1000
+        async with session.ws_connect("/v1/jobs/gone/stream") as ws:
+            assert (await ws.receive_json())["type"] == "hello"
+        stuck = await StuckSubscriber.connect(server.host, server.port, "/v1/jobs/stuck/stream")
+        for _ in range(STUCK_APPENDS):
+            event = {"type": "log", "message": STUCK_EVENT}
+            async with session.post("/v1/jobs/stuck/events", json=event) as response:
+                assert response.status == 201
+        live = await session.ws_connect("/v1/jobs/live/stream")
+        assert (await live.receive_json())["type"] == "hello"
+        cut_off = await asyncio.to_thread(_wait_for_stream_closed, server, 3, 30.0)
+        assert cut_off >= 3, server.describe()
+        server.kill(signal.SIGTERM)
+        async for _ in live:
+            pass
+        assert live.close_code == 1001
+        assert await server.wait_async(SHUTDOWN_TIMEOUT + EXIT_MARGIN) == 0
+    await asyncio.to_thread(stuck.read_rest)
+
+    outcomes = {
+        r["job_id"]: (r["outcome"], r.get("close_code"))
+        for r in server.lines
+        if r.get("event") == "stream_closed"
+    }
+    assert outcomes == {
+        "done": ("done", 1000),
+        "gone": ("client_gone", 1000),
+        "stuck": ("send_timeout", 1013),
+        "live": ("shutdown", 1001),
+    }, outcomes
+
+
+def _wait_for_stream_closed(server: ServerProcess, count: int, timeout: float) -> int:
+    """Block until ``count`` stream_closed lines are logged (or the timeout); how many are."""
+    condition = server.log._changed
+    deadline = time.monotonic() + timeout
+    with condition:
+        while True:
+            found = sum(1 for r in server.log.records if r.get("event") == "stream_closed")
+            remaining = deadline - time.monotonic()
+            if found >= count or remaining <= 0 or server.log.ended:
+                return found
+            condition.wait(remaining)

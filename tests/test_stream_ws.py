@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 from typing import Any
 
 import pytest
+import structlog
 from aiohttp import ClientWebSocketResponse, WSMessage, WSMsgType
 from aiohttp.test_utils import TestClient
 
+from server.config import Config
 from server.frames import ws_text_header
 from tests.conftest import ClientFactory, ConfigFactory, append, create_job
 from tests.streams import read_ws, stored_log
@@ -320,3 +323,46 @@ async def test_a_ping_flood_is_dropped_not_answered(
         await append(client, "ws-flood", {"type": "log", "message": "still here"})
         event = await receive_json(ws)
         assert (event["type"], event["seq"]) == ("log", last_seq + 1)
+
+
+async def test_head_on_the_stream_route_is_405_not_an_upgrade(
+    client: TestClient[Any, Any],
+) -> None:
+    """HEAD on a stream route is refused with 405 method_not_allowed (Allow: GET): it never
+    upgrades to a WebSocket, even with the upgrade headers."""
+    await running_job(client, "ws-head", 0)
+    port = client.server.port
+    assert port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        b"HEAD /v1/jobs/ws-head/stream HTTP/1.1\r\nHost: jobfeed\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        b"Sec-WebSocket-Version: 13\r\n\r\n"
+    )
+    async with asyncio.timeout(WAIT):
+        head = await reader.readuntil(b"\r\n\r\n")
+    writer.close()
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    assert status_line.split()[1] == "405", head
+    headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in header_lines)}
+    assert "GET" in headers["allow"], headers
+
+
+async def test_a_bug_after_the_upgrade_closes_1011_not_an_http_500(
+    client: TestClient[Any, Any], config: Config
+) -> None:
+    """An unexpected error (not a refusal) after the upgrade, here a damaged jobs row that
+    SQLite cannot read, closes the WebSocket with 1011 and is logged; no HTTP response is
+    written into the upgraded connection."""
+    await running_job(client, "ws-damaged", 0)
+    with sqlite3.connect(config.storage.path) as db:
+        db.execute("UPDATE jobs SET snapshot = 'not json' WHERE job_id = 'ws-damaged'")
+    with structlog.testing.capture_logs() as logs:
+        async with client.ws_connect(stream_path("ws-damaged")) as ws:
+            message = await receive(ws)
+            assert message.type == WSMsgType.CLOSE, message
+            assert ws.close_code == 1011
+        await client.close()  # waits for the handler, which logs as it ends
+    closed = [r for r in logs if r["event"] == "stream_closed"]
+    assert [(r["outcome"], r["close_code"]) for r in closed] == [("error", 1011)], logs
+    assert any(r["event"] == "stream_failed" for r in logs), logs

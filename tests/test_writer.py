@@ -7,10 +7,13 @@ Driven directly against a real Store on a real SQLite file; faults are real SQLi
 from __future__ import annotations
 
 import asyncio
+import gc
 import sqlite3
+import tracemalloc
 from collections.abc import AsyncIterator
 from typing import Any
 
+import orjson
 import pytest
 
 from server.config import Config
@@ -155,3 +158,95 @@ async def test_ids_increase_across_jobs_and_restarts(make_config: ConfigFactory)
 def test_sqlite_is_recent_enough_for_strict_tables() -> None:
     """STRICT tables need SQLite 3.37+; the schema relies on them."""
     assert sqlite3.sqlite_version_info >= (3, 37)
+
+
+def _object_heavy_metadata(tag: int) -> dict[str, Any]:
+    """~65 KB of JSON that parses into ~21,700 Python objects (about 1.5 MB of them)."""
+    return {"tag": tag, "m": [{}] * 21_700}
+
+
+async def test_job_cache_holds_metadata_as_bytes_not_objects(
+    make_config: ConfigFactory,
+) -> None:
+    """A job's cached state costs about its snapshot's serialized size, and the cache's
+    byte account says so: 80 jobs with object-heavy 65 KB metadata (as an HTTP body parses
+    it: ~1.5 MB of Python objects each) retain under 2x their JSON, measured by tracemalloc
+    (the frame cache is off, so that only the job cache retains anything)."""
+    config = make_config(stream__cache_events_per_job=0)
+    store = Store(config, Hub(0, 0))
+    await store.open()
+    json_bytes = 80 * len(orjson.dumps(_object_heavy_metadata(0)))
+    tracemalloc.start()
+    try:
+        gc.collect()
+        before = tracemalloc.get_traced_memory()[0]
+        for index in range(80):
+            metadata = orjson.loads(orjson.dumps(_object_heavy_metadata(index)))
+            await store.writer.create_job(f"heavy-{index}", None, metadata)
+        del metadata
+        # The writer's loop keeps its last group (and the last request's metadata) until
+        # the next request arrives.
+        await store.writer.create_job("small", None, None)
+        gc.collect()
+        retained = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+        account = store.writer.cache_bytes
+        await store.close()
+    assert retained < 2 * json_bytes, f"retained {retained} bytes for {json_bytes} of JSON"
+    assert json_bytes <= account < 2 * json_bytes
+    # The account is the measured truth: what tracemalloc saw, give or take the writer's
+    # own small bookkeeping.
+    assert abs(retained - account) < 64 * 1024
+
+
+async def test_job_cache_is_bounded_in_bytes(make_config: ConfigFactory) -> None:
+    """With ``storage.job_cache_bytes`` = 1 MiB the writer keeps fewer jobs than
+    ``job_cache_size`` allows, its own byte account stays within the bound, and a job
+    evicted from the cache is appended to as before (read back from SQLite)."""
+    config = make_config(storage__job_cache_bytes=1 << 20, storage__job_cache_size=10_000)
+    store = Store(config, Hub(16, 1 << 20))
+    await store.open()
+    try:
+        for index in range(60):
+            await store.writer.create_job(f"j{index}", None, {"blob": "y" * 60_000})
+        assert 0 < store.writer.cached_jobs < 60
+        assert 60_000 * store.writer.cached_jobs <= store.writer.cache_bytes <= 1 << 20
+        result = await store.writer.append("j0", [log_event("after eviction")])
+        assert result.last_seq == 2
+        snapshot = orjson.loads(await store.snapshot_json("j0") or b"null")
+        assert snapshot["metadata"] == {"blob": "y" * 60_000}
+        assert snapshot["status"] == "running"
+        assert store.writer.cache_bytes <= 1 << 20
+    finally:
+        await store.close()
+
+
+async def test_cached_frames_hold_their_json_not_a_write_buffer(config: Config) -> None:
+    """The bytes of a committed event (kept in the hub's frame cache, which counts their
+    length against ``stream.cache_bytes``) take about their length: orjson's output keeps
+    the whole buffer it wrote into (4 KiB for a 150-byte event), so 4,000 cached events
+    took ~16 MB for ~0.6 MB counted. Measured by tracemalloc: under 4x what is counted."""
+    hub = Hub(config.stream.cache_events_per_job, config.stream.cache_bytes)
+    store = Store(config, hub)
+    await store.open()
+    try:
+        await store.writer.create_job("small", None, None)
+        channel = hub.attach("small", 1)  # keeps the job's cache while the test looks
+        tracemalloc.start()
+        try:
+            gc.collect()
+            before = tracemalloc.get_traced_memory()[0]
+            for _ in range(40):
+                await store.writer.append("small", [log_event("step") for _ in range(100)])
+            await store.writer.create_job("flush", None, None)  # the writer drops its group
+            gc.collect()
+            retained = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        assert len(channel.frames) == 4001
+        counted = sum(len(frame.json) for frame in channel.frames[1:])
+        assert retained < 4 * counted, f"retained {retained} bytes for {counted} counted"
+        hub.detach(channel)
+    finally:
+        await store.close()

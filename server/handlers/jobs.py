@@ -2,23 +2,37 @@
 
 Thin: parse and validate at the edge, hand the work to the store, shape the answer. Stored
 events and snapshots are already JSON; pages are built by joining those bytes, not by parsing
-and re-serializing them.
+and re-serializing them. Responses that can be large (the events page, the NDJSON export, the
+job list) are read in parts of at most ``stream.page_bytes`` and sent through
+``handlers.sending``: bounded buffering and a send timeout, as streams have.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import AsyncGenerator
+from typing import Any
 
 import orjson
 from aiohttp import web
 from pydantic import ValidationError
 
-from ..errors import InvalidJson, InvalidParameter, JobNotFound, ValidationFailed
+from ..errors import EventTooLarge, InvalidJson, InvalidParameter, JobNotFound, ValidationFailed
 from ..keys import CONFIG, STORE
 from ..logs import bind_request
-from ..models import JOB_STATUSES, CreateJobIn, field_errors, parse_append_body
-from .request import json_response, parse_int, query_int, read_json
+from ..models import (
+    JOB_STATUSES,
+    CreateJobIn,
+    field_errors,
+    is_batch,
+    parse_append_body,
+    stored_size_estimate,
+)
+from ..store import Store
+from .request import JSON_TYPE, json_response, parse_int, query_int, read_json
+from .sending import send_bounded
+from .subscription import check_offset
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _last_ulid = 0
@@ -46,6 +60,11 @@ async def create_job(request: web.Request) -> web.Response:
     try:
         spec = CreateJobIn.model_validate(body)
     except ValidationError as exc:
+        job_id = body.get("job_id")
+        created = {"type": "created", "kind": body.get("kind"), "metadata": body.get("metadata")}
+        # A server-made id is a 26-character ULID.
+        job_id = job_id if isinstance(job_id, str) else "0" * 26
+        _refuse_oversize(job_id, created, request.app[CONFIG].limits.max_event_bytes)
         raise ValidationFailed("the job is not valid", field_errors(exc)) from None
     job_id = spec.job_id or new_job_id()
     bind_request(job_id=job_id)
@@ -55,7 +74,7 @@ async def create_job(request: web.Request) -> web.Response:
     return response
 
 
-async def list_jobs(request: web.Request) -> web.Response:
+async def list_jobs(request: web.Request) -> web.StreamResponse:
     limits = request.app[CONFIG].limits
     status = request.query.get("status") or None
     if status is not None and status not in JOB_STATUSES:
@@ -65,20 +84,42 @@ async def list_jobs(request: web.Request) -> web.Response:
     limit = query_int(request, "limit", default, minimum=1, maximum=limits.page_size_max)
     cursor_raw = request.query.get("cursor") or None
     before = None if cursor_raw is None else parse_int("cursor", cursor_raw, minimum=1)
-    snapshots, next_before = await request.app[STORE].list_jobs(status, kind, limit, before)
-    body = b'{"jobs":[%s],"next_cursor":%s}' % (
-        b",".join(snapshots),
-        orjson.dumps(None if next_before is None else str(next_before)),
-    )
-    return json_response(body)
+    pieces = _job_list(request.app[STORE], status, kind, limit, before, _page_bytes(request))
+    return await send_bounded(request, _json_stream(), pieces)
 
 
-async def get_job(request: web.Request) -> web.Response:
+async def _job_list(
+    store: Store,
+    status: str | None,
+    kind: str | None,
+    limit: int,
+    before: int | None,
+    page_bytes: int,
+) -> AsyncGenerator[bytes, None]:
+    """The job list's body in parts of at most ``page_bytes`` of snapshots (plus one)."""
+    opening = b'{"jobs":['
+    listed = 0
+    while True:
+        snapshots, next_before = await store.list_jobs(
+            status, kind, limit - listed, before, max_bytes=page_bytes
+        )
+        yield opening + (b"," if listed and snapshots else b"") + b",".join(snapshots)
+        opening = b""
+        listed += len(snapshots)
+        if next_before is None or listed >= limit:
+            break
+        before = next_before
+    cursor = None if next_before is None else str(next_before)
+    yield b'],"next_cursor":%s}\n' % orjson.dumps(cursor)
+
+
+async def get_job(request: web.Request) -> web.StreamResponse:
     job_id = _job_id(request)
     snapshot = await request.app[STORE].snapshot_json(job_id)
     if snapshot is None:
         raise JobNotFound(job_id)
-    return json_response(snapshot)
+    # Up to ~1.2 MiB (metadata, result, error): sent as the pages are.
+    return await send_bounded(request, _json_stream(), _only(snapshot + b"\n"))
 
 
 async def append_events(request: web.Request) -> web.Response:
@@ -89,6 +130,7 @@ async def append_events(request: web.Request) -> web.Response:
         raise InvalidJson('the body must be one event object or {"events": [...]}')
     events, errors = parse_append_body(body, config.limits.max_batch_events)
     if errors:
+        _refuse_oversize(job_id, body, config.limits.max_event_bytes)
         raise ValidationFailed("the events are not valid", errors)
     result = await request.app[STORE].writer.append(job_id, events)
     payload = {
@@ -103,14 +145,9 @@ async def read_events(request: web.Request) -> web.StreamResponse:
     job_id = _job_id(request)
     config = request.app[CONFIG]
     store = request.app[STORE]
+    # Every parameter is read here, before the representation is chosen: the page and the
+    # export refuse the same bad values (the export then ignores limit).
     after = query_int(request, "after", 0)
-    head = await store.job_head(job_id)
-    if head is None:
-        raise JobNotFound(job_id)
-    if after > head.last_seq:
-        raise InvalidParameter(f"after={after} is past the end of the log ({head.last_seq})")
-    if "application/x-ndjson" in request.headers.get("Accept", ""):
-        return await _export_ndjson(request, job_id, after)
     limit = query_int(
         request,
         "limit",
@@ -118,33 +155,82 @@ async def read_events(request: web.Request) -> web.StreamResponse:
         minimum=1,
         maximum=config.limits.page_size_max,
     )
-    frames = await store.read_after(job_id, after, limit)
-    last_seq = max(head.last_seq, frames[-1].seq if frames else 0)
-    next_after = frames[-1].seq if frames and frames[-1].seq < last_seq else None
-    body = b'{"events":[%s],"last_seq":%d,"next_after":%s}' % (
-        b",".join(frame.json for frame in frames),
-        last_seq,
-        orjson.dumps(next_after),
-    )
-    return json_response(body)
+    head = await store.job_head(job_id)
+    if head is None:
+        raise JobNotFound(job_id)
+    check_offset(job_id, head, after, request.query.get("epoch") or None)
+    if "application/x-ndjson" in request.headers.get("Accept", ""):
+        return await _export_ndjson(request, job_id, after)
+    pieces = _event_page(store, job_id, after, limit, head.last_seq, _page_bytes(request))
+    return await send_bounded(request, _json_stream(), pieces)
+
+
+async def _event_page(
+    store: Store, job_id: str, after: int, limit: int, head_seq: int, page_bytes: int
+) -> AsyncGenerator[bytes, None]:
+    """An events page's body, read and sent in parts of at most ``page_bytes`` (plus one
+    event). ``last_seq`` is known only at the end, so it follows the events."""
+    opening = b'{"events":['
+    listed = 0
+    last = 0
+    while listed < limit:
+        frames = await store.read_after(job_id, after, limit - listed, max_bytes=page_bytes)
+        if not frames:
+            break
+        yield opening + (b"," if listed else b"") + b",".join(frame.json for frame in frames)
+        opening = b""
+        listed += len(frames)
+        after = last = frames[-1].seq
+    if opening:
+        yield opening
+    last_seq = max(head_seq, last)
+    next_after = last if last and last < last_seq else None
+    yield b'],"last_seq":%d,"next_after":%s}\n' % (last_seq, orjson.dumps(next_after))
 
 
 async def _export_ndjson(request: web.Request, job_id: str, after: int) -> web.StreamResponse:
-    """The whole log from ``after``, one event per line, streamed page by page."""
-    store = request.app[STORE]
-    page = request.app[CONFIG].limits.page_size_max
+    """The whole log from ``after``, one event per line, read and sent in parts."""
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
-    await response.prepare(request)
+    page_events = request.app[CONFIG].limits.page_size_max
+    pieces = _ndjson_lines(request.app[STORE], job_id, after, page_events, _page_bytes(request))
+    return await send_bounded(request, response, pieces)
+
+
+async def _ndjson_lines(
+    store: Store, job_id: str, after: int, page_events: int, page_bytes: int
+) -> AsyncGenerator[bytes, None]:
+    # A short read does not prove the end (it may be cut by bytes): read until one is empty.
     while True:
-        frames = await store.read_after(job_id, after, page)
+        frames = await store.read_after(job_id, after, page_events, max_bytes=page_bytes)
         if not frames:
             break
-        await response.write(b"".join(frame.json + b"\n" for frame in frames))
+        yield b"".join(frame.json + b"\n" for frame in frames)
         after = frames[-1].seq
-        if len(frames) < page:
-            break
-    await response.write_eof()
-    return response
+
+
+async def _only(body: bytes) -> AsyncGenerator[bytes, None]:
+    yield body
+
+
+def _json_stream() -> web.StreamResponse:
+    return web.StreamResponse(headers={"Content-Type": JSON_TYPE})
+
+
+def _page_bytes(request: web.Request) -> int:
+    return request.app[CONFIG].stream.page_bytes
+
+
+def _refuse_oversize(job_id: str, body: dict[str, Any], limit: int) -> None:
+    """Size before field rules: an event over ``limit`` is 413 even when it also breaks a
+    field cap. Valid events are measured exactly by the writer; this runs only on refusal."""
+    items = body["events"] if is_batch(body) and isinstance(body["events"], list) else [body]
+    for index, item in enumerate(items):
+        size = stored_size_estimate(job_id, item)
+        if size > limit:
+            raise EventTooLarge(
+                f"event {index} is about {size} bytes serialized; "
+                f"the limit is {limit} (limits.max_event_bytes)"
+            )
 
 
 def _job_id(request: web.Request) -> str:

@@ -8,14 +8,14 @@ HTTP error before the stream starts.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 
 import structlog
 from aiohttp import web
 
 from ..follow import Cursor, StreamClosing, follow
-from ..keys import CONFIG, HUB, STORE, STREAMS
+from ..frames import WRITE_PART_BYTES, parts_of
+from ..keys import CONFIG, HUB, STORE
 from ..limits import bound_send_buffer
 from .subscription import Subscription, subscribe
 
@@ -30,7 +30,7 @@ async def serve_sse(request: web.Request, job_id: str) -> web.StreamResponse:
 
 async def _stream(request: web.Request, subscription: Subscription) -> web.StreamResponse:
     config = request.app[CONFIG].stream
-    job_id, after = subscription.job_id, subscription.after
+    job_id, after, stream = subscription.job_id, subscription.after, subscription.stream
     response = web.StreamResponse(
         headers={
             "Content-Type": "text/event-stream",
@@ -39,40 +39,66 @@ async def _stream(request: web.Request, subscription: Subscription) -> web.Strea
         }
     )
     await response.prepare(request)
+    # From here on the response is under way: every ending is the end of its body (or a
+    # dropped connection), never an error response (which would land inside the body).
     bound_send_buffer(request, config.send_buffer_bytes)
-    request.app[STREAMS].add(response)
     cursor = Cursor(job_id, after)
     started = time.monotonic()
     outcome = "client_gone"
+    # An idle stream writes nothing until its next heartbeat: without this, a client that
+    # went away would keep its stream slot until then.
+    unhook = stream.cancel_when_lost(request)
     try:
-        async with asyncio.timeout(config.send_timeout):
-            await response.write(b"event: hello\ndata: %s\n\n" % subscription.hello())
-        batches = follow(
-            request.app[STORE],
-            request.app[HUB],
-            cursor,
-            subscription.head,
-            page_events=config.page_events,
-            idle_seconds=config.heartbeat_seconds,
-        )
-        async for batch in batches:
-            payload = b": heartbeat\n\n" if batch is None else b"".join(f.sse for f in batch)
+        try:
             async with asyncio.timeout(config.send_timeout):
-                await response.write(payload)
-        outcome = "done"
-        await response.write_eof()
-    except StreamClosing:
-        outcome = "shutdown"
-        await _end_quietly(response)
-    except TimeoutError:
-        # The peer stopped reading; drop it rather than hold its buffer. It resumes by offset.
-        outcome = "send_timeout"
-        if request.transport is not None:
-            request.transport.abort()
-    except (ConnectionResetError, ConnectionError):
-        outcome = "client_gone"
+                await response.write(b"event: hello\ndata: %s\n\n" % subscription.hello())
+            batches = follow(
+                request.app[STORE],
+                request.app[HUB],
+                cursor,
+                subscription.head,
+                page_events=config.page_events,
+                page_bytes=config.page_bytes,
+                idle_seconds=config.heartbeat_seconds,
+            )
+            async for batch in batches:
+                async with asyncio.timeout(config.send_timeout):
+                    if batch is None:
+                        await response.write(b": heartbeat\n\n")
+                        continue
+                    # In parts: aiohttp waits for the peer between them (it drains every
+                    # 64 KiB written), so a slow reader never has a whole batch buffered.
+                    for part in parts_of(batch, WRITE_PART_BYTES):
+                        await response.write(b"".join(f.sse for f in part))
+            outcome = "done"
+            await _end(request, response, config.send_timeout)
+        except StreamClosing:
+            outcome = "shutdown"
+            await _end(request, response, config.send_timeout)
+        except TimeoutError:
+            # The peer stopped reading; drop it rather than hold its buffer. It resumes by
+            # offset.
+            outcome = "send_timeout"
+            if request.transport is not None:
+                request.transport.abort()
+        except ConnectionError:
+            outcome = "shutdown" if stream.dropped else "client_gone"
+        except Exception:
+            log.exception("stream_failed", job_id=job_id, last_seq=cursor.after)
+            outcome = "error"
+            if request.transport is not None:
+                request.transport.abort()  # no terminating chunk: the client sees a cut
+    except asyncio.CancelledError:
+        if not stream.lost:
+            raise
+        # The connection closed under an idle stream (cancel_when_lost): an ending, not a
+        # cancellation of this task from outside.
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        outcome = "shutdown" if stream.dropped else "client_gone"
     finally:
-        request.app[STREAMS].discard(response)
+        unhook()
         log.info(
             "stream_closed",
             transport="sse",
@@ -85,6 +111,13 @@ async def _stream(request: web.Request, subscription: Subscription) -> web.Strea
     return response
 
 
-async def _end_quietly(response: web.StreamResponse) -> None:
-    with contextlib.suppress(ConnectionError):
-        await response.write_eof()
+async def _end(request: web.Request, response: web.StreamResponse, within: float) -> None:
+    """End the body (its last chunk); drop the connection if the peer does not take it."""
+    try:
+        async with asyncio.timeout(within):
+            await response.write_eof()
+    except TimeoutError:
+        if request.transport is not None:
+            request.transport.abort()
+    except ConnectionError:
+        pass

@@ -11,15 +11,24 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from ..errors import InvalidParameter, JobNotFound, LogReset, Overloaded, ServiceError, WSClose
+from ..errors import (
+    InvalidParameter,
+    JobNotFound,
+    LogReset,
+    Overloaded,
+    ServiceError,
+    ShuttingDown,
+    WSClose,
+)
 from ..frames import control_frame
-from ..keys import CONFIG, JOB_STREAMS, STORE, STREAMS
-from ..limits import JobStreamSlots
+from ..keys import STORE, STREAMS
 from ..store import JobHead
+from ..streams import OpenStream
 from .request import parse_int
 
 _CLOSE_CODES: dict[type[ServiceError], int] = {
     Overloaded: WSClose.OVERLOADED,
+    ShuttingDown: WSClose.GOING_AWAY,
     JobNotFound: WSClose.JOB_NOT_FOUND,
     LogReset: WSClose.LOG_RESET,
 }
@@ -30,6 +39,7 @@ class Subscription:
     job_id: str
     after: int
     head: JobHead
+    stream: OpenStream  # its slot under the stream caps, and its connection
 
     def hello(self) -> bytes:
         return control_frame(
@@ -60,44 +70,35 @@ class Subscribing:
     lasts as long as the stream, and a suspended generator (its frame, the context manager
     around it, the loop's weak reference to it) cost about 0.6 KB per open stream."""
 
-    __slots__ = ("_job_id", "_raw_after", "_request", "_slots")
+    __slots__ = ("_job_id", "_raw_after", "_request", "_stream")
 
     def __init__(self, request: web.Request, job_id: str, raw_after: str) -> None:
         self._request = request
         self._job_id = job_id
         self._raw_after = raw_after
-        self._slots: JobStreamSlots | None = None
+        self._stream: OpenStream | None = None
 
     async def __aenter__(self) -> Subscription:
         request, job_id = self._request, self._job_id
-        config = request.app[CONFIG].stream
         after = parse_int("after", self._raw_after)
-        if len(request.app[STREAMS]) >= config.max_subscribers:
-            raise Overloaded(
-                f"the server has {config.max_subscribers} open streams "
-                "(stream.max_subscribers); resume later"
-            )
-        slots = request.app[JOB_STREAMS]
-        if not slots.acquire(job_id):
-            raise Overloaded(
-                f"job {job_id} has {config.max_subscribers_per_job} open streams "
-                "(stream.max_subscribers_per_job); resume later"
-            )
+        streams = request.app[STREAMS]
+        # Counted before the first await, so concurrent handshakes cannot overshoot a cap.
+        stream = streams.admit(request, job_id)
         try:
             head = await request.app[STORE].job_head(job_id)
             if head is None:
                 raise JobNotFound(job_id)
             check_offset(job_id, head, after, request.query.get("epoch") or None)
         except BaseException:
-            slots.release(job_id)
+            streams.release(stream)
             raise
-        self._slots = slots
-        return Subscription(job_id, after, head)
+        self._stream = stream
+        return Subscription(job_id, after, head, stream)
 
     async def __aexit__(self, *exc_info: object) -> None:
-        slots, self._slots = self._slots, None
-        if slots is not None:
-            slots.release(self._job_id)
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            self._request.app[STREAMS].release(stream)
 
 
 def check_offset(job_id: str, head: JobHead, after: int, epoch: str | None) -> None:

@@ -4,6 +4,10 @@ Only this handler's task calls ``receive()`` (client pings, client closes); a se
 runs the cursor. Close codes follow protocol v1: 1000 after the terminal event, 1001 on
 shutdown, 1009 for a client frame over ``stream.max_client_frame_bytes``, 1011 on a bug,
 1013 for a peer that does not drain within ``stream.send_timeout``, 4004 / 4400 / 4409 final.
+
+Whoever ends the stream closes the socket with a bound: the close frame goes out behind what
+is already queued, and a peer that has not taken it all in time is dropped (one that is not
+reading never would, and a gracefully closing socket would hold its backlog until then).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import asyncio
 import contextlib
 import functools
 import time
-import weakref
+from dataclasses import dataclass
 
 import orjson
 import structlog
@@ -20,24 +24,26 @@ from aiohttp import WSMsgType, web
 
 from ..errors import ServiceError, WSClose
 from ..follow import Cursor, StreamClosing, follow
-from ..frames import Frame, control_frame
-from ..keys import CONFIG, HUB, STORE, STREAMS
+from ..frames import WRITE_PART_BYTES, Frame, control_frame, parts_of, ws_text_header
+from ..keys import CONFIG, HUB, STORE
 from ..limits import RateLimiter, bound_send_buffer
-from ..store import JobHead
-from .subscription import close_code_for, subscribe
+from ..streams import OpenStream
+from .subscription import Subscription, close_code_for, subscribe
 
 log = structlog.get_logger("jobfeed.stream")
 
 _PONG = control_frame({"type": "pong"})
-# Sockets whose sender is closing them for not draining (see _close_stuck).
-_CLOSING_STUCK: weakref.WeakSet[web.WebSocketResponse] = weakref.WeakSet()
-# The close code the server chose, by outcome (ws.close_code holds the peer's reply).
-_CLOSE_CODES = {
-    "done": WSClose.DONE,
-    "shutdown": WSClose.GOING_AWAY,
-    "send_timeout": WSClose.OVERLOADED,
-    "error": WSClose.INTERNAL,
-}
+# A peer that was cut off (send timeout, a bug, a refusal) gets this long to take the close.
+_STUCK_CLOSE_SECONDS = 1.0
+_ABNORMAL = 1006  # logged when the connection was dropped without a close frame
+
+
+@dataclass(slots=True)
+class StreamEnd:
+    """How the stream ended: set by the side that ends it, before it closes the socket."""
+
+    outcome: str | None = None
+    close_code: int | None = None
 
 
 async def serve_websocket(request: web.Request, job_id: str) -> web.WebSocketResponse:
@@ -49,146 +55,205 @@ async def serve_websocket(request: web.Request, job_id: str) -> web.WebSocketRes
         compress=False,  # compression halves fan-out throughput; events are small
     )
     await ws.prepare(request)
+    # From here on the connection speaks WebSocket: every ending is a close frame, never
+    # an HTTP response (the error middleware must not see an exception from this handler).
     bound_send_buffer(request, config.send_buffer_bytes)
+    transport = request.transport
     started = time.monotonic()
     cursor = Cursor(job_id, 0)
-    outcome = "client_gone"
-    closed_with: int | None = None
+    end = StreamEnd()
     after = None
     try:
         async with subscribe(request, job_id, request.query.get("after") or "0") as subscription:
             after = cursor.after = subscription.after
-            request.app[STREAMS].add(ws)
             await ws.send_frame(subscription.hello(), WSMsgType.TEXT)
-            sender = asyncio.create_task(_send_events(request, ws, cursor, subscription.head))
+            sender = asyncio.create_task(_send_events(request, ws, cursor, subscription, end))
             try:
                 await _receive_until_closed(ws, config.client_frames_per_second)
             finally:
-                # A sender closing a stuck peer is left to finish (its close is bounded) so
-                # that its outcome is known and the peer gets aborted. Otherwise the peer went
-                # away or the close is done, and the cursor has nobody to send to.
-                if not sender.done() and ws not in _CLOSING_STUCK:
+                # A sender that is ending the stream is left to finish (its close is
+                # bounded), so that the peer is dropped if it does not take the close.
+                # Otherwise the peer went away, and the cursor has nobody to send to.
+                if end.outcome is None:
                     sender.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    outcome = await sender
+                await asyncio.wait([sender])
+                if not sender.cancelled() and (failure := sender.exception()) is not None:
+                    raise failure  # a bug in the sender's own ending: logged, 1011 below
+            if end.outcome is None:
+                _ended_by_peer(end, ws, subscription.stream)
     except ServiceError as exc:
-        outcome = "refused"
-        closed_with = close_code_for(exc)
-        await _refuse(ws, closed_with, exc.code, exc.message)
+        end.outcome, end.close_code = "refused", close_code_for(exc)
+        await _refuse(request, ws, end.close_code, exc.code, exc.message)
+    except ConnectionError:
+        end.outcome, end.close_code = "client_gone", ws.close_code or _ABNORMAL
+    except Exception:
+        log.exception("stream_failed", job_id=job_id, last_seq=cursor.after)
+        end.outcome, end.close_code = "error", WSClose.INTERNAL
+        await _close(request, ws, WSClose.INTERNAL, b"internal error", _STUCK_CLOSE_SECONDS)
     finally:
-        request.app[STREAMS].discard(ws)
+        # However it ended (a ping timeout, a peer's close, a bug), the stream is over: what
+        # is still queued would only keep a closing connection, its buffers and its slot
+        # alive until a peer that is not reading reads.
+        if transport is not None and transport.get_write_buffer_size():
+            transport.abort()
         log.info(
             "stream_closed",
             transport="ws",
             after=after,
             sent=cursor.sent,
             last_seq=cursor.after,
-            outcome=outcome,
-            close_code=closed_with or _CLOSE_CODES.get(outcome, ws.close_code),
+            outcome=end.outcome or "client_gone",
+            close_code=end.close_code,
             seconds=round(time.monotonic() - started, 3),
         )
     return ws
 
 
-async def _refuse(ws: web.WebSocketResponse, code: int, error: str, message: str) -> None:
-    await ws.send_frame(
-        control_frame({"type": "error", "code": error, "message": message}), WSMsgType.TEXT
-    )
-    await ws.close(code=code, message=error.encode())
+def _ended_by_peer(end: StreamEnd, ws: web.WebSocketResponse, stream: OpenStream) -> None:
+    """The receive loop ended without the sender closing: the peer closed or the connection
+    dropped (by the peer, or by shutdown for a peer that did not take its close in time)."""
+    if stream.dropped:
+        end.outcome, end.close_code = "shutdown", _ABNORMAL
+    else:
+        end.outcome, end.close_code = "client_gone", ws.close_code
+
+
+async def _refuse(
+    request: web.Request, ws: web.WebSocketResponse, code: int, error: str, message: str
+) -> None:
+    frame = control_frame({"type": "error", "code": error, "message": message})
+    try:
+        _write(request, ws, [ws_text_header(len(frame)), frame])
+    except ConnectionError:
+        return
+    await _close(request, ws, code, error.encode(), _STUCK_CLOSE_SECONDS)
 
 
 async def _send_events(
-    request: web.Request, ws: web.WebSocketResponse, cursor: Cursor, head: JobHead
-) -> str:
-    """Run the cursor to the end of the job (or until closed); return how it ended."""
+    request: web.Request,
+    ws: web.WebSocketResponse,
+    cursor: Cursor,
+    subscription: Subscription,
+    end: StreamEnd,
+) -> None:
+    """Run the cursor to the end of the job (or until closed), then close the socket."""
     config = request.app[CONFIG].stream
     batches = follow(
         request.app[STORE],
         request.app[HUB],
         cursor,
-        head,
+        subscription.head,
         page_events=config.page_events,
+        page_bytes=config.page_bytes,
         idle_seconds=config.heartbeat_seconds,
         push=functools.partial(_push, request, ws),
     )
+    within = config.send_timeout  # for a peer that is reading, a close is one more send
     try:
         async for batch in batches:
             async with asyncio.timeout(config.send_timeout):
                 if batch is None:
                     heartbeat = control_frame({"type": "heartbeat", "last_seq": cursor.after})
-                    await ws.send_frame(heartbeat, WSMsgType.TEXT)
+                    await _send(request, ws, [ws_text_header(len(heartbeat)), heartbeat])
                     continue
-                await _write_batch(request, ws, batch)
-        await ws.close(code=WSClose.DONE, message=b"job finished")
-        return "done"
+                # In parts, waiting for the peer between them: a slow reader never has a
+                # whole batch buffered in the transport.
+                for part in parts_of(batch, WRITE_PART_BYTES):
+                    await _send(request, ws, _frame_parts(part))
+        end.outcome, end.close_code, reason = "done", WSClose.DONE, b"job finished"
     except StreamClosing:
-        await ws.close(code=WSClose.GOING_AWAY, message=b"server shutting down")
-        return "shutdown"
+        end.outcome, end.close_code = "shutdown", WSClose.GOING_AWAY
+        reason = b"server shutting down"
     except TimeoutError:
         # The peer stopped reading. Dropping it bounds what we hold; it resumes by offset.
-        await _close_stuck(request, ws)
-        return "send_timeout"
+        end.outcome, end.close_code, reason = "send_timeout", WSClose.OVERLOADED, b"send timeout"
+        within = _STUCK_CLOSE_SECONDS
     except ConnectionError:
-        return "client_gone"
+        return  # the connection is gone; the handler's receive loop tells how
     except Exception:
         log.exception("stream_failed", job_id=cursor.job_id, last_seq=cursor.after)
-        with contextlib.suppress(Exception):
-            await ws.close(code=WSClose.INTERNAL, message=b"internal error")
-        return "error"
+        end.outcome, end.close_code, reason = "error", WSClose.INTERNAL, b"internal error"
+        within = _STUCK_CLOSE_SECONDS
+    await _close(request, ws, end.close_code, reason, within)
+
+
+async def _close(
+    request: web.Request, ws: web.WebSocketResponse, code: int, reason: bytes, within: float
+) -> None:
+    """Close with ``code``; drop the connection if the peer has not taken everything queued
+    for it, close frame included, within ``within`` seconds.
+
+    ``drain=False``, then a wait of our own: aiohttp's drain would await the protocol's
+    shared drain future, and a timeout there would cancel it for every other waiter."""
+    transport = request.transport
+    try:
+        async with asyncio.timeout(within):
+            await ws.close(code=code, message=reason, drain=False)
+            if transport is not None and transport.get_write_buffer_size():
+                # Paused until the buffer is empty, not merely below its high-water mark.
+                transport.set_write_buffer_limits(high=0)
+                await _drained(request.protocol)
+    except (TimeoutError, ConnectionError):
+        pass
+    if transport is not None and transport.get_write_buffer_size():
+        transport.abort()
 
 
 def _push(request: web.Request, ws: web.WebSocketResponse, batch: list[Frame]) -> bool:
     """The publisher's direct send to a caught-up subscriber (``server.hub``): only while
     the socket takes data without waiting; otherwise the subscriber's task sends (and waits
     under ``stream.send_timeout``)."""
-    return not request.protocol.writing_paused and _write_frames(request, ws, batch)
-
-
-async def _write_batch(request: web.Request, ws: web.WebSocketResponse, batch: list[Frame]) -> None:
-    """Send a batch of event frames, then wait while the transport is over its high-water
-    mark, as ``send_frame`` does."""
-    if not _write_frames(request, ws, batch):
-        raise ConnectionResetError("the WebSocket is closed")
-    protocol = request.protocol
-    if protocol.writing_paused:
-        # aiohttp's flow control (BaseProtocol): resumes when the peer has read enough.
-        await protocol._drain_helper()
-
-
-def _write_frames(request: web.Request, ws: web.WebSocketResponse, batch: list[Frame]) -> bool:
-    """A batch of event frames in one ``writelines`` (one syscall, no copies) rather than one
-    ``send_frame`` each; False, writing nothing, once the socket is closing. Compression is
-    off, so a frame is header + stored JSON; aiohttp also writes whole frames, so its pings
-    and pongs never land inside one of ours."""
-    transport = request.transport
-    if ws.closed or transport is None or transport.is_closing():
+    if request.protocol.writing_paused:
         return False
+    try:
+        _write(request, ws, _frame_parts(batch))
+    except ConnectionError:
+        return False
+    return True
+
+
+def _frame_parts(batch: list[Frame]) -> list[bytes]:
+    """A batch of event frames as header, JSON, header, JSON...: compression is off, so a
+    frame is header + stored JSON."""
     parts: list[bytes] = []
     for frame in batch:
         parts.append(frame.ws_header)
         parts.append(frame.json)
+    return parts
+
+
+async def _send(request: web.Request, ws: web.WebSocketResponse, parts: list[bytes]) -> None:
+    """Write whole frames, then wait while the transport is over its high-water mark, as
+    ``send_frame`` does."""
+    _write(request, ws, parts)
+    await _drained(request.protocol)
+
+
+def _write(request: web.Request, ws: web.WebSocketResponse, parts: list[bytes]) -> None:
+    """Frames in one ``writelines`` (one syscall, no copies) rather than one ``send_frame``
+    each; ConnectionResetError, writing nothing, once the socket is closing. aiohttp also
+    writes whole frames, so its pings and pongs never land inside one of ours."""
+    transport = request.transport
+    if ws.closed or transport is None or transport.is_closing():
+        raise ConnectionResetError("the WebSocket is closed")
     transport.writelines(parts)
-    return True
 
 
-async def _close_stuck(request: web.Request, ws: web.WebSocketResponse) -> None:
-    """Send close 1013 without waiting for the backlog to drain; abort if the peer does not
-    answer within a second. ``drain=False`` matters: the send timeout cancelled aiohttp's
-    drain waiter, and a second drain would re-raise that cancellation at once (the close
-    would end with a bare CancelledError and the connection would linger until ping timeout).
-    """
-    _CLOSING_STUCK.add(ws)
-    try:
-        async with asyncio.timeout(1):
-            await ws.close(code=WSClose.OVERLOADED, message=b"send timeout", drain=False)
-    except Exception:
-        # The peer (not reading) never answered the close: drop the connection; it sees
-        # 1006 if the close frame was stuck behind its backlog, and resumes by offset.
-        if request.transport is not None:
-            request.transport.abort()
+async def _drained(protocol: web.RequestHandler | None) -> None:
+    """Wait until aiohttp's flow control (BaseProtocol) resumes writing: the peer has read
+    enough. Shielded: the future is shared with every other writer on the connection
+    (aiohttp's own pongs and closes), and a timeout here must not cancel it for them."""
+    if protocol is not None and protocol.writing_paused:
+        await asyncio.shield(protocol._drain_helper())
 
 
 async def _receive_until_closed(ws: web.WebSocketResponse, frames_per_second: float) -> None:
+    """Answer client frames until the socket closes (or its connection is lost)."""
+    with contextlib.suppress(ConnectionError):
+        await _answer_client_frames(ws, frames_per_second)
+
+
+async def _answer_client_frames(ws: web.WebSocketResponse, frames_per_second: float) -> None:
     """Answer client pings; refuse anything else politely; return when the socket closes.
 
     Client frames beyond ``stream.client_frames_per_second`` (a burst of twice that) are
