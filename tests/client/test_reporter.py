@@ -385,3 +385,26 @@ def test_names_are_checked_at_the_call(client: Client) -> None:
                 job.event(bad)
         job.event("ok.name_1-2")
     assert [e.type for e in client.events(job_id)][1:] == ["ok.name_1-2", "completed"]
+
+
+def test_a_full_buffer_is_sent_without_waiting_the_interval(shared_server: ServerProcess) -> None:
+    """With a flush interval longer than the test, a producer that fills the buffer is not
+    held back by it: a whole batch ready, or a full buffer, is sent at once."""
+    job_id = new_id()
+    done = threading.Event()
+
+    def produce() -> None:
+        with (
+            Client(shared_server.url, flush_interval=3600, max_buffered=600) as client,
+            client.job(job_id) as job,
+        ):
+            for i in range(1500):
+                job.log(f"line {i}")
+            done.set()
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    assert done.wait(JOIN_TIMEOUT), "the producer was held back by the flush interval"
+    thread.join(JOIN_TIMEOUT)
+    with Client(shared_server.url) as client:
+        assert sum(e.type == "log" for e in client.events(job_id)) == 1500

@@ -473,14 +473,23 @@ class AsyncJob:
 
     async def _pause(self) -> None:
         """Wait ``flush_interval`` between requests, so that what is reported meanwhile
-        goes in one batch; cut short when a flush or a terminal event is waiting."""
-        if not (self._urgent or self._flush_waiters) and self.settings.flush_interval:
+        goes in one batch; cut short when waiting gains nothing: a flush or a terminal
+        event is waiting, a whole batch is ready, or the buffer is full."""
+        if not self._no_pause() and self.settings.flush_interval:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.settings.flush_interval):
-                    while not (self._urgent or self._flush_waiters):
+                    while not self._no_pause():
                         self._changed.clear()
                         await self._changed.wait()
         self._urgent = False
+
+    def _no_pause(self) -> bool:
+        return bool(
+            self._urgent
+            or self._flush_waiters
+            or self._outbox.waiting >= BATCH_EVENTS
+            or len(self._outbox) >= self.settings.max_buffered
+        )
 
     async def _create(self) -> None:
         body = _without_none({"job_id": self.job_id, "kind": self.kind, "metadata": self.metadata})
