@@ -5,7 +5,9 @@ What it guarantees (at-least-once delivery with idempotency keys, so effectively
   ``run`` is random per reporter unless you pass ``run_key``. A retry after a lost answer is
   therefore never a duplicate. Re-running the same sequence of calls with the same
   ``run_key`` (a worker restarted from the top) skips what the first run stored; pass
-  ``key=`` on a call to key it by your own checkpoint instead.
+  ``key=`` on a call to key it by your own checkpoint instead. (Progress updates merge by
+  timing: a re-run may append one the first run had merged away, showing an older value
+  until it reports past where the first run stopped; docs/python-client.md.)
 - Events reach the server in the order they were reported: one request in flight at a time,
   each a batch of everything buffered (up to the server's batch limits), one per
   ``flush_interval``.
