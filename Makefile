@@ -18,8 +18,11 @@ $(VENV)/.installed-run: $(BIN)/python pyproject.toml constraints.txt
 
 # The bench extra comes with the dev tools: mypy checks bench/ against the same nats-py,
 # redis and matplotlib that make bench runs.
-$(VENV)/.installed-dev: $(VENV)/.installed-run
+# The Python client (clients/python) is its own package; make test installs it editable with
+# its CLI extra, and lints, type-checks and tests it with the server.
+$(VENV)/.installed-dev: $(VENV)/.installed-run clients/python/pyproject.toml
 	$(PIP) install -c constraints.txt -e '.[dev,bench]'
+	$(PIP) install -c constraints.txt -e 'clients/python[cli]'
 	@touch $@
 
 run: $(VENV)/.installed-run
@@ -44,8 +47,8 @@ bench: $(VENV)/.installed-dev
 # Re-pin after changing dependencies: resolve fresh, then record exact versions.
 lock:
 	rm -rf /tmp/jobfeed-lock && $(PYTHON) -m venv /tmp/jobfeed-lock
-	/tmp/jobfeed-lock/bin/pip install -q '.[dev,bench]'
-	/tmp/jobfeed-lock/bin/pip freeze --exclude jobfeed > constraints.txt
+	/tmp/jobfeed-lock/bin/pip install -q '.[dev,bench]' 'clients/python[cli]'
+	/tmp/jobfeed-lock/bin/pip freeze --exclude jobfeed --exclude jobfeed-client > constraints.txt
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .pytest_cache .ruff_cache

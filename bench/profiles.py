@@ -45,6 +45,11 @@ class Profile:
     # W8: many jobs, one producer and one subscriber each
     w8_jobs: int = 1_000
     w8_rate: float = 2.0  # events/s per job
+    # W9: feed fan-out, many jobs, WebSocket feed subscribers with ten filters
+    w9_subscribers: int = 1_000
+    w9_jobs: int = 1_000
+    # W10: feed replay over SSE, no filter and a 1 % filter
+    w10_events: int = 1_000_000
     # ceilings
     sqlite_seconds: float = 3.0
 
@@ -67,5 +72,8 @@ QUICK = Profile(
     w7_subscribers=1_000,
     w7_processes=2,
     w8_jobs=200,
+    w9_subscribers=200,
+    w9_jobs=200,
+    w10_events=100_000,
     sqlite_seconds=1.0,
 )

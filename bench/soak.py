@@ -356,6 +356,8 @@ class Soak:
                 elif line == b"" and data is not None:
                     if event_type == "hello":
                         self.hello(chain, json.loads(data))
+                    elif event_type == "error":
+                        return  # a retryable refusal as EventSource gets it: resume later
                     else:
                         seq = json.loads(data).get("seq")
                         if event_id != str(seq):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import ceilings, manyjobs, streams, workloads
+from . import ceilings, feed, manyjobs, streams, workloads
 from .peers import nats, redis
 from .profiles import Profile
 from .stats import Phase
@@ -51,6 +51,8 @@ SUITE = (
     Workload("W6", streams.w6),
     Workload("W7", streams.w7, _raw(streams.w7)),
     Workload("W8", manyjobs.w8, _raw(manyjobs.w8)),
+    Workload("W9", feed.w9),
+    Workload("W10", feed.w10),
     # Authentication on, against W1 and W7 of the same run (bench.targets).
     Workload("W1auth", workloads.w1_auth),
     Workload("W7auth", streams.w7_auth),

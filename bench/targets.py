@@ -38,10 +38,11 @@ class Target:
     comparator: str | None = None  # a ceiling label's prefix: "NATS JetStream", "raw aiohttp"
     comparator_phase: NamePredicate | None = None  # when it is another phase's figure
     bound: float | None = None  # a fixed limit instead of a comparator
-    # ``ours <= theirs + margin`` instead of a ratio; with ``own``, theirs is one of jobfeed's
-    # own phases of this run (comparator_phase), e.g. the same workload with auth off.
+    # The comparator is another of jobfeed's own phases from the same run (comparator_phase),
+    # not a ceiling or a peer: e.g. W9's feed fan-out against W4's job-stream fan-out.
+    against_measured: bool = False
+    # ``ours <= theirs + margin`` instead of a ratio (a size at most that much over theirs).
     margin: float | None = None
-    own: bool = False
 
 
 TARGETS = (
@@ -135,6 +136,25 @@ TARGETS = (
         bound=2.0,
     ),
     Target(
+        "W9",
+        "feed fan-out ≥ 0.8x W4's job-stream fan-out",
+        starts("W9 feed fan-out"),
+        "deliveries/s",
+        True,
+        ratio=0.8,
+        comparator="jobfeed W4",
+        comparator_phase=starts("W4 fan-out"),
+        against_measured=True,
+    ),
+    Target(
+        "W9",
+        "every feed subscriber exact",
+        starts("W9 feed fan-out"),
+        "subscribers with a wrong sequence",
+        False,
+        bound=0.0,
+    ),
+    Target(
         "W7",
         "≤ 20 KB RSS per idle subscriber",
         both("W7 ", ": connect"),
@@ -151,7 +171,7 @@ TARGETS = (
         ratio=0.9,
         comparator="W1, authentication off",
         comparator_phase=both("W1 durable append:", "1 event/request, full"),
-        own=True,
+        against_measured=True,
     ),
     Target(
         "W7auth",
@@ -162,7 +182,7 @@ TARGETS = (
         comparator="W7, authentication off",
         comparator_phase=both("W7 ", ": connect"),
         margin=1.0,
-        own=True,
+        against_measured=True,
     ),
 )
 
@@ -209,7 +229,7 @@ def judge(measured: Sequence[Phase], compared: Sequence[Phase]) -> list[Verdict]
             verdicts.append(Verdict(target, ours, target.bound, "bound", met))
             continue
         assert target.comparator is not None
-        if target.own:
+        if target.against_measured:
             assert target.comparator_phase is not None
             theirs, _ = _median(measured, target.comparator_phase, target.metric)
             label = target.comparator

@@ -1,5 +1,6 @@
 """The ``jobfeed`` command: ``serve``, ``migrate`` and ``token`` (``--help`` shows
-``DESCRIPTION``).
+``DESCRIPTION``); ``tail``, ``jobs`` and ``export`` are the Python client's (clients/python),
+run from here when it is installed.
 
 Start-up problems (bad config, unwritable or corrupt database, a schema from a newer jobfeed,
 port in use) end the process with one clear line on stderr and exit status 2 (config) or 1.
@@ -45,8 +46,18 @@ DESCRIPTION = (
 KEEPALIVE_SECONDS = 75.0
 
 
+CLIENT_COMMANDS = ("tail", "jobs", "export")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="jobfeed", description=DESCRIPTION)
+    args_given = sys.argv[1:] if argv is None else argv
+    if args_given and args_given[0] in CLIENT_COMMANDS:
+        return _client_command(args_given)
+    parser = argparse.ArgumentParser(
+        prog="jobfeed",
+        description=DESCRIPTION,
+        epilog="Client commands (pip install 'jobfeed-client[cli]'): " + ", ".join(CLIENT_COMMANDS),
+    )
     parser.add_argument("--version", action="version", version=f"jobfeed {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, text in (("serve", "run the server"), ("migrate", "apply schema migrations")):
@@ -87,6 +98,18 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"jobfeed: cannot start: {exc}\n")
         return 1
     return 0
+
+
+def _client_command(argv: list[str]) -> int:
+    try:
+        from jobfeed_client.cli import main as client_main
+    except ImportError:
+        sys.stderr.write(
+            f"jobfeed: `{argv[0]}` needs the Python client: "
+            "pip install 'jobfeed-client[cli]' (from clients/python in the repository)\n"
+        )
+        return 1
+    return client_main(argv, prog="jobfeed")
 
 
 def _migrate(config: Config) -> None:

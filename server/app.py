@@ -27,7 +27,8 @@ from .errors import (
     Unauthorized,
     error_body,
 )
-from .handlers import health, jobs, stream, tickets
+from .handlers import feed, health, jobs, stream, tickets
+from .handlers.eventsource import retryable_refusal, wants_event_stream
 from .handlers.guard import GuardClock, recheck_revocations
 from .handlers.ws import refuse_websocket
 from .hub import Hub
@@ -177,6 +178,12 @@ def _error_response(request: web.Request, exc: Exception) -> web.Response:
         # A storage fault is logged by the writer, once per fault (storage_failed).
         if exc.status >= 500 and not isinstance(exc, StorageUnavailable):
             log.warning("request_refused", code=exc.code, message=exc.message)
+        if wants_event_stream(request):
+            # An EventSource stops for good on any status but 200: a retryable refusal is
+            # a 200 stream of one error record (server/handlers/eventsource.py).
+            refusal = retryable_refusal(exc, request.app[CONFIG].stream.sse_retry_ms)
+            if refusal is not None:
+                return refusal
         return web.Response(
             body=exc.body(),
             status=exc.status,
@@ -222,7 +229,12 @@ def create_app(config: Config, config_path: Path | None = None) -> web.Applicati
         middlewares.append(rate_limit_middleware)
     app = web.Application(client_max_size=limits.max_body_bytes, middlewares=middlewares)
     app[CONFIG] = config
-    app[HUB] = Hub(config.stream.cache_events_per_job, config.stream.cache_bytes)
+    app[HUB] = Hub(
+        config.stream.cache_events_per_job,
+        config.stream.cache_bytes,
+        config.stream.feed_cache_events,
+        config.stream.feed_cache_bytes,
+    )
     if limits.rate_per_client > 0:
         app[RATE_LIMITER] = RateLimiter(
             limits.rate_per_client, limits.rate_burst, limits.rate_max_clients
@@ -254,6 +266,7 @@ def add_routes(app: web.Application) -> None:
     # No HEAD: a stream has no headers-only form, and HEAD must never upgrade (405 instead).
     app.router.add_get("/v1/jobs/{job_id}/stream", stream.stream, allow_head=False)
     app.router.add_post("/v1/tickets", tickets.create_ticket)
+    app.router.add_get("/v1/feed", feed.feed, allow_head=False)
     app.router.add_get("/healthz", health.healthz)
     app.router.add_get("/readyz", health.readyz)
     app.router.add_get("/v1/openapi.json", openapi.openapi_json)

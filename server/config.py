@@ -87,6 +87,19 @@ class StreamConfig(_Section):
     page_bytes: int = Field(1024 * 1024, ge=1)
     cache_events_per_job: int = Field(4_096, ge=0)
     cache_bytes: int = Field(64 * 1024 * 1024, ge=0)
+    # The feed (GET /v1/feed): recent frames across all jobs, for subscribers near the end.
+    feed_cache_events: int = Field(8_192, ge=0)
+    feed_cache_bytes: int = Field(16 * 1024 * 1024, ge=0)
+    # Ids a feed replay scans per SQLite read: a sparse filter reads the log in windows of
+    # this many ids (one bounded primary-key range each), never the whole log at once.
+    feed_scan_ids: int = Field(10_000, ge=1)
+    # Values of one feed filter parameter (job=, kind=, type=) a request may give.
+    feed_max_filter_values: int = Field(100, ge=1)
+    # snapshots=1: unfinished matching jobs sent at most; more is 400 (narrow the filter).
+    feed_max_snapshots: int = Field(10_000, ge=1)
+    # SSE `retry:` hint in ms: each stream's is drawn uniformly from [this, 2 x this), so that
+    # browsers dropped together (a restart) do not all come back in the same millisecond.
+    sse_retry_ms: int = Field(2_000, ge=100)
 
 
 class LimitsConfig(_Section):

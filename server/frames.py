@@ -1,8 +1,10 @@
 """A committed event as the bytes every transport sends: serialized once, shared by all.
 
 The event's JSON is produced once, at append time, stored as-is in SQLite and sent as-is on
-every WebSocket. The SSE encoding wraps the same bytes and is built at most once per event,
-the first time an SSE subscriber needs it.
+every WebSocket. The SSE encodings wrap the same bytes and are built at most once per event,
+the first time an SSE subscriber needs them: a job stream's record carries the job's ``seq``
+as its ``id:``, the feed's (``server.feed``) the server-wide event ``id``. Neither has an
+``event:`` line, so that a browser's ``EventSource.onmessage`` receives every event.
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ WRITE_PART_BYTES = 64 * 1024
 
 class Frame:
     __slots__ = (
+        "_feed_sse",
         "_sse",
         "_ws_header",
         "event_id",
         "event_type",
         "job_id",
         "json",
+        "kind",
         "seq",
         "tenant",
         "terminal",
@@ -43,6 +47,7 @@ class Frame:
         event_type: str,
         ts: str,
         json: bytes,
+        kind: str | None = None,
         *,
         tenant: str = DEFAULT_TENANT,
     ) -> None:
@@ -56,18 +61,25 @@ class Frame:
         self.ts = ts
         self.json = json
         self.terminal = event_type in TERMINAL_TYPES
+        # The job's kind: set by the writer (the feed's live filters read it); frames read
+        # back for a job stream leave it None, as nothing there needs it.
+        self.kind = kind
         self._sse: bytes | None = None
+        self._feed_sse: bytes | None = None
         self._ws_header: bytes | None = None
 
     @property
     def sse(self) -> bytes:
         if self._sse is None:
-            self._sse = b"event: %s\nid: %d\ndata: %s\n\n" % (
-                self.event_type.encode(),
-                self.seq,
-                self.json,
-            )
+            self._sse = b"id: %d\ndata: %s\n\n" % (self.seq, self.json)
         return self._sse
+
+    @property
+    def feed_sse(self) -> bytes:
+        """The feed's SSE record: the position is the server-wide event id."""
+        if self._feed_sse is None:
+            self._feed_sse = b"id: %d\ndata: %s\n\n" % (self.event_id, self.json)
+        return self._feed_sse
 
     @property
     def ws_header(self) -> bytes:

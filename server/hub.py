@@ -10,6 +10,9 @@ contiguous) is woken instead and reads what it missed from the cache or SQLite a
 
 Memory is bounded twice: at most ``cache_events_per_job`` frames per job, and at most
 ``cache_bytes`` over all jobs (least recently published jobs are evicted first).
+
+The feed's channel (``server.feed.FeedChannel``: the global high-water id and recent frames
+across all jobs) lives here too and is published to after the per-job channels.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable
 
+from .feed import FeedChannel
 from .frames import WRITE_PART_BYTES, Frame
 from .tenancy import JobKey
 
@@ -190,9 +194,16 @@ def _pushed(live: LiveSubscriber, frames: list[Frame]) -> bool:
 
 
 class Hub:
-    def __init__(self, cache_events_per_job: int, cache_bytes: int) -> None:
+    def __init__(
+        self,
+        cache_events_per_job: int,
+        cache_bytes: int,
+        feed_cache_events: int = 8_192,
+        feed_cache_bytes: int = 16 * 1024 * 1024,
+    ) -> None:
         self.cache_events_per_job = cache_events_per_job
         self.cache_bytes = cache_bytes
+        self.feed = FeedChannel(feed_cache_events, feed_cache_bytes)
         self.closing = False
         # Keyed by (tenant, job_id): two tenants' jobs of the same id never share a channel.
         self._channels: OrderedDict[JobKey, JobChannel] = OrderedDict()
@@ -233,11 +244,17 @@ class Hub:
         channel.deliver(frames)
         self._enforce_budget(channel)
 
+    def publish_feed(self, frames: list[Frame]) -> None:
+        """Called by the writer after commit (and after ``publish`` for each job) with the
+        whole group's frames in id order: the feed sees the global log in commit order."""
+        self.feed.publish(frames)
+
     def close(self) -> None:
         """Shutdown: every waiting subscriber wakes up and sees ``closing``."""
         self.closing = True
         for channel in self._channels.values():
             channel.wake_all()
+        self.feed.close()
 
     def _cache(self, channel: JobChannel, frames: list[Frame]) -> None:
         cap = self.cache_events_per_job

@@ -24,6 +24,7 @@ import structlog
 from aiohttp import web
 
 from .errors import error_body
+from .handlers.eventsource import SSE_HEADERS, error_record, retry_field, wants_event_stream
 from .tenancy import JobKey
 
 log = structlog.get_logger("jobfeed.limits")
@@ -170,6 +171,15 @@ class ConnectionCappedServer(web.Server):
             f"the server has {self.max_connections} open connections "
             "(server.max_connections); retry later"
         )
+        if wants_event_stream(request):
+            # EventSource gives up on a 503 but retries after a 200 that ends.
+            response = web.Response(
+                status=200,
+                body=retry_field(1000, 1) + error_record("overloaded", message),
+                headers=SSE_HEADERS,
+            )
+            response.force_close()
+            return response
         response = web.Response(
             body=error_body("overloaded", message),
             status=503,

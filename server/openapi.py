@@ -133,8 +133,14 @@ def _response_schemas() -> dict[str, Schema]:
             "properties": {
                 "jobs": {"type": "array", "items": _ref("Snapshot")},
                 "next_cursor": string_or_null,
+                "cursor": {
+                    "type": "integer",
+                    "minimum": 0,
+                    "description": "the last event id committed when the list was read: "
+                    "GET /v1/feed?after=<cursor> continues from exactly this list",
+                },
             },
-            "required": ["jobs", "next_cursor"],
+            "required": ["jobs", "next_cursor", "cursor"],
             "additionalProperties": False,
         },
         "AppendResult": {
@@ -259,6 +265,27 @@ def _query(name: str, schema: Schema, description: str | None = None) -> dict[st
 
 def _query_int(name: str, minimum: int, maximum: int, description: str) -> dict[str, Any]:
     return _query(name, {"type": "integer", "minimum": minimum, "maximum": maximum}, description)
+
+
+def _feed_filters(max_values: int) -> list[dict[str, Any]]:
+    """The feed's filters: job, kind and type repeatable (OR), prefix once; AND across."""
+
+    def repeated(name: str, item: Schema, description: str) -> dict[str, Any]:
+        schema = {"type": "array", "items": item, "maxItems": max_values}
+        return {**_query(name, schema, description), "style": "form", "explode": True}
+
+    return [
+        repeated("job", {"type": "string", "pattern": JOB_ID_PATTERN}, "a job id"),
+        _query(
+            "prefix",
+            {"type": "string", "pattern": r"^[A-Za-z0-9._:-]{1,128}$"},
+            "job ids beginning with it",
+        ),
+        repeated("kind", {"type": "string", "minLength": 1, "maxLength": 200}, "a job kind"),
+        repeated(
+            "type", {"type": "string", "pattern": r"^[a-z][a-z0-9_.-]{0,63}$"}, "an event type"
+        ),
+    ]
 
 
 _EPOCH = _query(
@@ -419,10 +446,44 @@ def build_openapi(config: Config) -> dict[str, Any]:
                 "responses": {
                     "101": {"description": "WebSocket: hello, the log, then live events"},
                     "200": {
+                        "description": "SSE: hello, the log, then live events (a retryable "
+                        "refusal to an EventSource: one event: error record)",
+                        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                    },
+                    "204": {
+                        "description": "SSE: the job is finished and after (Last-Event-ID) "
+                        "is at or past its terminal event: EventSource stops reconnecting"
+                    },
+                    **_error_responses(400, 404, 405, 409, *common),
+                },
+            },
+        },
+        "/v1/feed": {
+            "get": {
+                "operationId": "feed",
+                "summary": "The events of many jobs on one cursor (the event id): WebSocket on "
+                "an Upgrade request, Server-Sent Events on Accept: text/event-stream.",
+                "description": "Outside OpenAPI's request/response model like the job stream; "
+                "frames, filters and the cursor are in docs/protocol.md. after absent: from "
+                "now; Last-Event-ID, when present, is after (SSE). Filters: job, kind and type "
+                "repeatable (OR), prefix; different filters AND.",
+                "parameters": [
+                    _query_int("after", 0, _MAX_QUERY_INT, "the last event id the client has"),
+                    *_feed_filters(config.stream.feed_max_filter_values),
+                    _query(
+                        "snapshots",
+                        {"type": "integer", "enum": [0, 1]},
+                        "1: start with "
+                        "the snapshot of every unfinished matching job (without after)",
+                    ),
+                ],
+                "responses": {
+                    "101": {"description": "WebSocket: hello, the log, then live events"},
+                    "200": {
                         "description": "SSE: hello, the log, then live events",
                         "content": {"text/event-stream": {"schema": {"type": "string"}}},
                     },
-                    **_error_responses(400, 404, 405, 409, *common),
+                    **_error_responses(400, 405, *common),
                 },
             },
         },

@@ -24,8 +24,10 @@ import aiosqlite
 import structlog
 
 from . import migrate
+from .auth import TenantGrant
 from .config import Config
 from .dblock import DatabaseLock
+from .feed import FeedFilter
 from .frames import Frame
 from .grants import JobGrants
 from .hub import Hub
@@ -106,6 +108,59 @@ def check_integrity(db_path: Path) -> None:
             f"{db_path}: integrity check failed: {first}{more}; restore from a backup "
             "(storage.integrity_check = false skips this check)"
         )
+
+
+# The id of the last committed event, as a CTE: read in the same statement as what it must be
+# consistent with. MAX on the rowid is one b-tree descent.
+_LAST_ID_CTE = "WITH head(last_id) AS (SELECT COALESCE(MAX(id), 0) FROM events)"
+
+
+def _marks(count: int) -> str:
+    return ",".join("?" * count)
+
+
+def feed_query(feed_filter: FeedFilter) -> tuple[str, list[str | int]]:
+    """The SQL of one feed replay step (parameters: after, upper, ``params``, limit).
+
+    Always a primary-key range over ``events`` (``after < id <= upper``), with the filters
+    tested on each row of it: the step's cost is bounded by the window, however sparse the
+    filter. The unary ``+`` keeps SQLite from choosing the ``(job_id, seq)`` index for a
+    ``job_id`` test, which would read every event of those jobs and sort them on every
+    step; ``CROSS JOIN`` keeps ``events`` the outer loop when the job's kind is needed
+    (``jobs`` is looked up by its unique ``job_id``). tests/test_feed_store.py asserts the
+    plans. A credential's grant (``TenantGrant``: its tenant and job grants) is tested on
+    each row too (``+``: the range stays the plan); ``FeedFilter.permitted`` checks it again
+    on what the step returns.
+    """
+    clauses: list[str] = []
+    params: list[str | int] = []
+    grant = feed_filter.grant
+    if isinstance(grant, TenantGrant):
+        clause, grant_params = grant.sql_filter("+e.tenant", "+e.job_id")
+        clauses.append(clause)
+        params.extend(grant_params)
+    if feed_filter.jobs:
+        clauses.append(f"+e.job_id IN ({_marks(len(feed_filter.jobs))})")
+        params.extend(sorted(feed_filter.jobs))
+    if feed_filter.prefix is not None:
+        clauses.append("substr(e.job_id, 1, ?) = ?")
+        params.extend([len(feed_filter.prefix), feed_filter.prefix])
+    if feed_filter.types:
+        clauses.append(f"+e.type IN ({_marks(len(feed_filter.types))})")
+        params.extend(sorted(feed_filter.types))
+    if feed_filter.kinds:
+        clauses.append(f"j.kind IN ({_marks(len(feed_filter.kinds))})")
+        params.extend(sorted(feed_filter.kinds))
+        source = "events AS e CROSS JOIN jobs AS j ON j.tenant = e.tenant AND j.job_id = e.job_id"
+        kind = "j.kind"
+    else:
+        source, kind = "events AS e", "NULL"
+    where = "".join(f" AND {clause}" for clause in clauses)
+    query = (
+        f"SELECT e.id, e.job_id, e.seq, e.type, e.ts, e.body, {kind}, e.tenant FROM {source} "
+        f"WHERE e.id > ? AND e.id <= ?{where} ORDER BY e.id LIMIT ?"
+    )
+    return query, params
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,7 +299,7 @@ class Store:
             try:
                 for row in cursor:
                     rows.append(row)
-                    held += len(row[size_column])
+                    held += len(row[size_column] or b"")  # None: an outer join's empty side
                     if held >= max_bytes:
                         break
             finally:
@@ -306,26 +361,99 @@ class Store:
         before: int | None,
         grants: JobGrants | None = None,
         max_bytes: int | None = None,
-    ) -> tuple[list[bytes], int | None]:
+    ) -> tuple[list[bytes], int | None, int]:
         """A tenant's snapshots newest first, only those ``grants`` cover (None: all); the
-        cursor is the job_no of the last one returned.
+        cursor is the job_no of the last one returned; and the id of the last event committed
+        when the list was read (a feed resumes from there).
 
+        One statement, so one read transaction: the snapshots and the id are of one moment.
         With ``max_bytes`` the page ends early once its snapshots hold that many bytes
         (always at least one) and the cursor points past the last one returned; when the
         cut falls exactly at the end, the page after it is empty.
         """
-        query, params = list_jobs_sql(tenant, status, kind, limit, before, grants)
+        page_sql, params = list_jobs_sql(tenant, status, kind, limit, before, grants)
+        query = (
+            f"{_LAST_ID_CTE} SELECT head.last_id, page.job_no, page.snapshot FROM head "
+            f"LEFT JOIN ({page_sql}) AS page ORDER BY page.job_no DESC"
+        )
         if max_bytes is None:
             rows = await self._read(query, params)
         else:
-            rows = await self._read_within(query, params, 1, max_bytes)
+            rows = await self._read_within(query, params, 2, max_bytes)
+        last_id = int(rows[0][0])
+        rows = [row for row in rows if row[1] is not None]
         page = rows[:limit]
         # A row past the page, or a page cut by the byte budget: there is (or may be) more.
         more = len(rows) > limit or (
-            max_bytes is not None and sum(len(row[1]) for row in rows) >= max_bytes
+            max_bytes is not None and sum(len(row[2]) for row in rows) >= max_bytes
         )
-        next_before = page[-1][0] if page and more else None
-        return [bytes(row[1]) for row in page], next_before
+        next_before = page[-1][1] if page and more else None
+        return [bytes(row[2]) for row in page], next_before, last_id
+
+    async def feed_start(self, feed_filter: FeedFilter, max_jobs: int) -> tuple[int, list[bytes]]:
+        """The log's last event id and the snapshots of the unfinished jobs that
+        ``feed_filter`` selects (at most ``max_jobs + 1``), read in one statement: each
+        snapshot is consistent with that id (feed.md, ``snapshots=1``)."""
+        clauses = ["status NOT IN ('completed', 'failed', 'cancelled')"]
+        params: list[str | int] = []
+        grant = feed_filter.grant
+        if isinstance(grant, TenantGrant):
+            clause, grant_params = grant.sql_filter("tenant", "job_id")
+            clauses.append(clause)
+            params.extend(grant_params)
+        if feed_filter.jobs:
+            clauses.append(f"job_id IN ({_marks(len(feed_filter.jobs))})")
+            params.extend(sorted(feed_filter.jobs))
+        if feed_filter.prefix is not None:
+            clauses.append("substr(job_id, 1, ?) = ?")
+            params.extend([len(feed_filter.prefix), feed_filter.prefix])
+        if feed_filter.kinds:
+            clauses.append(f"kind IN ({_marks(len(feed_filter.kinds))})")
+            params.extend(sorted(feed_filter.kinds))
+        query = (
+            f"{_LAST_ID_CTE} SELECT head.last_id, page.job_no, page.snapshot FROM head "
+            f"LEFT JOIN (SELECT job_no, snapshot FROM jobs WHERE {' AND '.join(clauses)} "
+            "ORDER BY job_no LIMIT ?) AS page ORDER BY page.job_no"
+        )
+        rows = await self._read(query, [*params, max_jobs + 1])
+        last_id = int(rows[0][0])
+        return last_id, [bytes(row[2]) for row in rows if row[1] is not None]
+
+    async def read_feed(
+        self,
+        after: int,
+        upper: int,
+        feed_filter: FeedFilter,
+        limit: int,
+        max_bytes: int | None = None,
+    ) -> tuple[list[Frame], int]:
+        """Up to ``limit`` events with ``after < id <= upper`` that ``feed_filter`` selects,
+        in id order, and the position scanned: the last one's id when the page is full,
+        else ``upper``. The grant is not applied here (``FeedFilter.permitted``)."""
+        query, params = feed_query(feed_filter)
+        if max_bytes is None:
+            rows = await self._read(query, [after, upper, *params, limit])
+        else:
+            rows = await self._read_within(query, [after, upper, *params, limit], 5, max_bytes)
+        frames = [
+            Frame(
+                job_id.decode(),
+                seq,
+                event_id,
+                event_type.decode(),
+                ts.decode(),
+                body,
+                None if kind is None else kind.decode(),
+                tenant=tenant.decode(),
+            )
+            for event_id, job_id, seq, event_type, ts, body, kind, tenant in rows
+        ]
+        # A page cut by count or by bytes has scanned up to its last event only.
+        cut = len(frames) >= limit or (
+            max_bytes is not None and sum(frame.size for frame in frames) >= max_bytes
+        )
+        scanned = frames[-1].event_id if frames and cut else upper
+        return frames, scanned
 
     async def read_after(
         self, key: JobKey, after: int, limit: int, max_bytes: int | None = None

@@ -29,11 +29,12 @@ log = structlog.get_logger("jobfeed.stream")
 
 
 class OpenStream:
-    """One admitted stream: its job, its connection, and whether shutdown dropped it."""
+    """One admitted stream: its job (None for a feed), its connection, and whether shutdown
+    dropped it."""
 
     __slots__ = ("dropped", "key", "lost", "transport")
 
-    def __init__(self, key: JobKey, transport: asyncio.Transport | None) -> None:
+    def __init__(self, key: JobKey | None, transport: asyncio.Transport | None) -> None:
         self.key = key
         # The asyncio transport itself: aiohttp's protocol forgets it once it starts closing,
         # and a closing transport with a backlog to a peer that never reads lingers forever.
@@ -87,9 +88,10 @@ class StreamRegistry:
     def __len__(self) -> int:
         return len(self._open)
 
-    def admit(self, request: web.BaseRequest, key: JobKey) -> OpenStream:
-        """Count a new stream on job ``key`` or raise ``Overloaded`` (``ShuttingDown`` once
-        shutdown has begun: it would miss the end of the others); no await in between."""
+    def admit(self, request: web.BaseRequest, key: JobKey | None) -> OpenStream:
+        """Count a new stream on job ``key`` (None: a feed, which counts only in all) or
+        raise ``Overloaded`` (``ShuttingDown`` once shutdown has begun: it would miss the end
+        of the others); no await in between."""
         if self._all_ended is not None:
             raise ShuttingDown()
         if len(self._open) >= self.max_streams:
@@ -97,7 +99,7 @@ class StreamRegistry:
                 f"the server has {self.max_streams} open streams "
                 "(stream.max_subscribers); resume later"
             )
-        if not self._per_job.acquire(key):
+        if key is not None and not self._per_job.acquire(key):
             raise Overloaded(
                 f"job {key.job_id} has {self._per_job.per_job} open streams "
                 "(stream.max_subscribers_per_job); resume later"
@@ -110,7 +112,8 @@ class StreamRegistry:
         if stream not in self._open:
             return
         self._open.remove(stream)
-        self._per_job.release(stream.key)
+        if stream.key is not None:
+            self._per_job.release(stream.key)
         if not self._open and self._all_ended is not None:
             self._all_ended.set()
 

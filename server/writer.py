@@ -139,6 +139,8 @@ class _Group:
         default_factory=list
     )
     frames: dict[JobKey, list[Frame]] = field(default_factory=dict)
+    # The same frames in id order, for the feed (ids are handed out in request order).
+    feed: list[Frame] = field(default_factory=list)
     keys: dict[tuple[JobKey, str], AppendedEvent] = field(default_factory=dict)
     answers: list[tuple[_Op, Any]] = field(default_factory=list)
 
@@ -204,6 +206,7 @@ class Writer:
 
     async def start(self) -> None:
         await self._load_position()
+        self._hub.feed.start(self.last_id)
         if self._wal is not None:
             await self._wal.configure(self._conn)
         self._task = asyncio.create_task(self._run(), name="jobfeed-writer")
@@ -223,6 +226,11 @@ class Writer:
         self._queue.put_nowait(None)
         if self._task is not None:
             await self._task
+
+    @property
+    def last_id(self) -> int:
+        """The id of the last committed event (0 for an empty log)."""
+        return self._next_id - 1
 
     @property
     def pending(self) -> int:
@@ -411,6 +419,7 @@ class Writer:
                 self._remember(key, state)
             for key, frames in group.frames.items():
                 self._hub.publish(key, frames)
+            self._hub.publish_feed(group.feed)
         for op, answer in group.answers:
             if not op.future.done():
                 op.future.set_result(answer)
@@ -529,9 +538,9 @@ class Writer:
         group.event_rows.append(
             (next_id, key.tenant, key.job_id, 1, "created", ts, None, body.decode())
         )
-        group.frames.setdefault(key, []).append(
-            Frame(key.job_id, 1, next_id, "created", ts, body, tenant=key.tenant)
-        )
+        frame = Frame(key.job_id, 1, next_id, "created", ts, body, op.kind, tenant=key.tenant)
+        group.frames.setdefault(key, []).append(frame)
+        group.feed.append(frame)
         group.answers.append((op, state))
         return next_id + 1
 
@@ -583,7 +592,9 @@ class Writer:
             rows.append(
                 (next_id, job.tenant, job_id, seq, event.type, ts, event.key, body.decode())
             )
-            frames.append(Frame(job_id, seq, next_id, event.type, ts, body, tenant=job.tenant))
+            frames.append(
+                Frame(job_id, seq, next_id, event.type, ts, body, state.kind, tenant=job.tenant)
+            )
             appended = AppendedEvent(seq, next_id, ts)
             answers[index] = appended
             if event.key is not None:
@@ -595,6 +606,7 @@ class Writer:
         group.touched[job] = state
         group.event_rows.extend(rows)
         group.frames.setdefault(job, []).extend(frames)
+        group.feed.extend(frames)
         group.keys.update(new_keys)
         group.answers.append((op, AppendResult(job_id, state.last_seq, _filled(answers))))
         return next_id

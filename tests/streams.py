@@ -48,18 +48,21 @@ SseItem = SseEvent | SseComment
 
 class SseParser:
     """Turns lines into events per the HTML Server-Sent Events parsing rules (the subset
-    jobfeed can produce: ``event``, ``id``, ``data`` fields and comments)."""
+    jobfeed can produce: ``event``, ``id``, ``data``, ``retry`` fields and comments). As in
+    a browser, a block without ``data`` (e.g. only ``retry:``) dispatches nothing."""
 
     def __init__(self) -> None:
         self._event: str | None = None
         self._id: str | None = None
         self._data: list[str] = []
         self._has_fields = False
+        self.retry: int | None = None  # the last retry: field seen
 
     def feed_line(self, line: str) -> SseItem | None:
         """One line without its line ending; an item when the line completes one."""
         if line == "":
-            if not self._has_fields:
+            if not self._data:
+                self._event, self._id, self._has_fields = None, None, False
                 return None
             item = SseEvent(self._event, self._id, "\n".join(self._data))
             self._event, self._id, self._data, self._has_fields = None, None, [], False
@@ -75,6 +78,8 @@ class SseParser:
             self._id = value
         elif name == "data":
             self._data.append(value)
+        elif name == "retry" and value.isdigit():
+            self.retry = int(value)
         return None
 
 
@@ -141,6 +146,9 @@ async def read_sse(
     request_headers = {"Accept": "text/event-stream", **(headers or {})}
     async with client.get(path, headers=request_headers) as response:
         log.status = response.status
+        if response.status == 204:  # a finished stream, reconnected at or past its end
+            log.ended = True
+            return log
         if response.status != 200:
             log.errors.append(await response.json())
             return log
@@ -153,7 +161,8 @@ async def read_sse(
             if item.event == "hello":
                 assert item.id is None, f"hello carries an id: {item!r}"
             else:
-                assert item.event == payload["type"], f"event name != type: {item!r}"
+                # Unnamed, so that EventSource.onmessage gets every event (feed.md).
+                assert item.event is None, f"a named event record: {item!r}"
                 assert item.id == str(payload["seq"]), f"id != seq: {item!r}"
             if _take(log, item.data, payload) and _full(log, drop_after):
                 response.close()

@@ -280,8 +280,8 @@ async def test_create_invalid_fields_are_422(
 
 
 async def test_list_jobs_empty(client: Client) -> None:
-    """With no jobs the listing is ``{"jobs": [], "next_cursor": null}``."""
-    assert await list_jobs(client) == {"jobs": [], "next_cursor": None}
+    """With no jobs the listing is ``{"jobs": [], "next_cursor": null, "cursor": 0}``."""
+    assert await list_jobs(client) == {"jobs": [], "next_cursor": None, "cursor": 0}
 
 
 async def test_list_jobs_newest_first(client: Client) -> None:

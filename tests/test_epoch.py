@@ -120,7 +120,7 @@ async def test_epoch_is_stable_across_restart(
 
 async def test_matching_epoch_streams_normally(client: Client) -> None:
     """With the right epoch and after <= last_seq, both transports replay from after; after
-    equal to last_seq of a finished job is hello then the end."""
+    equal to last_seq of a finished job is hello then close 1000 (WebSocket), 204 (SSE)."""
     epoch = await job_with_log(client, "ok", 3, finish=True)
     ws, sse = await read_both(client, path("ok", after=1, epoch=epoch))
     for log in (ws, sse):
@@ -131,7 +131,7 @@ async def test_matching_epoch_streams_normally(client: Client) -> None:
     ws, sse = await read_both(client, path("ok", after=5, epoch=epoch))
     assert ws.seqs == sse.seqs == []
     assert ws.close_code == 1000
-    assert sse.status == 200
+    assert sse.status == 204
 
 
 async def test_wrong_epoch_is_log_reset(client: Client) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import signal
 import subprocess
 import time
@@ -64,7 +65,9 @@ class Shutdown:
 
 
 async def sse_messages(response: aiohttp.ClientResponse) -> AsyncIterator[dict[str, str]]:
-    """Server-Sent Events as ``{"event", "id"?, "data"}`` dicts; comments are skipped.
+    """Server-Sent Events as ``{"event", "id"?, "data"}`` dicts; comments and blocks without
+    data (``retry:``) are skipped; an unnamed record's ``event`` is the type in its data (an
+    EventSource would dispatch it as "message").
 
     Iteration ends at a clean end of the body; a body cut off mid-chunk raises
     ``aiohttp.ClientPayloadError``."""
@@ -72,7 +75,8 @@ async def sse_messages(response: aiohttp.ClientResponse) -> AsyncIterator[dict[s
     async for raw in response.content:
         line = raw.decode("utf-8").rstrip("\r\n")
         if not line:
-            if fields:
+            if "data" in fields:
+                fields.setdefault("event", json.loads(fields["data"])["type"])
                 yield fields
             fields = {}
         elif not line.startswith(":"):

@@ -84,18 +84,45 @@ async def test_hello_comes_first_without_id(client: TestClient[Any, Any]) -> Non
 
 
 async def test_event_wire_format(client: TestClient[Any, Any]) -> None:
-    """Each event is exactly `event: <type>`, `id: <seq>`, `data: <event JSON>`, blank."""
+    """The stream opens with a `retry:` hint, then `event: hello`; each event is exactly
+    `id: <seq>`, `data: <event JSON>`, blank: no `event:` line, so that a browser's
+    EventSource.onmessage receives it whatever its type (feed.md)."""
     await running_job(client, "sse-wire", 1)
+    await append(client, "sse-wire", {"type": "stage_completed", "message": "custom"})
     stored = await stored_log(client, "sse-wire")
     async with client.get(stream_path("sse-wire", 1), headers=SSE) as response:
         lines: list[str] = []
         async with asyncio.timeout(WAIT):
-            while len(lines) < 7:
+            while len(lines) < 11:
                 lines.append((await response.content.readline()).decode())
-    assert lines[0].startswith("event: hello\n")
-    assert lines[1].startswith("data: ")
-    assert lines[2] == "\n"
-    assert lines[3:] == ["event: progress\n", "id: 2\n", f"data: {stored[1]}\n", "\n"]
+    assert lines[0].startswith("retry: ")
+    assert lines[1] == "\n"
+    assert lines[2].startswith("event: hello\n")
+    assert lines[3].startswith("data: ")
+    assert lines[4] == "\n"
+    assert lines[5:] == [
+        "id: 2\n",
+        f"data: {stored[1]}\n",
+        "\n",
+        "id: 3\n",
+        f"data: {stored[2]}\n",
+        "\n",
+    ]
+
+
+async def test_retry_hint_is_jittered(client: TestClient[Any, Any]) -> None:
+    """Each stream's `retry:` lies in [sse_retry_ms, 2 x sse_retry_ms), and they differ, so
+    that browsers dropped together do not come back together."""
+    await running_job(client, "sse-retry", 0)
+    hints = set()
+    for _ in range(8):
+        async with client.get(stream_path("sse-retry"), headers=SSE) as response:
+            async with asyncio.timeout(WAIT):
+                line = (await response.content.readline()).decode()
+        assert line.startswith("retry: ")
+        hints.add(int(line[7:]))
+    assert all(2000 <= hint < 4000 for hint in hints), hints
+    assert len(hints) > 1
 
 
 async def test_events_replay_then_live_as_stored(client: TestClient[Any, Any]) -> None:
@@ -111,7 +138,7 @@ async def test_events_replay_then_live_as_stored(client: TestClient[Any, Any]) -
     stored = await stored_log(client, "sse-live")
     received = [*replay, live]
     assert [event.id for event in received] == ["2", "3", "4", "5"]
-    assert [event.event for event in received] == ["progress"] * 3 + ["log"]
+    assert [event.event for event in received] == [None] * 4
     assert [event.data for event in received] == stored[1:]
 
 
@@ -138,15 +165,27 @@ async def test_ends_after_the_terminal_event(client: TestClient[Any, Any]) -> No
     assert log.ended
 
 
-async def test_finished_job_at_its_end_ends_at_once(client: TestClient[Any, Any]) -> None:
-    """A finished job with after = last_seq: hello, then the response ends."""
+@pytest.mark.parametrize("past", [0, 1, 50])
+async def test_reconnect_at_or_past_the_terminal_event_is_204(
+    client: TestClient[Any, Any], past: int
+) -> None:
+    """A finished job with Last-Event-ID (or after) at or past its terminal event: 204 No
+    Content, which tells EventSource to stop reconnecting (feed.md)."""
     await create_job(client, job_id="sse-end")
     last_seq = (await append(client, "sse-end", {"type": "cancelled"}))["last_seq"]
-    log = await read_sse(client, stream_path("sse-end", last_seq))
-    assert log.hello is not None
-    assert log.hello["last_seq"] == last_seq
-    assert log.events == []
-    assert log.ended
+    headers = {**SSE, "Last-Event-ID": str(last_seq + past)}
+    async with client.get(stream_path("sse-end"), headers=headers) as response:
+        assert response.status == 204
+        assert await response.read() == b""
+    async with client.get(stream_path("sse-end", last_seq + past), headers=SSE) as response:
+        assert response.status == 204
+
+
+async def test_past_the_end_of_a_running_job_is_still_400(client: TestClient[Any, Any]) -> None:
+    """Only a finished job turns "past the end" into 204; a running one refuses it."""
+    last_seq = await running_job(client, "sse-past", 1)
+    async with client.get(stream_path("sse-past", last_seq + 1), headers=SSE) as response:
+        await assert_error(response, 400, "invalid_parameter")
 
 
 async def test_unknown_job_is_404_before_streaming(client: TestClient[Any, Any]) -> None:

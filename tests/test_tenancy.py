@@ -13,10 +13,12 @@ import asyncio
 import json
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
 from tests.conftest import ClientFactory, ConfigFactory, auth_settings, bearer, token
+from tests.feedclient import feed_url, read_feed_sse, read_feed_ws
 from tests.streams import StreamLog, read_sse, read_ws, stored_log
 
 TENANTS = ("alpha", "beta")
@@ -183,3 +185,111 @@ async def test_a_tenant_cannot_see_another_tenants_job(client: TestClient[Any, A
     ticket = await (await client.post("/v1/tickets", json={}, headers=alpha)).json()
     assert (await client.get(f"/v1/jobs/beta-only?ticket={ticket['ticket']}")).status == 404
     assert await stored_log(client, "beta-only", headers=as_tenant("beta"))
+
+
+# -- the feed (feed.md): one cursor over many jobs, per tenant -----------------------------
+
+
+def _tenant_of(event: dict[str, Any]) -> str:
+    carrier = event["metadata"] if event["type"] == "created" else event["data"]
+    tenant: str = carrier["tenant"]
+    return tenant
+
+
+async def _create_all(client: TestClient[Any, Any]) -> None:
+    for tenant in TENANTS:
+        for job_id in JOBS:
+            response = await client.post(
+                "/v1/jobs",
+                json={"job_id": job_id, "metadata": {"tenant": tenant}},
+                headers=as_tenant(tenant),
+            )
+            assert response.status == 201, await response.text()
+
+
+async def test_the_feed_carries_only_the_tenants_events(client: TestClient[Any, Any]) -> None:
+    """Both tenants follow the feed over WebSocket and SSE from their list's cursor while all
+    six jobs are appended to at once, and replay it from 0 afterwards: every feed holds
+    exactly its tenant's events, in id order, none of the other's."""
+    await _create_all(client)
+    base = str(client.make_url("")).rstrip("/")
+    sessions = {t: aiohttp.ClientSession(headers=as_tenant(t)) for t in TENANTS}
+    try:
+        cursors = {}
+        for tenant, session in sessions.items():
+            async with session.get(f"{base}/v1/jobs") as response:
+                cursors[tenant] = (await response.json())["cursor"]
+        live_count = len(JOBS) * (EVENTS + 1)  # each job's events and its `completed`
+        live = {
+            tenant: [
+                asyncio.create_task(
+                    read_feed_ws(session, feed_url(base, cursors[tenant]), count=live_count)
+                ),
+                asyncio.create_task(
+                    read_feed_sse(session, feed_url(base, cursors[tenant]), count=live_count)
+                ),
+            ]
+            for tenant, session in sessions.items()
+        }
+        async with asyncio.timeout(WAIT):
+            await asyncio.gather(
+                *(produce(client, tenant, job_id) for tenant in TENANTS for job_id in JOBS)
+            )
+            followed = {t: await asyncio.gather(*tasks) for t, tasks in live.items()}
+            whole = len(JOBS) * (EVENTS + 2)
+            replayed = {
+                tenant: [
+                    await read_feed_ws(session, feed_url(base, 0), count=whole),
+                    await read_feed_sse(session, feed_url(base, 0), count=whole),
+                ]
+                for tenant, session in sessions.items()
+            }
+        for tenant in TENANTS:
+            for feed_log, count in [
+                *((log, live_count) for log in followed[tenant]),
+                *((log, whole) for log in replayed[tenant]),
+            ]:
+                assert len(feed_log.events) == count, (tenant, feed_log.transport)
+                ids = feed_log.ids
+                assert ids == sorted(set(ids))
+                assert {_tenant_of(event) for event in feed_log.events} == {tenant}
+    finally:
+        for session in sessions.values():
+            await session.close()
+
+
+async def test_the_feed_keeps_to_the_credentials_grants(
+    make_config: ConfigFactory, make_client: ClientFactory
+) -> None:
+    """A credential granted `build-*` gets only those jobs' events on the feed (replay and
+    snapshots=1 alike), whatever its filters ask for; one without jobs:read gets 403."""
+    config = make_config(**auth_settings(stream__heartbeat_seconds=0.2))
+    client = await make_client(config, None)
+    await _create_all(client)
+    base = str(client.make_url("")).rstrip("/")
+    await produce(client, "alpha", "shared")
+    async with client.get("/v1/jobs", headers=as_tenant("beta")) as response:
+        last_id = (await response.json())["cursor"]
+    narrow = aiohttp.ClientSession(headers=as_tenant("alpha", jobs=["build-*"]))
+    writer = aiohttp.ClientSession(headers=as_tenant("alpha", scope="jobs:write"))
+    try:
+        async with asyncio.timeout(WAIT):
+            created_only = await read_feed_ws(narrow, feed_url(base, 0), count=2)
+            # Read until a heartbeat says the whole log was scanned: nothing was sent.
+            asked_for_shared = await read_feed_sse(
+                narrow, feed_url(base, 0, job="shared"), until_id=last_id
+            )
+            # Snapshots come right after hello; the first heartbeat follows them.
+            snapshots = await read_feed_ws(
+                narrow, feed_url(base, snapshots=1), stop=lambda log: bool(log.heartbeats)
+            )
+        assert [e["job_id"] for e in created_only.events] == ["build-1", "build-2"]
+        assert all(_tenant_of(e) == "alpha" for e in created_only.events)
+        assert asked_for_shared.events == []
+        assert sorted(s["job_id"] for s in snapshots.snapshots) == ["build-1", "build-2"]
+        assert all(s["metadata"] == {"tenant": "alpha"} for s in snapshots.snapshots)
+        async with writer.get(feed_url(base, 0), headers={"Accept": "text/event-stream"}) as r:
+            assert r.status == 403
+    finally:
+        await narrow.close()
+        await writer.close()

@@ -177,9 +177,10 @@ async def test_job_cache_holds_metadata_as_bytes_not_objects(
     """A job's cached state costs about its snapshot's serialized size, and the cache's
     byte account says so: 80 jobs with object-heavy 65 KB metadata (as an HTTP body parses
     it: ~1.5 MB of Python objects each) retain under 2x their JSON, measured by tracemalloc
-    (the frame cache is off, so that only the job cache retains anything)."""
+    (the frame caches, per job and the feed's, are off, so that only the job cache retains
+    anything)."""
     config = make_config(stream__cache_events_per_job=0)
-    store = Store(config, Hub(0, 0))
+    store = Store(config, Hub(0, 0, 0, 0))
     await store.open()
     json_bytes = 80 * len(orjson.dumps(_object_heavy_metadata(0)))
     tracemalloc.start()

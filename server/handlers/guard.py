@@ -91,7 +91,11 @@ class StreamGuard:
     )
 
     def __init__(
-        self, authenticator: Authenticator, clock: GuardClock, principal: Principal, job_id: str
+        self,
+        authenticator: Authenticator,
+        clock: GuardClock,
+        principal: Principal,
+        job_id: str | None,
     ) -> None:
         self._authenticator = authenticator
         self._clock = clock
@@ -141,10 +145,15 @@ class StreamGuard:
             raise Forbidden("the new credential is for another tenant than this stream")
         if not principal.allows(READ):
             raise Forbidden(f"the new credential lacks the scope {READ}")
-        try:
-            principal.job_key(self.job_id)
-        except JobNotFound:
-            raise Forbidden(f"the new credential does not grant job {self.job_id}") from None
+        if self.job_id is None:
+            # A feed: its grant (tenant and job grants) was fixed when it opened.
+            if principal.grants != self.principal.grants:
+                raise Forbidden("a feed keeps the job grants it was opened with; reconnect")
+        else:
+            try:
+                principal.job_key(self.job_id)
+            except JobNotFound:
+                raise Forbidden(f"the new credential does not grant job {self.job_id}") from None
         self.principal = principal
         if self._second is not None:
             self._unschedule()
@@ -161,8 +170,11 @@ class StreamGuard:
             self._second = None
 
 
-def guard_stream(request: web.Request, principal: Principal, job_id: str) -> StreamGuard | None:
-    """A guard for a stream opened with ``principal``; None with authentication off."""
+def guard_stream(
+    request: web.Request, principal: Principal, job_id: str | None
+) -> StreamGuard | None:
+    """A guard for a stream opened with ``principal`` (on ``job_id``; None: the feed); None
+    with authentication off."""
     authenticator = request.app[AUTH]
     if not authenticator.enabled:
         return None

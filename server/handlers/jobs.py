@@ -27,7 +27,6 @@ from ..errors import (
     JobNotFound,
     ValidationFailed,
 )
-from ..grants import JobGrants
 from ..keys import CONFIG, STORE
 from ..logs import bind_request
 from ..models import (
@@ -101,45 +100,26 @@ async def list_jobs(request: web.Request) -> web.StreamResponse:
     limit = query_int(request, "limit", default, minimum=1, maximum=limits.page_size_max)
     cursor_raw = request.query.get("cursor") or None
     before = None if cursor_raw is None else parse_int("cursor", cursor_raw, minimum=1)
-    pieces = _job_list(
-        request.app[STORE],
-        principal.tenant,
-        principal.grants,
-        status,
-        kind,
-        limit,
-        before,
-        _page_bytes(request),
+    store = request.app[STORE]
+    # One read, so that the snapshots and "cursor" (the feed position of this list, feed.md:
+    # GET /v1/feed?after=<cursor> goes on from exactly the state they show) are of one moment;
+    # it stops at stream.page_bytes of snapshots, and next_cursor goes on from there.
+    snapshots, next_before, last_id = await store.list_jobs(
+        principal.tenant, status, kind, limit, before, principal.grants, _page_bytes(request)
     )
-    return await send_bounded(request, _json_stream(), pieces)
+    return await send_bounded(request, _json_stream(), _job_list(snapshots, next_before, last_id))
 
 
 async def _job_list(
-    store: Store,
-    tenant: str,
-    grants: JobGrants | None,
-    status: str | None,
-    kind: str | None,
-    limit: int,
-    before: int | None,
-    page_bytes: int,
+    snapshots: list[bytes], next_before: int | None, last_id: int
 ) -> AsyncGenerator[bytes, None]:
-    """The job list's body in parts of at most ``page_bytes`` of snapshots (plus one): the
-    jobs of ``tenant`` that ``grants`` cover."""
-    opening = b'{"jobs":['
-    listed = 0
-    while True:
-        snapshots, next_before = await store.list_jobs(
-            tenant, status, kind, limit - listed, before, grants, max_bytes=page_bytes
-        )
-        yield opening + (b"," if listed and snapshots else b"") + b",".join(snapshots)
-        opening = b""
-        listed += len(snapshots)
-        if next_before is None or listed >= limit:
-            break
-        before = next_before
+    """The job list's body (``send_bounded`` writes it in pieces)."""
     cursor = None if next_before is None else str(next_before)
-    yield b'],"next_cursor":%s}\n' % orjson.dumps(cursor)
+    yield b'{"jobs":[%s],"next_cursor":%s,"cursor":%d}\n' % (
+        b",".join(snapshots),
+        orjson.dumps(cursor),
+        last_id,
+    )
 
 
 async def get_job(request: web.Request) -> web.StreamResponse:

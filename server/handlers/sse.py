@@ -1,7 +1,9 @@
 """Server-Sent Events transport: hello, the replay, then live events; ends after the terminal.
 
 Unknown jobs, bad offsets and a stale ``epoch`` (409 ``log_reset``) are refused with a plain
-HTTP error before the stream starts.
+HTTP error before the stream starts; a reconnect at or past a finished job's terminal event
+gets 204, which stops a browser's ``EventSource`` from reconnecting. Retryable refusals are
+200 streams of one error record (``server.handlers.eventsource``).
 ``Last-Event-ID`` (sent by browsers on reconnect) takes precedence over ``?after=``.
 """
 
@@ -19,6 +21,8 @@ from ..follow import Cursor, StreamClosing, follow
 from ..frames import WRITE_PART_BYTES, control_frame, parts_of
 from ..keys import CONFIG, HUB, STORE
 from ..limits import bound_send_buffer
+from ..models import TERMINAL_TYPES
+from .eventsource import SSE_HEADERS, retry_field
 from .guard import StreamGuard, guard_stream
 from .subscription import Subscription, subscribe
 
@@ -28,7 +32,12 @@ log = structlog.get_logger("jobfeed.stream")
 async def serve_sse(request: web.Request, job_id: str) -> web.StreamResponse:
     raw_after = request.headers.get("Last-Event-ID") or request.query.get("after") or "0"
     principal = request[PRINCIPAL]
-    async with subscribe(request, principal, job_id, raw_after) as subscription:
+    async with subscribe(
+        request, principal, job_id, raw_after, finished_past_end=True
+    ) as subscription:
+        head = subscription.head
+        if head.status in TERMINAL_TYPES and subscription.after >= head.last_seq:
+            return web.Response(status=204)  # the stream is finished: EventSource stops
         guard = guard_stream(request, principal, job_id)
         return await _stream(request, subscription, guard)
 
@@ -39,13 +48,7 @@ async def _stream(
     config = request.app[CONFIG].stream
     key, after, stream = subscription.key, subscription.after, subscription.stream
     job_id = key.job_id
-    response = web.StreamResponse(
-        headers={
-            "Content-Type": "text/event-stream",
-            "Cache-Control": "no-cache",
-            "X-Accel-Buffering": "no",  # let proxies pass events through as they come
-        }
-    )
+    response = web.StreamResponse(headers=SSE_HEADERS)
     await response.prepare(request)
     # From here on the response is under way: every ending is the end of its body (or a
     # dropped connection), never an error response (which would land inside the body).
@@ -62,7 +65,10 @@ async def _stream(
         try:
             async with lifetime:
                 async with asyncio.timeout(config.send_timeout):
-                    await response.write(b"event: hello\ndata: %s\n\n" % subscription.hello())
+                    await response.write(
+                        retry_field(config.sse_retry_ms)
+                        + b"event: hello\ndata: %s\n\n" % subscription.hello()
+                    )
                 batches = follow(
                     request.app[STORE],
                     request.app[HUB],
@@ -77,25 +83,20 @@ async def _stream(
                         if batch is None:
                             await response.write(b": heartbeat\n\n")
                             continue
-                        # In parts: aiohttp waits for the peer between them (it drains every
-                        # 64 KiB written), so a slow reader never has a whole batch buffered.
+                        # In parts: aiohttp waits for the peer between them (it drains
+                        # every 64 KiB written), so a slow reader never has a whole batch
+                        # buffered.
                         for part in parts_of(batch, WRITE_PART_BYTES):
                             await response.write(b"".join(f.sse for f in part))
             outcome = "done"
-            await _end(request, response, config.send_timeout)
+            await end_response(request, response, config.send_timeout)
         except StreamClosing:
             outcome = "shutdown"
-            await _end(request, response, config.send_timeout)
+            await end_response(request, response, config.send_timeout)
         except TimeoutError:
             if guard is not None and guard.fired():
                 # The credential expired or was revoked: say which, then end the response.
-                error = guard.end_error()
-                outcome = error.code
-                frame = control_frame({"code": error.code, "message": error.message})
-                with contextlib.suppress(ConnectionError, TimeoutError):
-                    async with asyncio.timeout(config.send_timeout):
-                        await response.write(b"event: error\ndata: %s\n\n" % frame)
-                await _end(request, response, config.send_timeout)
+                outcome = await end_for_credential(request, response, guard)
             else:
                 # The peer stopped reading; drop it rather than hold its buffer. It resumes
                 # by offset.
@@ -132,7 +133,7 @@ async def _stream(
     return response
 
 
-async def _end(request: web.Request, response: web.StreamResponse, within: float) -> None:
+async def end_response(request: web.Request, response: web.StreamResponse, within: float) -> None:
     """End the body (its last chunk); drop the connection if the peer does not take it."""
     try:
         async with asyncio.timeout(within):
@@ -142,3 +143,18 @@ async def _end(request: web.Request, response: web.StreamResponse, within: float
             request.transport.abort()
     except ConnectionError:
         pass
+
+
+async def end_for_credential(
+    request: web.Request, response: web.StreamResponse, guard: StreamGuard
+) -> str:
+    """The stream's credential expired or was revoked: an ``event: error`` record saying
+    which (``token_expired`` / ``forbidden``), then the end of the response; the outcome."""
+    error = guard.end_error()
+    within = request.app[CONFIG].stream.send_timeout
+    record = control_frame({"code": error.code, "message": error.message})
+    with contextlib.suppress(ConnectionError, TimeoutError):
+        async with asyncio.timeout(within):
+            await response.write(b"event: error\ndata: %s\n\n" % record)
+    await end_response(request, response, within)
+    return error.code

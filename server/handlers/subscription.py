@@ -25,6 +25,7 @@ from ..errors import (
 )
 from ..frames import control_frame
 from ..keys import STORE, STREAMS
+from ..models import TERMINAL_TYPES
 from ..store import JobHead
 from ..streams import OpenStream
 from ..tenancy import JobKey
@@ -72,12 +73,20 @@ def close_code_for(error: ServiceError) -> int:
 
 
 def subscribe(
-    request: web.Request, principal: Principal, job_id: str, raw_after: str
+    request: web.Request,
+    principal: Principal,
+    job_id: str,
+    raw_after: str,
+    *,
+    finished_past_end: bool = False,
 ) -> Subscribing:
     """Admit ``principal`` as a subscriber to ``job_id`` from offset ``raw_after``; its
     per-job stream slot is held until the ``async with`` block ends. Raises
-    ``ServiceError`` for any refusal (a job outside its tenant or grants: ``JobNotFound``)."""
-    return Subscribing(request, principal, job_id, raw_after)
+    ``ServiceError`` for any refusal (a job outside its tenant or grants: ``JobNotFound``).
+
+    ``finished_past_end``: an offset past a finished job's end (without ``epoch``) is taken
+    as its end instead of refused (SSE answers both with 204, feed.md)."""
+    return Subscribing(request, principal, job_id, raw_after, finished_past_end)
 
 
 class Subscribing:
@@ -85,15 +94,28 @@ class Subscribing:
     lasts as long as the stream, and a suspended generator (its frame, the context manager
     around it, the loop's weak reference to it) cost about 0.6 KB per open stream."""
 
-    __slots__ = ("_job_id", "_principal", "_raw_after", "_request", "_stream")
+    __slots__ = (
+        "_finished_past_end",
+        "_job_id",
+        "_principal",
+        "_raw_after",
+        "_request",
+        "_stream",
+    )
 
     def __init__(
-        self, request: web.Request, principal: Principal, job_id: str, raw_after: str
+        self,
+        request: web.Request,
+        principal: Principal,
+        job_id: str,
+        raw_after: str,
+        finished_past_end: bool = False,
     ) -> None:
         self._request = request
         self._principal = principal
         self._job_id = job_id
         self._raw_after = raw_after
+        self._finished_past_end = finished_past_end
         self._stream: OpenStream | None = None
 
     async def __aenter__(self) -> Subscription:
@@ -109,7 +131,15 @@ class Subscribing:
             head = await request.app[STORE].job_head(key)
             if head is None:
                 raise JobNotFound(job_id)
-            check_offset(job_id, head, after, request.query.get("epoch") or None)
+            epoch = request.query.get("epoch") or None
+            if (
+                self._finished_past_end
+                and epoch is None
+                and head.status in TERMINAL_TYPES
+                and after > head.last_seq
+            ):
+                after = head.last_seq
+            check_offset(job_id, head, after, epoch)
         except BaseException:
             streams.release(stream)
             raise

@@ -16,7 +16,9 @@ import asyncio
 import contextlib
 import functools
 import time
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 import structlog
@@ -24,6 +26,7 @@ from aiohttp import WSMsgType, web
 
 from ..auth import PRINCIPAL
 from ..errors import ServiceError, WSClose
+from ..feed import FeedClosing
 from ..follow import Cursor, StreamClosing, follow
 from ..frames import WRITE_PART_BYTES, Frame, control_frame, parts_of, ws_text_header
 from ..keys import CONFIG, HUB, STORE
@@ -31,7 +34,7 @@ from ..limits import RateLimiter, bound_send_buffer
 from ..streams import OpenStream
 from ..tenancy import DEFAULT_TENANT, JobKey
 from .guard import StreamGuard, guard_stream
-from .subscription import Subscription, close_code_for, subscribe
+from .subscription import close_code_for, subscribe
 
 log = structlog.get_logger("jobfeed.stream")
 
@@ -39,7 +42,7 @@ _PONG = control_frame({"type": "pong"})
 _AUTH_OFF_OK = control_frame({"type": "auth_ok", "expires_at": None})
 # A peer that was cut off (send timeout, a bug, a refusal) gets this long to take the close.
 _STUCK_CLOSE_SECONDS = 1.0
-_ABNORMAL = 1006  # logged when the connection was dropped without a close frame
+ABNORMAL_CLOSE = 1006  # logged when the connection was dropped without a close frame
 
 
 @dataclass(slots=True)
@@ -51,32 +54,21 @@ class StreamEnd:
 
 
 class StreamEnded(Exception):
-    """The server ends this stream for its credential: expired, revoked, or refused in an
-    in-band ``auth`` frame. The handler stops the sender, then sends ``error`` and closes."""
+    """The server ends this stream for its credential: refused in an in-band ``auth`` frame.
+    The handler stops the sender, then sends ``error`` and closes."""
 
     def __init__(self, error: ServiceError) -> None:
         super().__init__(error.message)
         self.error = error
 
 
-def _new_socket(request: web.Request) -> web.WebSocketResponse:
-    config = request.app[CONFIG].stream
-    return web.WebSocketResponse(
-        heartbeat=config.ping_seconds,
-        # aiohttp refuses a frame of max_msg_size bytes; the protocol allows exactly the limit.
-        max_msg_size=config.max_client_frame_bytes + 1,
-        compress=False,  # compression halves fan-out throughput; events are small
-    )
-
-
 async def refuse_websocket(request: web.Request, error: ServiceError) -> web.WebSocketResponse:
     """A credential refused at the upgrade: accept, send the ``error`` frame and close with
     4401 / 4403. A browser cannot read the status of a refused handshake (it sees 1006), but
     it can read a close code: this tells it to re-authenticate rather than retry."""
-    ws = _new_socket(request)
-    await ws.prepare(request)
+    ws = await open_socket(request)
     code = close_code_for(error)
-    await _refuse(request, ws, code, error.code, error.message)
+    await refuse(request, ws, code, error.code, error.message)
     log.info("stream_closed", transport="ws", outcome=error.code, close_code=code)
     return ws
 
@@ -84,11 +76,7 @@ async def refuse_websocket(request: web.Request, error: ServiceError) -> web.Web
 async def serve_websocket(request: web.Request, job_id: str) -> web.WebSocketResponse:
     config = request.app[CONFIG].stream
     principal = request[PRINCIPAL]
-    ws = _new_socket(request)
-    await ws.prepare(request)
-    # From here on the connection speaks WebSocket: every ending is a close frame, never
-    # an HTTP response (the error middleware must not see an exception from this handler).
-    bound_send_buffer(request, config.send_buffer_bytes)
+    ws = await open_socket(request)
     transport = request.transport
     started = time.monotonic()
     cursor = Cursor(JobKey(DEFAULT_TENANT, job_id), 0)
@@ -100,52 +88,34 @@ async def serve_websocket(request: web.Request, job_id: str) -> web.WebSocketRes
             cursor.key = subscription.key
             after = cursor.after = subscription.after
             await ws.send_frame(subscription.hello(), WSMsgType.TEXT)
+            batches = follow(
+                request.app[STORE],
+                request.app[HUB],
+                cursor,
+                subscription.head,
+                page_events=config.page_events,
+                page_bytes=config.page_bytes,
+                idle_seconds=config.heartbeat_seconds,
+                push=functools.partial(push_frames, request, ws),
+            )
+
+            def heartbeat() -> bytes:
+                return control_frame({"type": "heartbeat", "last_seq": cursor.after})
+
+            sending = send_batches(request, ws, batches, heartbeat, end)
             guard = guard_stream(request, principal, job_id)
-            sender = asyncio.create_task(_send_events(request, ws, cursor, subscription, end))
-            ending: ServiceError | None = None
-            try:
-                # Not a helper coroutine: its frame would live as long as the stream.
-                if guard is None:
-                    await _receive_until_closed(ws, config.client_frames_per_second, None)
-                else:
-                    async with guard:
-                        await _receive_until_closed(ws, config.client_frames_per_second, guard)
-            except StreamEnded as ended:
-                ending = ended.error
-            except TimeoutError:
-                if guard is None or not guard.fired():
-                    raise
-                ending = guard.end_error()  # the credential expired or was revoked
-            finally:
-                # A sender that is ending the stream is left to finish (its close is
-                # bounded), so that the peer is dropped if it does not take the close.
-                # Otherwise the peer went away, and the cursor has nobody to send to.
-                if end.outcome is None:
-                    sender.cancel()
-                await asyncio.wait([sender])
-                if not sender.cancelled() and (failure := sender.exception()) is not None:
-                    raise failure  # a bug in the sender's own ending: logged, 1011 below
-            if end.outcome is None and ending is not None:
-                # The credential ended it (expired, revoked, refused in an auth frame).
-                end.outcome, end.close_code = ending.code, close_code_for(ending)
-                await _refuse(request, ws, end.close_code, ending.code, ending.message)
-            if end.outcome is None:
-                _ended_by_peer(end, ws, subscription.stream)
+            await run_stream(request, ws, subscription.stream, end, sending, guard)
     except ServiceError as exc:
         end.outcome, end.close_code = "refused", close_code_for(exc)
-        await _refuse(request, ws, end.close_code, exc.code, exc.message)
+        await refuse(request, ws, end.close_code, exc.code, exc.message)
     except ConnectionError:
-        end.outcome, end.close_code = "client_gone", ws.close_code or _ABNORMAL
+        end.outcome, end.close_code = "client_gone", ws.close_code or ABNORMAL_CLOSE
     except Exception:
         log.exception("stream_failed", job_id=job_id, last_seq=cursor.after)
         end.outcome, end.close_code = "error", WSClose.INTERNAL
-        await _close(request, ws, WSClose.INTERNAL, b"internal error", _STUCK_CLOSE_SECONDS)
+        await close_socket(request, ws, WSClose.INTERNAL, b"internal error")
     finally:
-        # However it ended (a ping timeout, a peer's close, a bug), the stream is over: what
-        # is still queued would only keep a closing connection, its buffers and its slot
-        # alive until a peer that is not reading reads.
-        if transport is not None and transport.get_write_buffer_size():
-            transport.abort()
+        drop_backlog(transport)
         log.info(
             "stream_closed",
             transport="ws",
@@ -159,16 +129,83 @@ async def serve_websocket(request: web.Request, job_id: str) -> web.WebSocketRes
     return ws
 
 
+async def open_socket(request: web.Request) -> web.WebSocketResponse:
+    """The upgrade, with the stream settings. From here on the connection speaks WebSocket:
+    every ending is a close frame, never an HTTP response (the error middleware must not see
+    an exception from the handler)."""
+    config = request.app[CONFIG].stream
+    ws = web.WebSocketResponse(
+        heartbeat=config.ping_seconds,
+        # aiohttp refuses a frame of max_msg_size bytes; the protocol allows exactly the limit.
+        max_msg_size=config.max_client_frame_bytes + 1,
+        compress=False,  # compression halves fan-out throughput; events are small
+    )
+    await ws.prepare(request)
+    bound_send_buffer(request, config.send_buffer_bytes)
+    return ws
+
+
+async def run_stream(
+    request: web.Request,
+    ws: web.WebSocketResponse,
+    stream: OpenStream,
+    end: StreamEnd,
+    sending: Coroutine[Any, Any, None],
+    guard: StreamGuard | None = None,
+) -> None:
+    """Run ``sending`` (the cursor's sender) in its own task while this one answers client
+    frames, until one side ends the stream; ``end`` then says how. With a ``guard`` (auth
+    on), the credential's expiry or revocation, or a refused ``auth`` frame, ends it too:
+    ``error`` then 4401 / 4403."""
+    config = request.app[CONFIG].stream
+    sender = asyncio.create_task(sending)
+    ending: ServiceError | None = None
+    try:
+        if guard is None:
+            await _receive_until_closed(ws, config.client_frames_per_second, None)
+        else:
+            async with guard:
+                await _receive_until_closed(ws, config.client_frames_per_second, guard)
+    except StreamEnded as ended:
+        ending = ended.error
+    except TimeoutError:
+        if guard is None or not guard.fired():
+            raise
+        ending = guard.end_error()  # the credential expired or was revoked
+    finally:
+        # A sender that is ending the stream is left to finish (its close is bounded), so
+        # that the peer is dropped if it does not take the close. Otherwise the peer went
+        # away, and the cursor has nobody to send to.
+        if end.outcome is None:
+            sender.cancel()
+        await asyncio.wait([sender])
+        if not sender.cancelled() and (failure := sender.exception()) is not None:
+            raise failure  # a bug in the sender's own ending: logged, 1011 by the caller
+    if end.outcome is None and ending is not None:
+        end.outcome, end.close_code = ending.code, close_code_for(ending)
+        await refuse(request, ws, end.close_code, ending.code, ending.message)
+    if end.outcome is None:
+        _ended_by_peer(end, ws, stream)
+
+
+def drop_backlog(transport: asyncio.Transport | None) -> None:
+    """However a stream ended (a ping timeout, a peer's close, a bug), it is over: what is
+    still queued would only keep a closing connection, its buffers and its slot alive until
+    a peer that is not reading reads."""
+    if transport is not None and transport.get_write_buffer_size():
+        transport.abort()
+
+
 def _ended_by_peer(end: StreamEnd, ws: web.WebSocketResponse, stream: OpenStream) -> None:
     """The receive loop ended without the sender closing: the peer closed or the connection
     dropped (by the peer, or by shutdown for a peer that did not take its close in time)."""
     if stream.dropped:
-        end.outcome, end.close_code = "shutdown", _ABNORMAL
+        end.outcome, end.close_code = "shutdown", ABNORMAL_CLOSE
     else:
         end.outcome, end.close_code = "client_gone", ws.close_code
 
 
-async def _refuse(
+async def refuse(
     request: web.Request, ws: web.WebSocketResponse, code: int, error: str, message: str
 ) -> None:
     frame = control_frame({"type": "error", "code": error, "message": message})
@@ -179,39 +216,30 @@ async def _refuse(
     await _close(request, ws, code, error.encode(), _STUCK_CLOSE_SECONDS)
 
 
-async def _send_events(
+async def send_batches(
     request: web.Request,
     ws: web.WebSocketResponse,
-    cursor: Cursor,
-    subscription: Subscription,
+    batches: AsyncIterator[list[Frame] | None],
+    heartbeat: Callable[[], bytes],
     end: StreamEnd,
 ) -> None:
-    """Run the cursor to the end of the job (or until closed), then close the socket."""
+    """Send a cursor's batches (``None``: time for a ``heartbeat()`` frame) until they end
+    (a job stream's terminal event: 1000) or the stream is closed, then close the socket."""
     config = request.app[CONFIG].stream
-    batches = follow(
-        request.app[STORE],
-        request.app[HUB],
-        cursor,
-        subscription.head,
-        page_events=config.page_events,
-        page_bytes=config.page_bytes,
-        idle_seconds=config.heartbeat_seconds,
-        push=functools.partial(_push, request, ws),
-    )
     within = config.send_timeout  # for a peer that is reading, a close is one more send
     try:
         async for batch in batches:
             async with asyncio.timeout(config.send_timeout):
                 if batch is None:
-                    heartbeat = control_frame({"type": "heartbeat", "last_seq": cursor.after})
-                    await _send(request, ws, [ws_text_header(len(heartbeat)), heartbeat])
+                    frame = heartbeat()
+                    await _send(request, ws, [ws_text_header(len(frame)), frame])
                     continue
                 # In parts, waiting for the peer between them: a slow reader never has a
                 # whole batch buffered in the transport.
                 for part in parts_of(batch, WRITE_PART_BYTES):
                     await _send(request, ws, _frame_parts(part))
         end.outcome, end.close_code, reason = "done", WSClose.DONE, b"job finished"
-    except StreamClosing:
+    except (StreamClosing, FeedClosing):
         end.outcome, end.close_code = "shutdown", WSClose.GOING_AWAY
         reason = b"server shutting down"
     except TimeoutError:
@@ -221,10 +249,30 @@ async def _send_events(
     except ConnectionError:
         return  # the connection is gone; the handler's receive loop tells how
     except Exception:
-        log.exception("stream_failed", job_id=cursor.key.job_id, last_seq=cursor.after)
+        log.exception("stream_failed")  # the request's context names the job or the feed
         end.outcome, end.close_code, reason = "error", WSClose.INTERNAL, b"internal error"
         within = _STUCK_CLOSE_SECONDS
     await _close(request, ws, end.close_code, reason, within)
+
+
+async def close_socket(
+    request: web.Request, ws: web.WebSocketResponse, code: int, reason: bytes
+) -> None:
+    """Close a stream that is being cut off (a send timeout, a bug, a refusal): the peer
+    gets a second to take the close."""
+    await _close(request, ws, code, reason, _STUCK_CLOSE_SECONDS)
+
+
+async def send_control_frames(
+    request: web.Request, ws: web.WebSocketResponse, frames: list[bytes]
+) -> None:
+    """Frames the server makes (hello, snapshots) in one write, then the drain; the caller
+    bounds the wait."""
+    parts: list[bytes] = []
+    for frame in frames:
+        parts.append(ws_text_header(len(frame)))
+        parts.append(frame)
+    await _send(request, ws, parts)
 
 
 async def _close(
@@ -249,7 +297,7 @@ async def _close(
         transport.abort()
 
 
-def _push(request: web.Request, ws: web.WebSocketResponse, batch: list[Frame]) -> bool:
+def push_frames(request: web.Request, ws: web.WebSocketResponse, batch: list[Frame]) -> bool:
     """The publisher's direct send to a caught-up subscriber (``server.hub``): only while
     the socket takes data without waiting; otherwise the subscriber's task sends (and waits
     under ``stream.send_timeout``)."""

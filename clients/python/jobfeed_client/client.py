@@ -1,0 +1,341 @@
+"""``AsyncClient``: one object per server, holding the connection pool, the credential and the
+retry policy; it makes reporters (``job``), watchers (``watch``) and one-shot calls.
+
+One-shot calls (``create_job``, ``get_job``, ``jobs``, ``events``, ``export``, ``append``)
+retry what the protocol calls safe to retry (a dropped connection, 408, 429, 5xx; waiting at
+least ``Retry-After``) up to ``attempts`` times, then raise ``Unavailable``. A refusal that
+retrying cannot change (404, 409, 422, ...) is raised at once as its ``ServerError``.
+
+Must be used from one event loop: make it inside the loop that uses it (a FastAPI lifespan,
+``asyncio.run``'s coroutine). The sync twin, ``Client``, runs this same code on a private
+loop in a background thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Literal
+from urllib.parse import quote
+
+import aiohttp
+
+from .backoff import Backoff, RetryPolicy, parse_retry_after
+from .errors import JobfeedError, ServerError, Unavailable, error_from_body
+from .events import Event, Snapshot
+from .reporter import AsyncJob, ReporterSettings
+from .watch import AsyncWatch, Transport
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+# Worth another attempt: the request may not have been processed, or the server asked us to
+# come back (503 overloaded / storage_unavailable / shutting_down, 429 rate_limited), or a
+# proxy in front lost the upstream (502, 504). Appends carry idempotency keys, so a retry
+# after an unknown outcome never duplicates an event.
+RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+_RETRY_EXCEPTIONS = (aiohttp.ClientError, asyncio.TimeoutError)
+
+
+@dataclass(frozen=True, slots=True)
+class Appended:
+    """One acknowledged event of an append: where it is in the log, and whether the server
+    already had it (its key was known, so nothing was written)."""
+
+    seq: int
+    id: int
+    ts: str
+    duplicate: bool
+
+
+class AsyncClient:
+    """A jobfeed server, from asyncio code.
+
+    ``url`` and ``token`` default to ``$JOBFEED_URL`` (else ``http://127.0.0.1:8080``) and
+    ``$JOBFEED_TOKEN``. ``timeout`` bounds connecting and each read of a one-shot call;
+    ``stream_idle_timeout`` is how long a stream may stay silent (the server sends heartbeats
+    every 15 s by default) before the watcher treats it as lost and resumes.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        token: str | None = None,
+        timeout: float = 10.0,
+        attempts: int = 5,
+        retry: RetryPolicy | None = None,
+        stream_idle_timeout: float = 60.0,
+        flush_interval: float = 0.25,
+        max_buffered: int = 10_000,
+        when_full: Literal["block", "raise"] = "block",
+        close_timeout: float | None = None,
+    ) -> None:
+        self.url = (url or os.environ.get("JOBFEED_URL") or DEFAULT_URL).rstrip("/")
+        self._token = token if token is not None else os.environ.get("JOBFEED_TOKEN") or None
+        self.timeout = timeout
+        self.attempts = attempts
+        self.retry = retry or RetryPolicy()
+        self.stream_idle_timeout = stream_idle_timeout
+        self.reporter_settings = ReporterSettings(
+            flush_interval=flush_interval,
+            max_buffered=max_buffered,
+            when_full=when_full,
+            close_timeout=close_timeout,
+        )
+        self._session: aiohttp.ClientSession | None = None
+        self._closed = False
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        self._closed = True
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    def forget_session(self) -> None:
+        """Drop the connection pool without closing it: in a forked child it belongs to the
+        parent's event loop (its sockets are the parent's too)."""
+        self._session = None
+
+    def session(self) -> aiohttp.ClientSession:
+        """The connection pool, made on first use inside the running loop."""
+        if self._closed:
+            raise JobfeedError("the client is closed")
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(
+                    total=None, connect=self.timeout, sock_read=self.timeout
+                ),
+            )
+        return self._session
+
+    def headers(self) -> dict[str, str]:
+        """Headers every request and stream carries: the credential, when there is one.
+        (The one place a token provider will plug in.)"""
+        return {"Authorization": f"Bearer {self._token}"} if self._token else {}
+
+    # -- reporters and watchers ----------------------------------------------------------
+
+    def job(
+        self,
+        job_id: str | None = None,
+        *,
+        kind: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        run_key: str | None = None,
+    ) -> AsyncJob:
+        """A reporter for one job, used as ``async with client.job("build-42") as job:``.
+
+        Entering creates the job (or attaches to it if it exists); leaving appends
+        ``completed``, or ``failed`` if the block raised. See ``AsyncJob``.
+        """
+        return AsyncJob(
+            self,
+            job_id,
+            kind=kind,
+            metadata=dict(metadata) if metadata is not None else None,
+            run_key=run_key,
+            settings=self.reporter_settings,
+        )
+
+    def watch(
+        self,
+        job_id: str,
+        *,
+        after: int = 0,
+        epoch: str | None = None,
+        snapshot: Snapshot | None = None,
+        transport: Transport = "websocket",
+    ) -> AsyncWatch:
+        """The job's events with ``seq > after``, each once, in order, across reconnects; ends
+        after the terminal event. ``snapshot`` (from ``get_job``) starts from its
+        ``last_seq`` and ``epoch`` and keeps ``AsyncWatch.snapshot`` current."""
+        return AsyncWatch(
+            self, job_id, after=after, epoch=epoch, snapshot=snapshot, transport=transport
+        )
+
+    # -- one-shot calls ----------------------------------------------------------------
+
+    async def create_job(
+        self,
+        job_id: str | None = None,
+        *,
+        kind: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> Snapshot:
+        """``POST /v1/jobs``; raises ``JobExists`` if ``job_id`` is taken (which includes a
+        retry after the answer to this very creation was lost: ``job()`` attaches instead)."""
+        body = _without_none({"job_id": job_id, "kind": kind, "metadata": metadata})
+        _, answer = await self.request("POST", "/v1/jobs", body=body)
+        return Snapshot.from_dict(answer)
+
+    async def get_job(self, job_id: str) -> Snapshot:
+        _, answer = await self.request("GET", f"/v1/jobs/{_quoted(job_id)}")
+        return Snapshot.from_dict(answer)
+
+    async def jobs(
+        self,
+        *,
+        status: str | None = None,
+        kind: str | None = None,
+        limit: int | None = None,
+        page_size: int | None = None,
+    ) -> AsyncIterator[Snapshot]:
+        """Jobs newest first, following ``next_cursor`` until ``limit`` jobs or the end."""
+        cursor: str | None = None
+        yielded = 0
+        while True:
+            params = _without_none(
+                {"status": status, "kind": kind, "cursor": cursor, "limit": page_size}
+            )
+            _, answer = await self.request("GET", "/v1/jobs", params=params)
+            for raw in answer["jobs"]:
+                if limit is not None and yielded >= limit:
+                    return
+                yielded += 1
+                yield Snapshot.from_dict(raw)
+            cursor = answer.get("next_cursor")
+            if cursor is None:
+                return
+
+    async def events(self, job_id: str, *, after: int = 0) -> AsyncIterator[Event]:
+        """The job's stored events after ``after``, page by page (``GET .../events``)."""
+        next_after: int | None = after
+        while next_after is not None:
+            _, answer = await self.request(
+                "GET", f"/v1/jobs/{_quoted(job_id)}/events", params={"after": next_after}
+            )
+            for raw in answer["events"]:
+                yield Event.from_dict(raw)
+            next_after = answer.get("next_after")
+
+    async def export(self, job_id: str, *, after: int = 0) -> AsyncIterator[bytes]:
+        """The job's log as NDJSON, one event per line (``\\n`` included), as the server
+        sends it. A connection lost midway is resumed after the last whole line's seq, so
+        no line is yielded twice or skipped."""
+        url = f"{self.url}/v1/jobs/{_quoted(job_id)}/events"
+        headers = {**self.headers(), "Accept": "application/x-ndjson"}
+        backoff = Backoff(self.retry)
+        failures = 0
+        while True:
+            error: BaseException | None = None
+            try:
+                async with self.session().get(
+                    url, params={"after": str(after)}, headers=headers
+                ) as response:
+                    if response.status >= 400:
+                        retry_after = await _refusal(response)
+                    else:
+                        pending = b""
+                        async for chunk in response.content.iter_any():
+                            pending += chunk
+                            *lines, pending = pending.split(b"\n")
+                            for line in lines:
+                                after = json.loads(line)["seq"]
+                                backoff.reset()
+                                failures = 0
+                                yield line + b"\n"
+                        if pending:  # the server ends every line; be lenient all the same
+                            yield pending
+                        return
+            except _RETRY_EXCEPTIONS as exc:
+                retry_after, error = None, exc
+            failures += 1
+            if failures >= self.attempts:
+                raise Unavailable(
+                    f"GET {url}: no answer after {failures} attempts", retry_after=retry_after
+                ) from error
+            await asyncio.sleep(backoff.next_delay(retry_after))
+
+    async def append(self, job_id: str, *events: Mapping[str, Any]) -> list[Appended]:
+        """Append events in one atomic request, as given (give each a ``key`` if you may
+        retry). Most code wants ``job()``, which keys, batches and retries for you."""
+        body: Any = dict(events[0]) if len(events) == 1 else {"events": [dict(e) for e in events]}
+        _, answer = await self.request("POST", f"/v1/jobs/{_quoted(job_id)}/events", body=body)
+        return [
+            Appended(e["seq"], e["id"], e["ts"], bool(e.get("duplicate"))) for e in answer["events"]
+        ]
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        params: Mapping[str, Any] | None = None,
+        attempts: int | None = None,
+    ) -> tuple[int, Any]:
+        """One JSON request with retries: ``(status, parsed body)`` for a 2xx; a
+        ``ServerError`` for a final refusal; ``Unavailable`` after ``attempts`` tries
+        (``self.attempts`` by default; 0 retries forever)."""
+        attempts = self.attempts if attempts is None else attempts
+        data = None if body is None else _encode(body)
+        headers = self.headers()
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        query = {k: str(v) for k, v in (params or {}).items()}
+        backoff = Backoff(self.retry)
+        attempt = 0
+        while True:
+            attempt += 1
+            error: BaseException | None = None
+            try:
+                async with self.session().request(
+                    method, self.url + path, data=data, params=query, headers=headers
+                ) as response:
+                    if response.status < 400:
+                        raw = await response.read()
+                        return response.status, json.loads(raw) if raw else None
+                    retry_after = await _refusal(response)
+            except _RETRY_EXCEPTIONS as exc:
+                retry_after, error = None, exc
+            if attempts and attempt >= attempts:
+                raise Unavailable(
+                    f"{method} {self.url}{path}: no answer after {attempt} attempts",
+                    retry_after=retry_after,
+                ) from error
+            await asyncio.sleep(backoff.next_delay(retry_after))
+
+
+async def _refusal(response: aiohttp.ClientResponse) -> float | None:
+    """For a retryable error status, the server's ``Retry-After`` (or None); raise the
+    ``ServerError`` for any other."""
+    raw = await response.read()
+    try:
+        parsed = json.loads(raw) if raw else None
+    except ValueError:
+        parsed = None
+    if response.status not in RETRY_STATUSES:
+        raise error_from_body(response.status, parsed)
+    return parse_retry_after(response.headers.get("Retry-After"))
+
+
+def _encode(body: Any) -> bytes:
+    # allow_nan=False: NaN and Infinity are not JSON, and the server refuses them with 400.
+    return json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+
+
+def _without_none(values: Mapping[str, Any]) -> dict[str, Any]:
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def _quoted(job_id: str) -> str:
+    return quote(job_id, safe="")
+
+
+__all__ = ["Appended", "AsyncClient", "ServerError"]

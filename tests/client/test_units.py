@@ -1,0 +1,111 @@
+"""The client's pure parts: backoff with full jitter, the SSE parser, the error mapping."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from jobfeed_client.backoff import Backoff, RetryPolicy, parse_retry_after
+from jobfeed_client.errors import (
+    Forbidden,
+    InvalidRequest,
+    JobDeleted,
+    JobNotFound,
+    LogReset,
+    StreamClosed,
+    Unauthorized,
+    error_from_body,
+    error_from_close,
+)
+from jobfeed_client.sse import Record, SSEParser
+
+
+@given(
+    failures=st.integers(0, 40),
+    retry_after=st.none() | st.floats(0, 120),
+    seed=st.integers(0, 2**32),
+)
+def test_backoff_draws_within_the_window_and_never_before_retry_after(
+    failures: int, retry_after: float | None, seed: int
+) -> None:
+    """Full jitter: the n-th delay is uniform in [Retry-After, Retry-After + min(cap, base*2^n)]."""
+    policy = RetryPolicy(base=0.5, cap=8.0)
+    backoff = Backoff(policy, failures=failures, rng=random.Random(seed))
+    delay = backoff.next_delay(retry_after)
+    floor = retry_after or 0.0
+    assert floor <= delay <= floor + min(8.0, 0.5 * 2**failures)
+    assert backoff.failures == failures + 1
+
+
+def test_backoff_reset_starts_the_window_over() -> None:
+    """After a success, the next failure waits within the first window again."""
+    backoff = Backoff(RetryPolicy(base=1.0, cap=64.0), rng=random.Random(1))
+    for _ in range(6):
+        backoff.next_delay()
+    backoff.reset()
+    assert backoff.next_delay() <= 1.0
+
+
+def test_retry_after_parsing() -> None:
+    assert parse_retry_after("3") == 3.0
+    assert parse_retry_after(None) is None
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") is None
+    assert parse_retry_after("-1") is None
+
+
+STREAM = (
+    b'event: hello\ndata: {"type":"hello"}\n\n'
+    b": heartbeat\n\n"
+    b'id: 1\ndata: {"seq":1}\n\n'
+    b'event: progress\r\nid: 2\r\ndata: {"seq":2}\r\n\r\n'
+    b"retry: 1500\rdata: a\rdata: b\r\r\n"
+)
+EXPECTED = [
+    Record("hello", '{"type":"hello"}', None),
+    Record("", '{"seq":1}', "1"),
+    Record("progress", '{"seq":2}', "2"),
+    Record("", "a\nb", None),
+]
+
+
+@given(st.lists(st.integers(0, len(STREAM)), max_size=12))
+def test_sse_parser_is_indifferent_to_chunk_boundaries(cuts: list[int]) -> None:
+    """However the bytes are split (CRLF split in two included), the same records come out."""
+    bounds = [0, *sorted(cuts), len(STREAM)]
+    parser = SSEParser()
+    records = [r for a, b in itertools.pairwise(bounds) for r in parser.feed(STREAM[a:b])]
+    assert records == EXPECTED
+    assert parser.retry_seconds == 1.5
+
+
+def test_http_errors_map_to_their_classes() -> None:
+    """Each protocol error code (or, lacking one, the status) has its exception class."""
+    body = {"error": {"code": "validation_error", "message": "bad", "details": [{"loc": ["x"]}]}}
+    error = error_from_body(422, body)
+    assert isinstance(error, InvalidRequest)
+    assert error.details == [{"loc": ["x"]}]
+    assert isinstance(error_from_body(409, {"error": {"code": "log_reset"}}), LogReset)
+    assert isinstance(error_from_body(404, "not json"), JobNotFound)
+    assert isinstance(error_from_body(401, None), Unauthorized)
+
+
+def test_final_close_codes_map_to_their_classes() -> None:
+    """4004, 4400, 4401, 4403, 4409, 4410 raise typed errors; others a StreamClosed."""
+    cases = {
+        4004: JobNotFound,
+        4400: InvalidRequest,
+        4401: Unauthorized,
+        4403: Forbidden,
+        4409: LogReset,
+        4410: JobDeleted,
+        1009: StreamClosed,
+    }
+    for code, cls in cases.items():
+        error = error_from_close(code, None)
+        assert type(error) is cls, code
+        assert error.status == code
+    framed = error_from_close(4409, {"code": "log_reset", "message": "epoch differs"})
+    assert framed.message == "epoch differs"
