@@ -666,3 +666,21 @@ def test_not_before_per_tenant_revokes_only_that_tenant() -> None:
     authenticator.set_revocations(later)
     with pytest.raises(Unauthorized, match=r"^revoked:"):
         authenticator.verify_token(token("globex", sub="x", now=now), now=now)
+
+
+async def test_feed_streams_end_when_their_token_expires(anon: TestClient[Any, Any]) -> None:
+    """The feed's streams end at their credential's expiry as job streams do: WebSocket
+    `token_expired` then 4401; SSE `event: error` token_expired and the end."""
+    short = bearer(token(ttl_seconds=2))
+    async with anon.ws_connect("/v1/feed?after=0", headers=short) as ws:
+        assert (await receive_json(ws))["type"] == "hello"
+        error = await receive_json(ws)
+        await expect_close(ws, 4401)
+    assert error["code"] == "token_expired"
+    short = bearer(token(ttl_seconds=2))
+    async with anon.get("/v1/feed?after=0", headers={**SSE, **short}) as response:
+        assert response.status == 200
+        async with asyncio.timeout(WAIT):
+            items = [item async for item in sse_items(response)]
+    errors = [item for item in items if getattr(item, "event", None) == "error"]
+    assert [json.loads(e.data)["code"] for e in errors] == ["token_expired"]  # type: ignore[union-attr]
