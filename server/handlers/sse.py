@@ -15,13 +15,13 @@ import time
 import structlog
 from aiohttp import web
 
-from ..follow import Cursor, StreamClosing, follow
+from ..follow import Cursor, StreamClosing
 from ..frames import WRITE_PART_BYTES, parts_of
-from ..keys import CONFIG, HUB, STORE
+from ..keys import CONFIG
 from ..limits import bound_send_buffer
 from ..models import TERMINAL_TYPES
 from .eventsource import SSE_HEADERS, retry_field
-from .subscription import Subscription, subscribe
+from .subscription import Subscription, follow_job, subscribe
 
 log = structlog.get_logger("jobfeed.stream")
 
@@ -56,15 +56,7 @@ async def _stream(request: web.Request, subscription: Subscription) -> web.Strea
                     retry_field(config.sse_retry_ms)
                     + b"event: hello\ndata: %s\n\n" % subscription.hello()
                 )
-            batches = follow(
-                request.app[STORE],
-                request.app[HUB],
-                cursor,
-                subscription.head,
-                page_events=config.page_events,
-                page_bytes=config.page_bytes,
-                idle_seconds=config.heartbeat_seconds,
-            )
+            batches = follow_job(request, cursor, subscription)
             async for batch in batches:
                 async with asyncio.timeout(config.send_timeout):
                     if batch is None:
