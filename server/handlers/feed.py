@@ -15,6 +15,7 @@ import contextlib
 import functools
 import re
 import time
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 import structlog
@@ -22,8 +23,16 @@ from aiohttp import web
 
 from ..auth import PRINCIPAL, READ, TenantGrant, require
 from ..errors import BadRequest, InvalidParameter, ServiceError, WSClose
-from ..feed import ALL_EVENTS, FeedClosing, FeedCursor, FeedFilter, Grant, follow_feed
-from ..frames import WRITE_PART_BYTES, control_frame, parts_of
+from ..feed import (
+    ALL_EVENTS,
+    FeedClosing,
+    FeedCursor,
+    FeedFilter,
+    FeedPushFn,
+    Grant,
+    follow_feed,
+)
+from ..frames import WRITE_PART_BYTES, Frame, control_frame, parts_of
 from ..keys import AUTH, CONFIG, HUB, STORE, STREAMS
 from ..limits import bound_send_buffer
 from ..logs import bind_request
@@ -152,6 +161,27 @@ async def start_feed(
     return FeedStart(last_id, last_id, [])
 
 
+def _follow(
+    request: web.Request,
+    cursor: FeedCursor,
+    feed_filter: FeedFilter,
+    push: FeedPushFn | None = None,
+) -> AsyncGenerator[list[Frame] | None, None]:
+    """The feed cursor with the stream settings (``push``: a WebSocket's direct send)."""
+    config = request.app[CONFIG].stream
+    return follow_feed(
+        request.app[STORE],
+        request.app[HUB].feed,
+        cursor,
+        feed_filter,
+        page_events=config.page_events,
+        page_bytes=config.page_bytes,
+        scan_ids=config.feed_scan_ids,
+        idle_seconds=config.heartbeat_seconds,
+        push=push,
+    )
+
+
 def _snapshot_frames(snapshots: list[bytes]) -> list[bytes]:
     return [b'{"type":"snapshot","job":%s}' % snapshot for snapshot in snapshots]
 
@@ -183,17 +213,7 @@ async def serve_feed_websocket(request: web.Request) -> web.WebSocketResponse:
         for index in range(0, len(opening), _SNAPSHOT_CHUNK):
             async with asyncio.timeout(config.send_timeout):
                 await send_control_frames(request, ws, opening[index : index + _SNAPSHOT_CHUNK])
-        batches = follow_feed(
-            request.app[STORE],
-            request.app[HUB].feed,
-            cursor,
-            feed_filter,
-            page_events=config.page_events,
-            page_bytes=config.page_bytes,
-            scan_ids=config.feed_scan_ids,
-            idle_seconds=config.heartbeat_seconds,
-            push=functools.partial(push_frames, request, ws),
-        )
+        batches = _follow(request, cursor, feed_filter, functools.partial(push_frames, request, ws))
 
         def heartbeat() -> bytes:
             return control_frame({"type": "heartbeat", "last_id": cursor.after})
@@ -335,16 +355,7 @@ async def _send_feed_sse(
         chunk = snapshots[index : index + _SNAPSHOT_CHUNK]
         async with asyncio.timeout(config.send_timeout):
             await response.write(b"".join(b"event: snapshot\ndata: %s\n\n" % s for s in chunk))
-    batches = follow_feed(
-        request.app[STORE],
-        request.app[HUB].feed,
-        cursor,
-        feed_filter,
-        page_events=config.page_events,
-        page_bytes=config.page_bytes,
-        scan_ids=config.feed_scan_ids,
-        idle_seconds=config.heartbeat_seconds,
-    )
+    batches = _follow(request, cursor, feed_filter)
     async for batch in batches:
         async with asyncio.timeout(config.send_timeout):
             if batch is None:

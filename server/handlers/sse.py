@@ -17,14 +17,14 @@ import structlog
 from aiohttp import web
 
 from ..auth import PRINCIPAL
-from ..follow import Cursor, StreamClosing, follow
+from ..follow import Cursor, StreamClosing
 from ..frames import WRITE_PART_BYTES, control_frame, parts_of
-from ..keys import CONFIG, HUB, STORE
+from ..keys import CONFIG
 from ..limits import bound_send_buffer
 from ..models import TERMINAL_TYPES
 from .eventsource import SSE_HEADERS, retry_field
 from .guard import StreamGuard, guard_stream
-from .subscription import Subscription, subscribe
+from .subscription import Subscription, follow_job, subscribe
 
 log = structlog.get_logger("jobfeed.stream")
 
@@ -69,15 +69,7 @@ async def _stream(
                         retry_field(config.sse_retry_ms)
                         + b"event: hello\ndata: %s\n\n" % subscription.hello()
                     )
-                batches = follow(
-                    request.app[STORE],
-                    request.app[HUB],
-                    cursor,
-                    subscription.head,
-                    page_events=config.page_events,
-                    page_bytes=config.page_bytes,
-                    idle_seconds=config.heartbeat_seconds,
-                )
+                batches = follow_job(request, cursor, subscription)
                 async for batch in batches:
                     async with asyncio.timeout(config.send_timeout):
                         if batch is None:

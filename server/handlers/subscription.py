@@ -7,6 +7,7 @@ an error frame and a close code (``close_code_for``), so the two cannot drift ap
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -23,8 +24,10 @@ from ..errors import (
     Unauthorized,
     WSClose,
 )
-from ..frames import control_frame
-from ..keys import STORE, STREAMS
+from ..follow import Cursor, follow
+from ..frames import Frame, control_frame
+from ..hub import PushFn
+from ..keys import CONFIG, HUB, STORE, STREAMS
 from ..models import TERMINAL_TYPES
 from ..store import JobHead
 from ..streams import OpenStream
@@ -61,6 +64,26 @@ class Subscription:
                 "epoch": self.head.epoch,
             }
         )
+
+
+def follow_job(
+    request: web.Request,
+    cursor: Cursor,
+    subscription: Subscription,
+    push: PushFn | None = None,
+) -> AsyncIterator[list[Frame] | None]:
+    """The job cursor with the stream settings (``push``: a WebSocket's direct send)."""
+    config = request.app[CONFIG].stream
+    return follow(
+        request.app[STORE],
+        request.app[HUB],
+        cursor,
+        subscription.head,
+        page_events=config.page_events,
+        page_bytes=config.page_bytes,
+        idle_seconds=config.heartbeat_seconds,
+        push=push,
+    )
 
 
 def close_code_for(error: ServiceError) -> int:

@@ -27,14 +27,14 @@ from aiohttp import WSMsgType, web
 from ..auth import PRINCIPAL
 from ..errors import ServiceError, WSClose
 from ..feed import FeedClosing
-from ..follow import Cursor, StreamClosing, follow
+from ..follow import Cursor, StreamClosing
 from ..frames import WRITE_PART_BYTES, Frame, control_frame, parts_of, ws_text_header
-from ..keys import CONFIG, HUB, STORE
+from ..keys import CONFIG
 from ..limits import RateLimiter, bound_send_buffer
 from ..streams import OpenStream
 from ..tenancy import DEFAULT_TENANT, JobKey
 from .guard import StreamGuard, guard_stream
-from .subscription import close_code_for, subscribe
+from .subscription import close_code_for, follow_job, subscribe
 
 log = structlog.get_logger("jobfeed.stream")
 
@@ -74,7 +74,6 @@ async def refuse_websocket(request: web.Request, error: ServiceError) -> web.Web
 
 
 async def serve_websocket(request: web.Request, job_id: str) -> web.WebSocketResponse:
-    config = request.app[CONFIG].stream
     principal = request[PRINCIPAL]
     ws = await open_socket(request)
     transport = request.transport
@@ -88,16 +87,8 @@ async def serve_websocket(request: web.Request, job_id: str) -> web.WebSocketRes
             cursor.key = subscription.key
             after = cursor.after = subscription.after
             await ws.send_frame(subscription.hello(), WSMsgType.TEXT)
-            batches = follow(
-                request.app[STORE],
-                request.app[HUB],
-                cursor,
-                subscription.head,
-                page_events=config.page_events,
-                page_bytes=config.page_bytes,
-                idle_seconds=config.heartbeat_seconds,
-                push=functools.partial(push_frames, request, ws),
-            )
+            push = functools.partial(push_frames, request, ws)
+            batches = follow_job(request, cursor, subscription, push)
 
             def heartbeat() -> bytes:
                 return control_frame({"type": "heartbeat", "last_seq": cursor.after})
