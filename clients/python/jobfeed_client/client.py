@@ -185,8 +185,9 @@ class AsyncClient:
         """The events of every job that matches the filters (AND between them; several
         values of ``job``, ``kind`` or ``type`` are OR), in commit order, each once, across
         reconnects; never ends by itself. ``after`` is an event id (``0``: the whole log,
-        ``None``: from now; the ``cursor`` of ``GET /v1/jobs`` continues a listing); ``snapshots=True``
-        first yields a ``Snapshot`` of every matching unfinished job. See ``AsyncFeed``."""
+        ``None``: from now; the ``cursor`` of ``GET /v1/jobs`` continues a listing).
+        ``snapshots=True`` first yields a ``Snapshot`` of every matching unfinished job. See
+        ``AsyncFeed``."""
         return AsyncFeed(
             self,
             after=after,
