@@ -14,7 +14,7 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from . import openapi
+from . import frame_schema, openapi
 from .config import Config
 from .errors import RateLimited, ServiceError, StorageUnavailable, error_body
 from .handlers import feed, health, jobs, stream
@@ -189,6 +189,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/healthz", health.healthz)
     app.router.add_get("/readyz", health.readyz)
     app.router.add_get("/v1/openapi.json", openapi.openapi_json)
+    app.router.add_get("/v1/frames.schema.json", frame_schema.frames_schema_json)
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
