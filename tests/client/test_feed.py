@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from jobfeed_client import (
     AsyncClient,
@@ -23,6 +24,7 @@ from jobfeed_client import (
     Event,
     FeedItem,
     InvalidRequest,
+    ProtocolViolation,
     RetryPolicy,
     Snapshot,
 )
@@ -297,3 +299,60 @@ def test_sync_feed_is_the_same(shared_server: ServerProcess) -> None:
                 break
         assert got == ["created", "log", "completed"]
         assert feed.after == appended[-1].id
+
+
+class ScriptedFeed:
+    """A WebSocket peer speaking the feed from a script: each connection takes the next step,
+    sends hello and events with the ids it names, then closes with the step's code."""
+
+    def __init__(self, steps: list[tuple[list[int], int]]) -> None:
+        self.steps = steps
+        self.queries: list[dict[str, str]] = []
+
+    async def handle(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        self.queries.append(dict(request.query))
+        ids, code = self.steps.pop(0)
+        after = int(request.query.get("after", "3"))
+        await ws.send_json({"type": "hello", "after": after, "last_id": 20})
+        for seq, event_id in enumerate(ids, start=1):
+            await ws.send_json(
+                {
+                    "job_id": "j",
+                    "seq": seq,
+                    "id": event_id,
+                    "type": "completed",
+                    "ts": "2026-11-28T00:00:00.000000Z",
+                }
+            )
+        await ws.close(code=code)
+        return ws
+
+
+async def run_scripted(aiohttp_server: Any, peer: ScriptedFeed) -> list[int]:
+    app = web.Application()
+    app.router.add_get("/v1/feed", peer.handle)
+    server = await aiohttp_server(app)
+    got: list[int] = []
+    async with AsyncClient(str(server.make_url("")), retry=FAST_RETRY) as client:
+        async for item in client.feed(kind="k"):
+            assert isinstance(item, Event)
+            got.append(item.id)
+    return got
+
+
+async def test_a_feed_resumes_after_a_normal_close_and_terminal_events(aiohttp_server: Any) -> None:
+    """A feed never ends by itself: a terminal event does not end it, and neither does close
+    1000; it resumes from the last id (the first hello's ``after`` when started from now)
+    until a final close code."""
+    peer = ScriptedFeed([([5], 1000), ([], 1001), ([9], 4400)])
+    with pytest.raises(InvalidRequest):
+        await run_scripted(aiohttp_server, peer)
+    assert peer.queries == [{"kind": "k"}, {"kind": "k", "after": "5"}, {"kind": "k", "after": "5"}]
+
+
+async def test_an_id_that_does_not_increase_is_not_papered_over(aiohttp_server: Any) -> None:
+    """A repeated id is a protocol violation, raised rather than resumed."""
+    with pytest.raises(ProtocolViolation):
+        await run_scripted(aiohttp_server, ScriptedFeed([([5, 5], 1000)]))

@@ -82,6 +82,11 @@ class AsyncFeed(ResumingStream[FeedItem]):
             params.append(("snapshots", "1"))
         return params
 
+    def _sse_headers(self) -> dict[str, str]:
+        # The position a browser's EventSource would resume from (the server reads it first;
+        # ``after`` in the query says the same).
+        return {} if self.after is None else {"Last-Event-ID": str(self.after)}
+
     def _closed_normally(self) -> Exception:
         return Resume("the feed closed")  # a feed never ends by itself
 

@@ -86,6 +86,10 @@ class ResumingStream(Generic[Item]):
     def _is_last(self, item: Item) -> bool:
         return False
 
+    def _sse_headers(self) -> dict[str, str]:
+        """Headers an SSE attempt adds (the feed's ``Last-Event-ID``, as a browser sends)."""
+        return {}
+
     def _closed_normally(self) -> Exception:
         """What close 1000 (or SSE 204) means: ``Done()`` or a ``Resume``."""
         return Done()
@@ -172,7 +176,7 @@ class ResumingStream(Generic[Item]):
         """One Server-Sent Events response's records as frames (hello, events, and the
         feed's heartbeats and snapshots); same outcomes as the WebSocket's."""
         client = self._client
-        headers = {**client.headers(), "Accept": "text/event-stream"}
+        headers = {**client.headers(), **self._sse_headers(), "Accept": "text/event-stream"}
         timeout = aiohttp.ClientTimeout(
             total=None, connect=client.timeout, sock_read=client.stream_idle_timeout
         )
