@@ -93,8 +93,9 @@ async def append_logs(client: AsyncClient, job_id: str, count: int, tag: str) ->
     return ids
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_every_matching_event_once_across_a_server_crash(
-    launcher: Launcher, proxy_to: Callable[[ServerProcess], Proxy]
+    launcher: Launcher, proxy_to: Callable[[ServerProcess], Proxy], transport: Any
 ) -> None:
     """SIGKILL the server mid-feed and start it again on the same file behind the same
     address: the feed resumes from its last id and has every matching event once, in order,
@@ -110,7 +111,7 @@ async def test_every_matching_event_once_across_a_server_crash(
             await direct.create_job(other)
             expected = await append_logs(direct, mine, 3, "before")
             await append_logs(direct, other, 2, "noise")
-            collector = Collector(watching.feed(after=start, prefix=prefix))
+            collector = Collector(watching.feed(after=start, prefix=prefix, transport=transport))
             await collector.holding(4)
             server.kill(signal.SIGKILL)
             await server.wait_async(WAIT)
