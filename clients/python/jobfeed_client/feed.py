@@ -11,7 +11,10 @@ SSE response is resumed too.
 
 ``after=None`` starts "from now": the first hello's ``after`` becomes the position. With
 ``snapshots=True`` (and no ``after``) the iteration first yields a ``Snapshot`` for every
-matching unfinished job, consistent with that position, then the events after it.
+matching unfinished job, consistent with that position, then the events after it. The
+snapshots are asked for once: a connection lost while they are still arriving resumes from
+their position, and the rest of them are not sent again (the server marks no end of the
+snapshots; docs/python-client.md says so).
 """
 
 from __future__ import annotations
