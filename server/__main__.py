@@ -1,6 +1,6 @@
 """The ``jobfeed`` command: ``serve``, ``migrate`` and ``token`` (``--help`` shows
-``DESCRIPTION``); ``tail``, ``jobs`` and ``export`` are the Python client's (clients/python),
-run from here when it is installed.
+``DESCRIPTION``); ``tail``, ``feed``, ``jobs`` and ``export`` are the Python client's
+(clients/python), run from here when it is installed.
 
 Start-up problems (bad config, unwritable or corrupt database, a schema from a newer jobfeed,
 port in use) end the process with one clear line on stderr and exit status 2 (config) or 1.
@@ -46,7 +46,7 @@ DESCRIPTION = (
 KEEPALIVE_SECONDS = 75.0
 
 
-CLIENT_COMMANDS = ("tail", "jobs", "export")
+CLIENT_COMMANDS = ("tail", "feed", "jobs", "export")
 
 
 def main(argv: list[str] | None = None) -> int:

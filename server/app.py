@@ -15,7 +15,7 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from . import openapi
+from . import frame_schema, openapi
 from .auth import ANONYMOUS, PRINCIPAL, Authenticator, authenticate
 from .config import Config
 from .cors import OriginPolicy, is_preflight, is_websocket_upgrade
@@ -59,7 +59,9 @@ _id_counter = itertools.count(1)
 # turn a busy server into a restarted one.
 _UNTHROTTLED_PATHS = frozenset({"/healthz", "/readyz"})
 # Probes and the API description need no credential (auth.md, "Model").
-_PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/v1/openapi.json", "/metrics"})
+_PUBLIC_PATHS = frozenset(
+    {"/healthz", "/readyz", "/v1/openapi.json", "/v1/frames.schema.json", "/metrics"}
+)
 _HTTP_CODES = {
     400: "bad_request",
     404: "not_found",
@@ -270,6 +272,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/healthz", health.healthz)
     app.router.add_get("/readyz", health.readyz)
     app.router.add_get("/v1/openapi.json", openapi.openapi_json)
+    app.router.add_get("/v1/frames.schema.json", frame_schema.frames_schema_json)
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:

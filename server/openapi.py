@@ -533,6 +533,18 @@ def build_openapi(config: Config) -> dict[str, Any]:
                 },
             }
         },
+        "/v1/frames.schema.json": {
+            "get": {
+                "operationId": "frames_schema",
+                "summary": "The stream frames (hello, events, heartbeat, snapshot, pong, "
+                "error) as a JSON Schema 2020-12 document.",
+                "security": [],
+                "responses": {
+                    "200": _json({"type": "object"}, "the JSON Schema document"),
+                    **_error_responses(*common),
+                },
+            }
+        },
     }
     return {
         "openapi": "3.1.0",
