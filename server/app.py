@@ -17,7 +17,7 @@ from aiohttp.typedefs import Handler
 from . import openapi
 from .config import Config
 from .errors import RateLimited, ServiceError, StorageUnavailable, error_body
-from .handlers import feed, health, jobs, stream
+from .handlers import feed, health, jobs, stream, ui
 from .handlers.eventsource import retryable_refusal, wants_event_stream
 from .hub import Hub
 from .keys import CONFIG, HUB, RATE_LIMITER, REQUEST_ID, STORE, STREAMS
@@ -189,6 +189,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/healthz", health.healthz)
     app.router.add_get("/readyz", health.readyz)
     app.router.add_get("/v1/openapi.json", openapi.openapi_json)
+    ui.add_routes(app)  # /client/ (the ES module, <jobfeed-progress>), /ui/ (the dashboard)
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -310,6 +310,7 @@ class Store:
         limit: int,
         before: int | None,
         max_bytes: int | None = None,
+        prefix: str | None = None,
     ) -> tuple[list[bytes], int | None, int]:
         """Snapshots newest first; the cursor is the job_no of the last one returned; and the
         id of the last event committed when the list was read (a feed resumes from there).
@@ -327,6 +328,9 @@ class Store:
         if kind is not None:
             clauses.append("kind = ?")
             params.append(kind)
+        if prefix is not None:
+            clauses.append(_PREFIX_RANGE)
+            params.extend(prefix_range(prefix))
         if before is not None:
             clauses.append("job_no < ?")
             params.append(before)
@@ -349,6 +353,23 @@ class Store:
         )
         next_before = page[-1][1] if page and more else None
         return [bytes(row[2]) for row in page], next_before, last_id
+
+    async def count_jobs(self, kind: str | None, prefix: str | None) -> dict[str, int]:
+        """How many jobs there are in each status (only statuses that have some), of
+        ``kind`` and with ids starting with ``prefix`` when given (the dashboard's counts)."""
+        clauses: list[str] = []
+        params: list[str] = []
+        if kind is not None:
+            clauses.append("kind = ?")
+            params.append(kind)
+        if prefix is not None:
+            clauses.append(_PREFIX_RANGE)
+            params.extend(prefix_range(prefix))
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        rows = await self._read(
+            f"SELECT status, count(*) FROM jobs {where} GROUP BY status", params
+        )
+        return {bytes(row[0]).decode(): int(row[1]) for row in rows}  # text_factory: bytes
 
     async def feed_start(self, feed_filter: FeedFilter, max_jobs: int) -> tuple[int, list[bytes]]:
         """The log's last event id and the snapshots of the unfinished jobs that
@@ -439,3 +460,12 @@ class Store:
         except sqlite3.Error as exc:
             return f"cannot read the database: {exc}"
         return None
+
+
+# Job ids are ASCII from [A-Za-z0-9._:-] (all below 0x7f): the ids that start with a prefix
+# are exactly the range [prefix, prefix + "\x7f") (LIKE would match case-insensitively).
+_PREFIX_RANGE = "job_id >= ? AND job_id < ?"
+
+
+def prefix_range(prefix: str) -> tuple[str, str]:
+    return prefix, prefix + "\x7f"

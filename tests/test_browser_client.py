@@ -1,0 +1,369 @@
+"""The browser module (clients/js/jobfeed.js, served at /client/) and ``<jobfeed-progress>``
+in a real Chromium against a real ``jobfeed serve`` process: watchJob over WebSocket and over
+Server-Sent Events, and watchFeed, resume across a SIGKILL and a restart with no hole and no
+duplicate; the module's fold equals the server's, on the server's own vectors and on a live
+job; a log_reset starts over; a reload resumes from sessionStorage; the card's states and its
+accessibility tree.
+
+One Chromium and one server for the module (tests/test_browser.py has the launch flags); the
+server's address stays the same across the restart, so pages keep their origin.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import pytest_asyncio
+
+from server.fold_vectors import vectors
+from tests.procs import Launcher, ServerProcess, launching
+from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, WAIT_MS
+
+pytestmark = [
+    pytest.mark.process,
+    pytest.mark.asyncio(loop_scope="module"),
+    pytest.mark.skipif(
+        not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is absent (.ci/run installs it)"
+    ),
+]
+
+# Where screenshots are kept for a person to look at (docs/screenshots has the chosen ones).
+SHOTS = Path(os.environ.get("JOBFEED_SCREENSHOT_DIR", "/tmp"))
+SETTINGS = {"stream__heartbeat_seconds": 1}
+BLANK = "<head><title>t</title></head><body></body>"
+# Short backoff: the test waits for the resume, not for a production-sized window.
+BACKOFF = {"base": 50, "cap": 500}
+
+
+@dataclass
+class Served:
+    """The module's server; replaced in place when a test restarts it on the same port."""
+
+    launcher: Launcher
+    process: ServerProcess
+
+    @property
+    def url(self) -> str:
+        return self.process.url
+
+
+@pytest.fixture(scope="module")
+def launcher(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
+    with launching(tmp_path_factory.mktemp("jobfeed")) as launcher:
+        yield launcher
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def served(launcher: Launcher) -> Served:
+    return Served(launcher, await launcher.start(**SETTINGS))
+
+
+@contextlib.asynccontextmanager
+async def chromium(profile: Path, width: int = 900, height: int = 600) -> AsyncIterator[Any]:
+    """Debian's Chromium with a fresh user-data-dir: one per test module, pages reused."""
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as playwright:
+        context = await playwright.chromium.launch_persistent_context(
+            str(profile),
+            executable_path=CHROMIUM,
+            headless=True,
+            args=CHROMIUM_ARGS,
+            viewport={"width": width, "height": height},
+        )
+        try:
+            yield context
+        finally:
+            await context.close()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def browser(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Any]:
+    async with chromium(tmp_path_factory.mktemp("profile")) as context:
+        yield context
+
+
+async def open_page(browser: Any, served: Served, html: str = BLANK, module: str = "") -> Any:
+    """A page at the server's origin showing ``html`` with ``module`` imported, and its
+    uncaught errors collected in ``page.errors``.
+
+    The document comes from the real server and its content is then replaced: a page made
+    up by Playwright's router has no address, so Chromium counts it as public and blocks its
+    WebSockets to 127.0.0.1 (Local Network Access); and elements written by ``set_content``
+    (document.write) were never upgraded to custom elements."""
+    page = await browser.new_page()
+    page.errors = []
+    page.on("pageerror", lambda error: page.errors.append(str(error)))
+    await page.goto(f"{served.url}/healthz")
+    await page.evaluate(
+        """async ([html, module]) => {
+          document.documentElement.innerHTML = html;
+          if (module) await import(module);
+        }""",
+        [html, module],
+    )
+    return page
+
+
+async def create(session: aiohttp.ClientSession, job_id: str, kind: str = "demo") -> None:
+    async with session.post("/v1/jobs", json={"job_id": job_id, "kind": kind}) as response:
+        assert response.status == 201, await response.text()
+
+
+async def append(session: aiohttp.ClientSession, job_id: str, *events: dict[str, Any]) -> None:
+    body: dict[str, Any] = events[0] if len(events) == 1 else {"events": list(events)}
+    async with session.post(f"/v1/jobs/{job_id}/events", json=body) as response:
+        assert response.status == 201, await response.text()
+
+
+async def snapshot(session: aiohttp.ClientSession, job_id: str) -> dict[str, Any]:
+    async with session.get(f"/v1/jobs/{job_id}") as response:
+        assert response.status == 200
+        body: dict[str, Any] = await response.json()
+        return body
+
+
+WATCH_ALL = """async ({job, backoff}) => {
+  const m = await import("/client/jobfeed.js");
+  window.runs = {};
+  for (const transport of ["websocket", "sse"]) {
+    const got = window.runs[transport] = {events: [], snapshots: [], states: [], errors: []};
+    got.watch = m.watchJob(m.jobStreamUrl(job), {
+      transport, backoff,
+      onEvent: (event, snapshot) => { got.events.push(event); got.snapshots.push(snapshot); },
+      onStatus: (state) => got.states.push(state),
+      onError: (error) => got.errors.push(error.code),
+    });
+  }
+  const feed = window.runs.feed = {events: [], snapshots: {}, states: []};
+  feed.watch = m.watchFeed("/v1/feed", {
+    after: 0, filters: {job}, backoff,
+    onEvent: (event) => feed.events.push(event),
+    onSnapshot: (snapshot) => { feed.snapshots[snapshot.job_id] = snapshot; },
+    onStatus: (state) => feed.states.push(state),
+  });
+}"""
+
+
+def run_state(name: str) -> str:
+    return (
+        f"({{events: runs.{name}.events, snapshots: runs.{name}.snapshots, "
+        f"states: runs.{name}.states, errors: runs.{name}.errors, "
+        f"resumes: runs.{name}.watch.resumes, state: runs.{name}.watch.state, "
+        f"transport: runs.{name}.watch.transport, after: runs.{name}.watch.after}})"
+    )
+
+
+async def test_watches_resume_across_a_sigkill_and_stop_at_the_end(
+    served: Served, browser: Any
+) -> None:
+    """watchJob over WebSocket and over SSE, and watchFeed: every event exactly once, in
+    order, across a SIGKILL and a restart; both job watches end "done" after the terminal
+    event; the folded snapshot equals the server's."""
+    job = "mod-1"
+    async with aiohttp.ClientSession(served.url) as session:
+        await create(session, job)
+        await append(session, job, {"type": "progress", "progress": 10, "phase": "fetch"})
+        await append(session, job, {"type": "stage_done", "message": "a custom type"})
+    page = await open_page(browser, served)
+    await page.evaluate(WATCH_ALL, {"job": job, "backoff": BACKOFF})
+    await page.wait_for_function(
+        "runs.websocket.events.length === 3 && runs.sse.events.length === 3"
+        " && runs.feed.events.length === 3",
+        timeout=WAIT_MS,
+    )
+
+    served.process.kill()  # SIGKILL, mid-stream
+    await served.process.wait_async(10)
+    await page.wait_for_function(
+        "runs.websocket.states.includes('waiting') && runs.sse.states.includes('waiting')"
+        " && runs.feed.states.includes('waiting')",
+        timeout=WAIT_MS,
+    )
+    served.process = await served.launcher.start(server__port=served.process.port, **SETTINGS)
+    async with aiohttp.ClientSession(served.url) as session:
+        await append(session, job, {"type": "log", "message": "after the restart"})
+        await append(
+            session,
+            job,
+            {"type": "progress", "current": 3, "total": 4, "message": "three of four"},
+            {"type": "notification", "data": {"to": "ops"}},
+        )
+        await append(session, job, {"type": "completed", "result": {"ok": True}})
+        expected = await snapshot(session, job)
+    await page.wait_for_function(
+        "runs.websocket.watch.state === 'done' && runs.sse.watch.state === 'done'"
+        " && runs.feed.events.length === 7",
+        timeout=WAIT_MS,
+    )
+    results = {name: await page.evaluate(run_state(name)) for name in ("websocket", "sse")}
+    feed = await page.evaluate("({events: runs.feed.events, snapshots: runs.feed.snapshots})")
+    assert page.errors == []
+    await page.close()
+
+    for name, got in results.items():
+        assert [event["seq"] for event in got["events"]] == list(range(1, 8)), name
+        assert got["events"][-1]["type"] == "completed", name
+        assert got["transport"] == name, name
+        assert got["resumes"] >= 1, name
+        assert got["errors"] == [], name
+        assert got["states"][-1] == "done", name
+        assert got["snapshots"][-1] == expected, name  # the module's fold = the server's
+    assert feed["events"] == results["websocket"]["events"]
+    ids = [event["id"] for event in feed["events"]]
+    assert ids == sorted(set(ids))
+    assert feed["snapshots"][job] == expected
+
+
+async def test_the_module_fold_reproduces_the_server_vectors(served: Served, browser: Any) -> None:
+    """applyEvent, run in Chromium on every case of server.fold_vectors, gives the server's
+    snapshot after every event (timestamps' microseconds and epochs included)."""
+    cases = vectors()["cases"]
+    page = await open_page(browser, served)
+    folded = await page.evaluate(
+        """async (cases) => {
+          const m = await import("/client/jobfeed.js");
+          return cases.map((c) => {
+            let state = null;
+            return c.events.map((event) => (state = m.applyEvent(state, event)));
+          });
+        }""",
+        cases,
+    )
+    await page.close()
+    assert len(folded) == len(cases) > 10
+    for case, snapshots in zip(cases, folded, strict=True):
+        assert snapshots == case["snapshots"], case["name"]
+
+
+async def test_log_reset_starts_over_and_a_reload_resumes(served: Served, browser: Any) -> None:
+    """A watch given another epoch (the job was re-created, or this is another database) is
+    told log_reset (onReset, onError with final false) and starts over from seq 1; with
+    ``persist`` a reloaded page resumes after the last seq it had, with its snapshot."""
+    job = "mod-2"
+    async with aiohttp.ClientSession(served.url) as session:
+        await create(session, job)
+        await append(session, job, {"type": "progress", "progress": 20})
+    page = await open_page(browser, served)
+    watch = """async ({job, epoch, backoff}) => {
+      const m = await import("/client/jobfeed.js");
+      const got = window.got = {events: [], resets: [], errors: []};
+      got.watch = m.watchJob(m.jobStreamUrl(job), {
+        after: epoch ? 2 : undefined, epoch, persist: true, backoff,
+        onEvent: (event) => got.events.push(event.seq),
+        onReset: (error) => got.resets.push(error.code),
+        onError: (error) => got.errors.push([error.code, error.final]),
+      });
+    }"""
+    await page.evaluate(watch, {"job": job, "epoch": "1-0", "backoff": BACKOFF})
+    await page.wait_for_function("got.events.length === 2", timeout=WAIT_MS)
+    got = await page.evaluate("({events: got.events, resets: got.resets, errors: got.errors})")
+    assert got == {"events": [1, 2], "resets": ["log_reset"], "errors": [["log_reset", False]]}
+
+    await page.reload()
+    await page.evaluate(watch, {"job": job, "epoch": None, "backoff": BACKOFF})
+    await page.wait_for_function("got.watch.state === 'live'", timeout=WAIT_MS)
+    async with aiohttp.ClientSession(served.url) as session:
+        await append(session, job, {"type": "completed"})
+        expected = await snapshot(session, job)
+    await page.wait_for_function("got.watch.state === 'done'", timeout=WAIT_MS)
+    assert await page.evaluate("got.events") == [3]  # resumed after 2: nothing twice
+    assert await page.evaluate("got.watch.snapshot") == expected
+    assert page.errors == []
+    await page.close()
+
+
+CARDS = """<head><meta charset="utf-8"><title>cards</title>
+<style>body{font:14px system-ui,sans-serif;margin:16px;display:grid;gap:12px;width:420px}
+#custom{--jobfeed-bar-color:#8250df;--jobfeed-radius:2px}</style>
+</head><body>
+<jobfeed-progress job="build-42"></jobfeed-progress>
+<jobfeed-progress job="report-7"></jobfeed-progress>
+<jobfeed-progress id="custom" job="deploy-3"></jobfeed-progress>
+</body>"""
+
+
+async def test_progress_card_states_and_accessibility(served: Served, browser: Any) -> None:
+    """<jobfeed-progress> shows a running job's bar, percent, phase and message, a completed
+    job's result and a failed job's error; its bar is a progressbar with aria-valuenow,
+    min, max and a valuetext a screen reader reads; it follows the job live."""
+    async with aiohttp.ClientSession(served.url) as session:
+        for job in ("build-42", "report-7", "deploy-3"):
+            await create(session, job, kind="build")
+        await append(
+            session,
+            "build-42",
+            {
+                "type": "progress",
+                "current": 2,
+                "total": 5,
+                "phase": "compile",
+                "message": "cc src/main.c",
+            },
+        )
+        await append(session, "report-7", {"type": "progress", "progress": 70})
+        await append(
+            session, "report-7", {"type": "completed", "result": {"rows": 1200, "pdf": "/r/7.pdf"}}
+        )
+        await append(
+            session, "deploy-3", {"type": "progress", "progress": 55, "phase": "smoke tests"}
+        )
+        await append(
+            session,
+            "deploy-3",
+            {"type": "failed", "error": {"message": "3 smoke tests failed", "code": "smoke_tests"}},
+        )
+    page = await open_page(browser, served, CARDS, "/client/progress.js")
+    running = page.locator("jobfeed-progress[job=build-42]")
+    completed = page.locator("jobfeed-progress[job=report-7]")
+    failed = page.locator("jobfeed-progress[job=deploy-3]")
+    await running.locator("[role=progressbar][aria-valuenow='40']").wait_for(timeout=WAIT_MS)
+    await completed.locator("[role=progressbar][aria-valuenow='100']").wait_for(timeout=WAIT_MS)
+    await failed.locator("[role=progressbar][aria-valuenow='55']").wait_for(timeout=WAIT_MS)
+
+    bar = running.get_by_role("progressbar", name="Progress of build-42")
+    assert await bar.get_attribute("aria-valuemin") == "0"
+    assert await bar.get_attribute("aria-valuemax") == "100"
+    assert await bar.get_attribute("aria-valuetext") == "40 percent, compile, cc src/main.c"
+    assert await running.get_attribute("status") == "running"
+    assert await running.locator("[part=percent]").inner_text() == "40%"
+    assert await running.locator("[part=phase]").inner_text() == "compile · 2 of 5"
+    assert await running.locator("[part=message]").inner_text() == "cc src/main.c"
+    aria = await running.aria_snapshot()
+    assert '- progressbar "Progress of build-42"' in aria, aria
+    assert "- status: running" in aria, aria
+
+    assert await completed.get_attribute("status") == "completed"
+    assert '"rows": 1200' in await completed.locator("[part=outcome]").inner_text()
+    assert "100 percent, completed" in (
+        await completed.get_by_role("progressbar").get_attribute("aria-valuetext") or ""
+    )
+    assert await failed.get_attribute("status") == "failed"
+    assert (
+        "Failed (smoke_tests): 3 smoke tests failed"
+        in await failed.locator("[part=outcome]").inner_text()
+    )
+    assert "- status: failed" in await failed.aria_snapshot()
+    await page.locator("body").screenshot(path=str(SHOTS / "jobfeed-progress.png"))
+
+    # Live: the running card follows its job to the end.
+    async with aiohttp.ClientSession(served.url) as session:
+        await append(session, "build-42", {"type": "progress", "current": 4, "message": "link"})
+        await running.locator("[role=progressbar][aria-valuenow='80']").wait_for(timeout=WAIT_MS)
+        await append(session, "build-42", {"type": "completed", "message": "built"})
+    await page.wait_for_function(
+        "document.querySelector('jobfeed-progress[job=build-42]')"
+        ".getAttribute('status') === 'completed'",
+        timeout=WAIT_MS,
+    )
+    assert await running.locator("[part=message]").inner_text() == "built"
+    assert "- status: completed" in await running.aria_snapshot()
+    assert page.errors == []
+    await page.close()
