@@ -11,6 +11,7 @@ server's address stays the same across the restart, so pages keep their origin.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 from collections.abc import AsyncIterator, Iterator
@@ -365,5 +366,107 @@ async def test_progress_card_states_and_accessibility(served: Served, browser: A
     )
     assert await running.locator("[part=message]").inner_text() == "built"
     assert "- status: completed" in await running.aria_snapshot()
+    assert page.errors == []
+    await page.close()
+
+
+VENDOR = Path(__file__).resolve().parent / "vendor" / "react"
+# "react" for the hooks module's bare import, from the UMD build's global (no bundler here).
+REACT_SHIM = """const React = window.React;
+export default React;
+export const { useEffect, useRef, useState } = React;
+"""
+REACT_PAGE = """async ({job}) => {
+  const Native = window.WebSocket;
+  window.sockets = [];
+  window.WebSocket = class extends Native {
+    constructor(...args) { super(...args); window.sockets.push(this); }
+  };
+  const map = document.createElement("script");
+  map.type = "importmap";
+  map.textContent = JSON.stringify({imports: {react: "/vendor/react-shim.js"}});
+  document.head.append(map);
+  for (const name of ["react", "react-dom"]) {
+    await new Promise((loaded, failed) => {
+      const script = document.createElement("script");
+      script.src = `/vendor/${name}.production.min.js`;
+      script.onload = loaded;
+      script.onerror = failed;
+      document.head.append(script);
+    });
+  }
+  const { useJob } = await import("/client/react.js");
+  const h = React.createElement;
+  window.renders = 0;
+  function Job({ id, tick }) {
+    const { snapshot, events, status } = useJob(id, { backoff: { base: 50, cap: 500 } });
+    window.renders++;
+    window.seen = { status, seqs: events.map((e) => e.seq), snapshot, tick };
+    return h("p", { id: "job" }, `${status}: ${snapshot?.progress ?? "?"}% (render ${tick})`);
+  }
+  function App() {
+    const [tick, setTick] = React.useState(0);
+    window.bump = () => setTick((t) => t + 1);
+    return h(Job, { id: job, tick });
+  }
+  window.root = ReactDOM.createRoot(document.body.appendChild(document.createElement("div")));
+  window.root.render(h(App));
+}"""
+
+
+async def test_react_hook_rerenders_without_reconnecting(served: Served, browser: Any) -> None:
+    """useJob (clients/js/react.js) in a React 18 page (vendored from npm): the component
+    re-renders on every event and on its parent's state changes over one WebSocket; its
+    snapshot is the server's; unmounting closes the socket."""
+    job = "react-1"
+    async with aiohttp.ClientSession(served.url) as session:
+        await create(session, job)
+    page = await open_page(browser, served)
+
+    async def vendored(route: Any) -> None:
+        name = route.request.url.rsplit("/", 1)[1]
+        if name == "react-shim.js":
+            await route.fulfill(content_type="text/javascript", body=REACT_SHIM)
+        else:
+            body = await asyncio.to_thread((VENDOR / name).read_bytes)
+            await route.fulfill(content_type="text/javascript", body=body)
+
+    await page.route(f"{served.url}/vendor/*", vendored)
+    await page.evaluate(REACT_PAGE, {"job": job})
+    await page.wait_for_function("window.seen?.status === 'live'", timeout=WAIT_MS)
+    for _ in range(5):
+        await page.evaluate("bump()")
+    await page.wait_for_function("seen.tick === 5", timeout=WAIT_MS)
+    async with aiohttp.ClientSession(served.url) as session:
+        await append(session, job, {"type": "progress", "progress": 30})
+        await page.wait_for_selector("#job:text('live: 30% (render 5)')", timeout=WAIT_MS)
+        await page.evaluate("bump()")
+        await append(session, job, {"type": "completed", "result": 7})
+        expected = await snapshot(session, job)
+    await page.wait_for_function("seen.status === 'done'", timeout=WAIT_MS)
+    seen = await page.evaluate("seen")
+    assert seen["seqs"] == [1, 2, 3]
+    assert seen["snapshot"] == expected
+    assert seen["tick"] == 6
+    assert await page.evaluate("renders") >= 9  # mount, hello, 3 events, 6 bumps (batched)
+    assert await page.evaluate("sockets.length") == 1  # re-renders never reconnected
+
+    # Unmounted while live: the hook's cleanup stops the watch, which closes its socket.
+    async with aiohttp.ClientSession(served.url) as session:
+        await create(session, "react-2")
+    await page.evaluate(
+        """async (job) => {
+          const { useJob } = await import("/client/react.js");
+          function Live() { window.second = useJob(job).status; return null; }
+          const slot = document.body.appendChild(document.createElement("div"));
+          window.root2 = ReactDOM.createRoot(slot);
+          window.root2.render(React.createElement(Live));
+        }""",
+        "react-2",
+    )
+    await page.wait_for_function("window.second === 'live'", timeout=WAIT_MS)
+    assert await page.evaluate("sockets.length") == 2
+    await page.evaluate("root2.unmount()")
+    await page.wait_for_function("sockets[1].readyState === WebSocket.CLOSED", timeout=WAIT_MS)
     assert page.errors == []
     await page.close()

@@ -146,7 +146,9 @@ class Watch {
   constructor(kind, url, options) {
     this.#kind = kind;
     this.#url = new URL(url, globalThis.location?.href);
-    this.#options = { ...DEFAULTS, ...options, backoff: { ...DEFAULTS.backoff, ...options.backoff } };
+    // An option given as undefined is an option not given (a wrapper passes its own through).
+    const given = Object.fromEntries(Object.entries(options).filter(([, v]) => v !== undefined));
+    this.#options = { ...DEFAULTS, ...given, backoff: { ...DEFAULTS.backoff, ...given.backoff } };
     /** "connecting" | "live" | "waiting" | "done" | "failed" | "stopped" */
     this.state = "connecting";
     this.transport = this.#options.transport === "sse" ? "sse" : "websocket";

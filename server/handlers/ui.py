@@ -26,7 +26,15 @@ from .request import json_response
 
 # What /client/ serves: the module, the element, their types (npm's package.json lists the
 # same files).
-CLIENT_FILES = ("jobfeed.js", "jobfeed.d.ts", "progress.js", "progress.d.ts")
+CLIENT_FILES = (
+    "jobfeed.js",
+    "jobfeed.d.ts",
+    "progress.js",
+    "progress.d.ts",
+    # Imports "react" by its bare name: for bundlers, or a page with an import map.
+    "react.js",
+    "react.d.ts",
+)
 # The dashboard's own files; every job page is the same document (job.html reads its id from
 # the URL).
 UI_FILES = ("index.html", "job.html", "dashboard.js", "job.js", "ui.css", "common.js")
