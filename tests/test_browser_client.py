@@ -281,6 +281,56 @@ async def test_log_reset_starts_over_and_a_reload_resumes(served: Served, browse
     await page.close()
 
 
+async def test_auto_transport_falls_back_to_sse_and_passes_the_ticket(
+    served: Served, browser: Any
+) -> None:
+    """With WebSockets failing before they open (a proxy that drops upgrades), the default
+    transport gives way to Server-Sent Events and the job is followed to its end; every
+    attempt carries getTicket's ticket as ``?ticket=`` (auth.md)."""
+    job = "mod-3"
+    async with aiohttp.ClientSession(served.url) as session:
+        await create(session, job)
+    page = await open_page(browser, served)
+    await page.evaluate(
+        """async ({job, backoff}) => {
+          window.WebSocket = class {  // every upgrade fails, as behind such a proxy
+            static CONNECTING = 0; static OPEN = 1; static CLOSING = 2; static CLOSED = 3;
+            constructor(url) {
+              (window.tried ??= []).push(String(url));
+              this.readyState = 3;
+              setTimeout(() => this.onclose?.({code: 1006, reason: ""}), 0);
+            }
+            close() {}
+          };
+          const Fetch = window.fetch;
+          window.fetch = (url, init) => {
+            (window.tried ??= []).push(String(url));
+            return Fetch(url, init);
+          };
+          const m = await import("/client/jobfeed.js");
+          const got = window.got = {events: []};
+          got.watch = m.watchJob(m.jobStreamUrl(job), {
+            backoff, getTicket: () => "t-1",
+            onEvent: (event) => got.events.push(event.seq),
+          });
+        }""",
+        {"job": job, "backoff": BACKOFF},
+    )
+    await page.wait_for_function("got.events.length === 1", timeout=WAIT_MS)
+    async with aiohttp.ClientSession(served.url) as session:
+        await append(session, job, {"type": "cancelled", "reason": "not needed"})
+    await page.wait_for_function("got.watch.state === 'done'", timeout=WAIT_MS)
+    assert await page.evaluate("got.events") == [1, 2]
+    assert await page.evaluate("got.watch.transport") == "sse"
+    tried = await page.evaluate("tried")
+    assert tried[0].startswith("ws://")
+    assert "/v1/jobs/mod-3/stream?" in tried[0]
+    assert any(url.startswith("http://") for url in tried)
+    assert all("ticket=t-1" in url for url in tried), tried
+    assert page.errors == []
+    await page.close()
+
+
 CARDS = """<head><meta charset="utf-8"><title>cards</title>
 <style>body{font:14px system-ui,sans-serif;margin:16px;display:grid;gap:12px;width:420px}
 #custom{--jobfeed-bar-color:#8250df;--jobfeed-radius:2px}</style>
