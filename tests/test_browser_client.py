@@ -331,6 +331,55 @@ async def test_auto_transport_falls_back_to_sse_and_passes_the_ticket(
     await page.close()
 
 
+async def test_sse_error_records_are_retried_like_nginx_upstream_down(
+    served: Served, browser: Any
+) -> None:
+    """An SSE answer of 200 with an ``event: error`` record is a refusal to retry, whatever
+    its code: the one docs/nginx/jobfeed.conf sends while jobfeed is down
+    (``upstream_unavailable``) included. The watch resumes and follows the job to its end."""
+    job = "mod-4"
+    async with aiohttp.ClientSession(served.url) as session:
+        await create(session, job)
+    page = await open_page(browser, served)
+    answered: list[str] = []
+
+    async def upstream_down_once(route: Any) -> None:
+        answered.append(route.request.url)
+        if len(answered) > 1:
+            await route.continue_()
+            return
+        await route.fulfill(
+            status=200,
+            content_type="text/event-stream",
+            body='retry: 50\n\nevent: error\ndata: {"type":"error",'
+            '"code":"upstream_unavailable","message":"jobfeed is not answering; retrying"}\n\n',
+        )
+
+    await page.route(f"{served.url}/v1/jobs/{job}/stream*", upstream_down_once)
+    await page.evaluate(
+        """async ({job, backoff}) => {
+          const m = await import("/client/jobfeed.js");
+          const got = window.got = {events: [], errors: []};
+          got.watch = m.watchJob(m.jobStreamUrl(job), {
+            transport: "sse", backoff,
+            onEvent: (event) => got.events.push(event.seq),
+            onError: (error) => got.errors.push(error.code),
+          });
+        }""",
+        {"job": job, "backoff": BACKOFF},
+    )
+    await page.wait_for_function("got.events.length === 1", timeout=WAIT_MS)
+    async with aiohttp.ClientSession(served.url) as session:
+        await append(session, job, {"type": "completed"})
+    await page.wait_for_function("got.watch.state === 'done'", timeout=WAIT_MS)
+    assert await page.evaluate("got.events") == [1, 2]
+    assert await page.evaluate("got.errors") == []
+    assert await page.evaluate("got.watch.resumes") == 1
+    assert len(answered) == 2
+    assert page.errors == []
+    await page.close()
+
+
 CARDS = """<head><meta charset="utf-8"><title>cards</title>
 <style>body{font:14px system-ui,sans-serif;margin:16px;display:grid;gap:12px;width:420px}
 #custom{--jobfeed-bar-color:#8250df;--jobfeed-radius:2px}</style>

@@ -109,12 +109,6 @@ export class JobfeedError extends Error {
 // Close codes (docs/protocol.md, "Close codes"): resume later, or give up.
 const RESUME_CLOSE_CODES = new Set([1001, 1005, 1006, 1011, 1012, 1013, 1014]);
 const RETRY_STATUSES = new Set([408, 425, 429, 500, 502, 503, 504]);
-const RETRYABLE_ERROR_CODES = new Set([
-  "overloaded",
-  "shutting_down",
-  "storage_unavailable",
-  "rate_limited",
-]);
 const CLOSE_ERROR_CODES = {
   4004: "job_not_found",
   4400: "invalid_parameter",
@@ -363,15 +357,15 @@ class Watch {
 
   #sseRecord(record, retryHint) {
     if (record.event === "error") {
+      // A 200 that carries an error record is, by design, a refusal to retry (final
+      // refusals keep their 4xx status): overloaded, shutting_down, a proxy's
+      // upstream_unavailable (docs/nginx/jobfeed.conf)... Only auth.md's codes differ.
       const frame = parseJson(record.data) ?? {};
       const code = String(frame.code ?? "error");
-      const error = new JobfeedError(code, frame.message ?? code, { final: false });
-      if (RETRYABLE_ERROR_CODES.has(code)) {
-        return { kind: "retry", reason: `SSE error ${code}`, retryAfter: retryHint, opened: true };
-      }
+      const error = new JobfeedError(code, frame.message ?? code);
       if (code === "token_expired" || code === "unauthorized") return { kind: "reauth", error };
-      error.final = true;
-      return { kind: "fatal", error };
+      if (code === "forbidden") return { kind: "fatal", error };
+      return { kind: "retry", reason: `SSE error ${code}`, retryAfter: retryHint, opened: true };
     }
     if (!record.data) return null;
     const frame = parseJson(record.data);
