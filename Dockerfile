@@ -1,7 +1,9 @@
 # syntax=docker/dockerfile:1
 # jobfeed: a durable job-progress log. Build: docker build -t jobfeed .
-# Run:   docker run -d --name jobfeed -p 127.0.0.1:8080:8080 -v jobfeed-data:/data jobfeed
-#        (loopback only: jobfeed has no authentication yet; see README.md)
+# Run:   docker run -d --name jobfeed -p 8080:8080 -v jobfeed-data:/data \
+#          -e JOBFEED_AUTH__MODE=jwt -e JOBFEED_AUTH__SECRETS='["<32+ random characters>"]' jobfeed
+# It listens on 0.0.0.0: without a secret (or JOBFEED_AUTH__ALLOW_ANONYMOUS_REMOTE=true) it
+# refuses to start, saying so in one line (README.md, "Exposing jobfeed"; docs/security.md).
 # See README.md ("Running in a container") and docs/operations.md.
 
 # --- build: a virtualenv with jobfeed and its pinned dependencies -----------------------------

@@ -115,6 +115,8 @@ def _score(verdict: Verdict) -> float | None:
         return None
     if target.bound is not None:
         return theirs / ours  # times and sizes under a bound
+    if target.margin is not None:
+        return (theirs + target.margin) / ours  # a size at most `margin` over theirs
     assert target.ratio is not None
     if target.higher_is_better:
         return ours / (target.ratio * theirs)

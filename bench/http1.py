@@ -38,10 +38,12 @@ class Http1Connection:
             self._writer.close()
         self._reader = self._writer = None
 
-    def head(self, path: str) -> bytes:
-        """The request head for a JSON POST to ``path`` (``%d`` left for Content-Length)."""
+    def head(self, path: str, authorization: str = "") -> bytes:
+        """The request head for a JSON POST to ``path`` (``%d`` left for Content-Length),
+        with ``Authorization: Bearer <authorization>`` when one is given."""
+        credential = f"Authorization: Bearer {authorization}\r\n" if authorization else ""
         return (
-            f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+            f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n{credential}"
             "Content-Type: application/json\r\nContent-Length: %d\r\n\r\n"
         ).encode()
 

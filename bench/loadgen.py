@@ -94,6 +94,7 @@ class AppendSpec:
     warmup: float
     duration: float
     time_limit: float
+    tokens: tuple[str, ...] = ()  # with authentication on: one bearer token per job
 
 
 async def open_connections(base_url: str, count: int) -> list[Http1Connection]:
@@ -116,7 +117,7 @@ async def append_closed_loop(link: Link, spec: AppendSpec) -> None:
 
     async def slot(connection: Http1Connection, job_id: str) -> None:
         nonlocal events, last_seq
-        head = connection.head(f"/v1/jobs/{job_id}/events")
+        head = connection.head(f"/v1/jobs/{job_id}/events", tokens.get(job_id, ""))
         counter = 0
         while (t0 := time.perf_counter_ns()) < w1:
             body = append_body(spec.batch, counter)
@@ -132,6 +133,7 @@ async def append_closed_loop(link: Link, spec: AppendSpec) -> None:
             elif status == 503:
                 await asyncio.sleep(0.005)  # overloaded: back off as a producer should
 
+    tokens = dict(zip(spec.job_ids, spec.tokens, strict=False))
     jobs = [job_id for job_id in spec.job_ids for _ in range(spec.depth)]
     await asyncio.gather(*(slot(c, j) for c, j in zip(connections, jobs, strict=True)))
     for connection in connections:
@@ -226,11 +228,12 @@ async def append_paced(link: Link, spec: PacedSpec) -> None:
 # -- the coordinator's own setup calls --------------------------------------------------------
 
 
-async def create_jobs(base_url: str, job_ids: Sequence[str]) -> None:
+async def create_jobs(base_url: str, job_ids: Sequence[str], token: str = "") -> None:
+    headers = {**JSON_HEADERS, **({"Authorization": f"Bearer {token}"} if token else {})}
     async with aiohttp.ClientSession(timeout=REQUEST_TIMEOUT) as session:
         for job_id in job_ids:
             body = orjson.dumps({"job_id": job_id, "kind": "bench"})
-            async with session.post(f"{base_url}/v1/jobs", data=body, headers=JSON_HEADERS) as r:
+            async with session.post(f"{base_url}/v1/jobs", data=body, headers=headers) as r:
                 if r.status != 201:
                     raise RuntimeError(f"create {job_id}: {r.status} {await r.text()}")
 
@@ -254,10 +257,11 @@ async def preload(base_url: str, job_id: str, events: int, batch: int, parallel:
     return last_seq
 
 
-async def append_one(base_url: str, job_id: str) -> None:
+async def append_one(base_url: str, job_id: str, token: str = "") -> None:
     """One event, its ``data.t`` the moment it is sent."""
+    headers = {**JSON_HEADERS, **({"Authorization": f"Bearer {token}"} if token else {})}
     async with aiohttp.ClientSession(timeout=REQUEST_TIMEOUT) as session:
         url = f"{base_url}/v1/jobs/{job_id}/events"
-        async with session.post(url, data=append_body(1, 0), headers=JSON_HEADERS) as r:
+        async with session.post(url, data=append_body(1, 0), headers=headers) as r:
             if r.status != 201:
                 raise RuntimeError(f"append {job_id}: {r.status} {await r.text()}")

@@ -20,8 +20,11 @@ import urllib.request
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import orjson
+
+from server.auth import mint_token
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -218,6 +221,16 @@ def sampled(process: ServerProcess) -> Iterator[None]:
             err = b"timed out"
         if spy.returncode not in (0, -signal.SIGINT) and not target.exists():
             sys.stderr.write(f"py-spy failed: {err.decode(errors='replace')[-500:]}\n")
+
+
+# W1 / W7 with authentication on (bench.workloads.w1_auth, bench.streams.w7_auth).
+BENCH_SECRET = "bench-secret-not-for-production-0123456789"
+AUTH_SETTINGS = {"AUTH__MODE": "jwt", "AUTH__SECRETS": f'["{BENCH_SECRET}"]'}
+
+
+def bench_token(tenant: str = "bench", scope: str = "jobs:read jobs:write", **claims: Any) -> str:
+    """A token as a backend would issue it, for the bench's own tenant."""
+    return mint_token(BENCH_SECRET, tenant=tenant, scope=scope, ttl_seconds=24 * 3600, **claims)
 
 
 @contextlib.contextmanager

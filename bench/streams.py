@@ -235,11 +235,15 @@ def w6(profile: Profile) -> list[Phase]:
 # -- W7: idle subscribers --------------------------------------------------------------------
 
 
-def w7(profile: Profile, target: Target = "jobfeed") -> list[Phase]:
+def w7(profile: Profile, target: Target = "jobfeed", auth: bool = False) -> list[Phase]:
     count = profile.w7_subscribers
-    label = f"W7 {count:,} idle WS"
-    with target_server(target) as process:
-        run_async(loadgen.create_jobs(process.base_url, ["w7"]))
+    label = f"W7auth {count:,} idle WS, authentication on" if auth else f"W7 {count:,} idle WS"
+    # With authentication on, every subscriber sends the same read token (a page's backend
+    # would hand each browser a ticket; a service shares its token).
+    token = server.bench_token(scope="jobs:read") if auth else ""
+    writer = server.bench_token() if auth else ""
+    with target_server(target, auth=auth) as process:
+        run_async(loadgen.create_jobs(process.base_url, ["w7"], writer))
         specs = [
             subscribers.SubscribeSpec(
                 process.base_url,
@@ -249,6 +253,7 @@ def w7(profile: Profile, target: Target = "jobfeed") -> list[Phase]:
                 warmup=0.0,
                 duration=30.0,
                 time_limit=120.0 + GATHER_SLACK,
+                authorization=token,
             )
             for share in split(range(count), profile.w7_processes)
         ]
@@ -262,7 +267,7 @@ def w7(profile: Profile, target: Target = "jobfeed") -> list[Phase]:
             rss_after = process.rss_bytes()
             cpu1 = process.cpu_seconds()
             idle.send("go")
-            run_async(loadgen.append_one(process.base_url, "w7"))
+            run_async(loadgen.append_one(process.base_url, "w7", writer))
             results = idle.gather("result", 30.0 + GATHER_SLACK)
             event_cpu = process.cpu_seconds() - cpu1
             idle.send("stop")
@@ -285,3 +290,8 @@ def w7(profile: Profile, target: Target = "jobfeed") -> list[Phase]:
         [f"{label}: {missing} subscribers never received the event"] if missing else [],
     )
     return [connect, one_event]
+
+
+def w7_auth(profile: Profile) -> list[Phase]:
+    """W7 with authentication on: each idle subscriber opened with a bearer token."""
+    return w7(profile, auth=True)

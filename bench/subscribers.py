@@ -91,16 +91,17 @@ class SeqCheck:
 class Subscriber(SeqCheck):
     """One WebSocket subscription: ``after`` given, seq order checked frame by frame."""
 
-    def __init__(self, base_url: str, job_id: str, after: int) -> None:
+    def __init__(self, base_url: str, job_id: str, after: int, authorization: str = "") -> None:
         super().__init__(after)
         self.url = f"{base_url}/v1/jobs/{job_id}/stream?after={after}"
+        self.authorization = authorization  # a bearer token, with authentication on
         self.hello_last_seq = -1
         self.caught_up = asyncio.Event()
         self.close_code: int | None = None
         self.ws: LeanWebSocket | None = None
 
     async def connect(self, pool: LeanPool) -> None:
-        self.ws = await pool.connect(self.url)
+        self.ws = await pool.connect(self.url, authorization=self.authorization)
         hello = await self.ws.next_text(timeout=30)
         if hello is None:
             raise ConnectionError(f"no hello from {self.url}: closed {self.ws.close_code}")
@@ -175,6 +176,7 @@ class SubscribeSpec:
     duration: float
     time_limit: float
     resume_afters: tuple[int, ...] = ()  # subscribe_storm: the offsets to resume from
+    authorization: str = ""  # a bearer token for every subscriber (authentication on)
 
 
 async def subscribe_window(link: Link, spec: SubscribeSpec) -> None:
@@ -253,7 +255,10 @@ async def subscribe_idle(link: Link, spec: SubscribeSpec) -> None:
     """Idle subscribers: connect all, report ``ready``; on ``go`` wait for the one event the
     coordinator appends and report each subscriber's delay; close on ``stop``."""
     async with ws_session() as session:
-        subscribers = [Subscriber(spec.base_url, spec.job_id, after) for after in spec.afters]
+        subscribers = [
+            Subscriber(spec.base_url, spec.job_id, after, spec.authorization)
+            for after in spec.afters
+        ]
         started, cpu0 = time.perf_counter(), time.process_time()
         await bounded_gather(
             [functools.partial(s.connect, session) for s in subscribers], spec.connect_parallel

@@ -53,4 +53,7 @@ SUITE = (
     Workload("W8", manyjobs.w8, _raw(manyjobs.w8)),
     Workload("W9", feed.w9),
     Workload("W10", feed.w10),
+    # Authentication on, against W1 and W7 of the same run (bench.targets).
+    Workload("W1auth", workloads.w1_auth),
+    Workload("W7auth", streams.w7_auth),
 )

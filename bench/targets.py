@@ -41,6 +41,8 @@ class Target:
     # The comparator is another of jobfeed's own phases from the same run (comparator_phase),
     # not a ceiling or a peer: e.g. W9's feed fan-out against W4's job-stream fan-out.
     against_measured: bool = False
+    # ``ours <= theirs + margin`` instead of a ratio (a size at most that much over theirs).
+    margin: float | None = None
 
 
 TARGETS = (
@@ -155,10 +157,32 @@ TARGETS = (
     Target(
         "W7",
         "≤ 20 KB RSS per idle subscriber",
-        both("W7", ": connect"),
+        both("W7 ", ": connect"),
         "server RSS KB/connection",
         False,
         bound=20.0,
+    ),
+    Target(
+        "W1auth",
+        "≥ 0.9x W1 (authentication off) events/s",
+        starts("W1auth durable append"),
+        "events/s",
+        True,
+        ratio=0.9,
+        comparator="W1, authentication off",
+        comparator_phase=both("W1 durable append:", "1 event/request, full"),
+        against_measured=True,
+    ),
+    Target(
+        "W7auth",
+        "≤ 1 KB more RSS per idle subscriber than W7 (authentication off)",
+        both("W7auth", ": connect"),
+        "server RSS KB/connection",
+        False,
+        comparator="W7, authentication off",
+        comparator_phase=both("W7 ", ": connect"),
+        margin=1.0,
+        against_measured=True,
     ),
 )
 
@@ -204,7 +228,6 @@ def judge(measured: Sequence[Phase], compared: Sequence[Phase]) -> list[Verdict]
             met = None if ours is None else ours <= target.bound
             verdicts.append(Verdict(target, ours, target.bound, "bound", met))
             continue
-        assert target.ratio is not None
         assert target.comparator is not None
         if target.against_measured:
             assert target.comparator_phase is not None
@@ -218,7 +241,10 @@ def judge(measured: Sequence[Phase], compared: Sequence[Phase]) -> list[Verdict]
                 target.comparator,
             )
         met = None
-        if ours is not None and theirs is not None:
+        if ours is not None and theirs is not None and target.margin is not None:
+            met = ours <= theirs + target.margin
+        elif ours is not None and theirs is not None:
+            assert target.ratio is not None
             if target.higher_is_better:
                 met = ours >= target.ratio * theirs
             else:

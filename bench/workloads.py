@@ -47,9 +47,13 @@ def split(items: Sequence[T], parts: int) -> list[tuple[T, ...]]:
 
 
 @contextlib.contextmanager
-def target_server(target: Target, durability: str = "full") -> Iterator[server.ServerProcess]:
+def target_server(
+    target: Target, durability: str = "full", auth: bool = False
+) -> Iterator[server.ServerProcess]:
+    """``auth``: jobfeed with authentication on (``server.AUTH_SETTINGS``)."""
     if target == "jobfeed":
-        with server.jobfeed(durability) as process:
+        settings = server.AUTH_SETTINGS if auth else {}
+        with server.jobfeed(durability, **settings) as process:
             yield process
     else:
         with server.raw_ws() as process:
@@ -112,10 +116,15 @@ def closed_loop_append(
     depth: int,
     durability: str = "full",
     target: Target = "jobfeed",
+    auth: bool = False,
 ) -> list[Phase]:
-    with target_server(target, durability) as process:
+    with target_server(target, durability, auth) as process:
         job_ids = [f"producer-{i:02d}" for i in range(profile.producers)]
-        run_async(loadgen.create_jobs(process.base_url, job_ids))
+        # With authentication on, one token per producer, granted its own job only.
+        tokens = {j: server.bench_token(jobs=[j]) if auth else "" for j in job_ids}
+        run_async(
+            loadgen.create_jobs(process.base_url, job_ids, server.bench_token() if auth else "")
+        )
         specs = [
             loadgen.AppendSpec(
                 process.base_url,
@@ -125,6 +134,7 @@ def closed_loop_append(
                 profile.warmup,
                 profile.duration,
                 time_limit=profile.warmup + profile.duration + GATHER_SLACK,
+                tokens=tuple(tokens[j] for j in share),
             )
             for share in split(job_ids, profile.generator_processes)
         ]
@@ -165,6 +175,20 @@ def w2_name(profile: Profile) -> str:
 def w1(profile: Profile) -> list[Phase]:
     return closed_loop_append(
         profile, w1_name(profile), batch=1, depth=profile.depth, durability="full"
+    )
+
+
+def w1_auth_name(profile: Profile) -> str:
+    return (
+        f"W1auth durable append, authentication on: {profile.producers} producers x "
+        f"{profile.depth} in flight, 1 token per producer, 1 event/request, full"
+    )
+
+
+def w1_auth(profile: Profile) -> list[Phase]:
+    """W1 with authentication on: every request carries its producer's bearer token."""
+    return closed_loop_append(
+        profile, w1_auth_name(profile), batch=1, depth=profile.depth, durability="full", auth=True
     )
 
 

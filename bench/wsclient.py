@@ -169,7 +169,9 @@ class LeanPool:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def connect(self, url: str, timeout: float = 30.0) -> LeanWebSocket:
+    async def connect(
+        self, url: str, timeout: float = 30.0, authorization: str = ""
+    ) -> LeanWebSocket:
         parts = urlsplit(url)
         assert parts.hostname is not None
         assert parts.port is not None
@@ -177,7 +179,8 @@ class LeanPool:
         key = base64.b64encode(os.urandom(16)).decode()
         request = (
             f"GET {path} HTTP/1.1\r\nHost: {parts.hostname}:{parts.port}\r\n"
-            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            + (f"Authorization: Bearer {authorization}\r\n" if authorization else "")
+            + "Upgrade: websocket\r\nConnection: Upgrade\r\n"
             f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
         ).encode()
         loop = asyncio.get_running_loop()

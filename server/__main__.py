@@ -1,6 +1,6 @@
-"""The ``jobfeed`` command: ``serve`` and ``migrate`` (``--help`` shows ``DESCRIPTION``);
-``tail``, ``jobs`` and ``export`` are the Python client's (clients/python), run from here when
-it is installed.
+"""The ``jobfeed`` command: ``serve``, ``migrate`` and ``token`` (``--help`` shows
+``DESCRIPTION``); ``tail``, ``feed``, ``jobs`` and ``export`` are the Python client's
+(clients/python), run from here when it is installed.
 
 Start-up problems (bad config, unwritable or corrupt database, a schema from a newer jobfeed,
 port in use) end the process with one clear line on stderr and exit status 2 (config) or 1.
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import ipaddress
 import os
 import resource
 import signal
@@ -25,6 +26,7 @@ from aiohttp import web
 
 from . import __version__
 from .app import create_app
+from .auth import READ, Authenticator, mint_token
 from .config import Config, ConfigError, ensure_storage_dir, load_config
 from .dblock import DatabaseInUse, DatabaseLock
 from .limits import ConnectionCappedRunner
@@ -44,7 +46,7 @@ DESCRIPTION = (
 KEEPALIVE_SECONDS = 75.0
 
 
-CLIENT_COMMANDS = ("tail", "jobs", "export")
+CLIENT_COMMANDS = ("tail", "feed", "jobs", "export")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,11 +63,28 @@ def main(argv: list[str] | None = None) -> int:
     for name, text in (("serve", "run the server"), ("migrate", "apply schema migrations")):
         sub = commands.add_parser(name, help=text)
         sub.add_argument("--config", type=Path, default=None, help="path to config.toml")
+    token = commands.add_parser(
+        "token", help="mint a development token from the configured secret (auth.secrets)"
+    )
+    token.add_argument("--config", type=Path, default=None, help="path to config.toml")
+    token.add_argument("--tenant", default="default", help="the tenant claim")
+    token.add_argument("--scope", default=READ, help='space-separated, e.g. "jobs:read jobs:write"')
+    token.add_argument(
+        "--jobs", action="append", default=None, help="a job selector (id or prefix*); repeatable"
+    )
+    token.add_argument("--sub", default="jobfeed-cli", help="the sub claim")
+    token.add_argument("--ttl", type=float, default=3600, help="seconds until it expires")
     args = parser.parse_args(argv)
 
     try:
         config = load_config(args.config)
+        if args.command == "token":
+            sys.stdout.write(_mint(config, args) + "\n")
+            return 0
         ensure_storage_dir(config)
+        if args.command == "serve":
+            refuse_anonymous_remote(config)
+            Authenticator(config.auth)  # unreadable or unusable public keys: one line, exit 2
     except ConfigError as exc:
         sys.stderr.write(f"jobfeed: {exc}\n")
         return 2
@@ -74,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "migrate":
             _migrate(config)
             return 0
-        _run(_serve(config), _loop_factory(config))
+        _run(_serve(config, args.config), _loop_factory(config))
     except (DatabaseInUse, MigrationError, StorageCorrupt, sqlite3.DatabaseError, OSError) as exc:
         sys.stderr.write(f"jobfeed: cannot start: {exc}\n")
         return 1
@@ -107,6 +126,45 @@ def _migrate(config: Config) -> None:
     finally:
         lock.release()
     log.info("migrated", path=str(config.storage.path), applied=applied)
+
+
+def _mint(config: Config, args: argparse.Namespace) -> str:
+    if not config.auth.secrets:
+        raise ConfigError("jobfeed token needs auth.secrets (e.g. JOBFEED_AUTH__SECRETS)")
+    jobs = None
+    if args.jobs is not None:
+        jobs = [job for value in args.jobs for job in value.split(",") if job]
+    return mint_token(
+        config.auth.secrets[0].get_secret_value(),
+        tenant=args.tenant,
+        scope=args.scope,
+        jobs=jobs,
+        sub=args.sub,
+        ttl_seconds=args.ttl,
+        audience=config.auth.audience or None,
+        issuer=config.auth.issuer or None,
+    )
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost: it may resolve to anything
+
+
+def refuse_anonymous_remote(config: Config) -> None:
+    """Secure by default: anonymous clients only on a loopback address (auth.md)."""
+    auth, host = config.auth, config.server.host
+    if auth.mode == "none" and not auth.allow_anonymous_remote and not is_loopback(host):
+        raise ConfigError(
+            f"refusing to serve anonymous clients on {host or 'all addresses'}: set "
+            "auth.mode = 'jwt' with auth.secrets (JOBFEED_AUTH__MODE=jwt, "
+            "JOBFEED_AUTH__SECRETS='[\"...\"]'), or auth.allow_anonymous_remote = true "
+            "if anyone who can reach this address may read and write every job"
+        )
 
 
 def _loop_factory(config: Config) -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -142,8 +200,8 @@ def _tune_gc() -> None:
     gc.set_threshold(50_000, 20, 100)
 
 
-async def _serve(config: Config) -> None:
-    app = create_app(config)
+async def _serve(config: Config, config_path: Path | None) -> None:
+    app = create_app(config, config_path)
     runner = ConnectionCappedRunner(
         app,
         max_connections=config.server.max_connections,
@@ -174,6 +232,7 @@ async def _serve(config: Config) -> None:
                 fd_limit=soft,
                 fd_limit_hard=hard,
                 max_connections=config.server.max_connections,
+                auth=config.auth.mode,
             )
         if config.server.max_connections > soft:
             # Past the fd limit accept() fails before the cap can answer 503 (docs/operations.md).

@@ -9,18 +9,41 @@ import os
 import re
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from . import openapi
+from . import frame_schema, openapi
+from .auth import ANONYMOUS, PRINCIPAL, Authenticator, authenticate
 from .config import Config
-from .errors import RateLimited, ServiceError, StorageUnavailable, error_body
-from .handlers import feed, health, jobs, stream, ui
+from .cors import OriginPolicy, is_preflight, is_websocket_upgrade
+from .errors import (
+    OriginNotAllowed,
+    RateLimited,
+    ServiceError,
+    StorageUnavailable,
+    Unauthorized,
+    error_body,
+)
+from .handlers import feed, health, jobs, stream, tickets, ui
 from .handlers.eventsource import retryable_refusal, wants_event_stream
+from .handlers.guard import GuardClock, recheck_revocations
+from .handlers.ws import refuse_websocket
 from .hub import Hub
-from .keys import CONFIG, HUB, RATE_LIMITER, REQUEST_ID, STORE, STREAMS
+from .keys import (
+    AUTH,
+    CONFIG,
+    CONFIG_PATH,
+    GUARDS,
+    HUB,
+    ORIGINS,
+    RATE_LIMITER,
+    REQUEST_ID,
+    STORE,
+    STREAMS,
+)
 from .limits import RateLimiter
 from .store import Store
 from .streams import StreamRegistry
@@ -35,6 +58,10 @@ _id_counter = itertools.count(1)
 # Liveness and readiness probes come from the orchestrator's address; throttling them would
 # turn a busy server into a restarted one.
 _UNTHROTTLED_PATHS = frozenset({"/healthz", "/readyz"})
+# Probes and the API description need no credential (auth.md, "Model").
+_PUBLIC_PATHS = frozenset(
+    {"/healthz", "/readyz", "/v1/openapi.json", "/v1/frames.schema.json", "/metrics"}
+)
 _HTTP_CODES = {
     400: "bad_request",
     404: "not_found",
@@ -60,7 +87,15 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
     status = 500
     try:
         try:
-            response: web.StreamResponse = await handler(request)
+            # Admission is synchronous: a coroutine between this one and the handler would
+            # keep its frame for as long as a stream lasts (docs/performance.md, W7).
+            admitted = _admit(request)
+            if admitted is None:
+                response: web.StreamResponse = await handler(request)
+            elif isinstance(admitted, ServiceError):
+                response = await refuse_websocket(request, admitted)
+            else:
+                response = admitted
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
@@ -81,11 +116,52 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
             )
 
 
+def _admit(request: web.Request) -> web.Response | ServiceError | None:
+    """CORS preflight, the WebSocket ``Origin`` check, and the credential, before the
+    handler: None when the handler is to run (the request's ``Principal`` is set and bound
+    into the log context as ``tenant`` and ``sub``), a response for a preflight, or the
+    error to refuse a WebSocket upgrade with (after it, as 4401). Other refusals raise.
+
+    Part of ``request_middleware``, not a middleware of its own: every middleware's frame
+    stays alive for as long as its request, and a stream's request lasts as long as the
+    stream (docs/performance.md, idle subscribers)."""
+    app = request.app
+    if is_preflight(request):
+        return app[ORIGINS].preflight(request)
+    if request.path in _PUBLIC_PATHS or request.match_info.http_exception is not None:
+        return None  # a probe, or aiohttp's own 404 / 405
+    if ui.is_public(request.path):
+        return None  # the browser's pages and scripts (server/handlers/ui.py)
+    upgrade = is_websocket_upgrade(request)
+    if upgrade:
+        origin = request.headers.get("Origin")
+        if origin is not None and not app[ORIGINS].allows_websocket(request, origin):
+            raise OriginNotAllowed(origin)
+    authenticator = app[AUTH]
+    if not authenticator.enabled:
+        request[PRINCIPAL] = ANONYMOUS
+        structlog.contextvars.bind_contextvars(tenant=ANONYMOUS.tenant)
+        return None
+    try:
+        principal = authenticate(request, authenticator)
+    except Unauthorized as exc:
+        if upgrade:
+            return exc
+        raise
+    request[PRINCIPAL] = principal
+    structlog.contextvars.bind_contextvars(tenant=principal.tenant, sub=principal.sub)
+    return None
+
+
 async def _tag_response(request: web.Request, response: web.StreamResponse) -> None:
-    """Every response, streams included, names its request (headers go out at prepare)."""
+    """Every response, streams included, names its request and carries the CORS headers
+    for an allowed origin (headers go out at prepare)."""
     request_id = request.get(REQUEST_ID)
     if request_id is not None:
         response.headers["X-Request-ID"] = request_id
+    origins = request.app[ORIGINS]
+    if origins.active:
+        origins.add_headers(request, response)
 
 
 def _http_error_response(exc: web.HTTPException) -> web.Response:
@@ -147,7 +223,9 @@ async def rate_limit_middleware(request: web.Request, handler: Handler) -> web.S
     return await handler(request)
 
 
-def create_app(config: Config) -> web.Application:
+def create_app(config: Config, config_path: Path | None = None) -> web.Application:
+    """The application for ``config``; ``config_path`` (the file it was read from) lets the
+    revocation sweep re-read ``auth.not_before`` while the server runs."""
     limits = config.limits
     middlewares = [request_middleware]
     if limits.rate_per_client > 0:
@@ -172,6 +250,12 @@ def create_app(config: Config) -> web.Application:
     # After the store's: cleanup contexts exit in reverse, so the streams have ended (and
     # stopped reading) before the store closes.
     app.cleanup_ctx.append(_streams_ctx)
+    app[AUTH] = Authenticator(config.auth)
+    app[ORIGINS] = OriginPolicy(config.http)
+    app[GUARDS] = GuardClock()
+    if config_path is not None:
+        app[CONFIG_PATH] = config_path
+    app.cleanup_ctx.append(recheck_revocations)
     app.on_response_prepare.append(_tag_response)
     add_routes(app)
     return app
@@ -185,10 +269,12 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/jobs/{job_id}/events", jobs.read_events)
     # No HEAD: a stream has no headers-only form, and HEAD must never upgrade (405 instead).
     app.router.add_get("/v1/jobs/{job_id}/stream", stream.stream, allow_head=False)
+    app.router.add_post("/v1/tickets", tickets.create_ticket)
     app.router.add_get("/v1/feed", feed.feed, allow_head=False)
     app.router.add_get("/healthz", health.healthz)
     app.router.add_get("/readyz", health.readyz)
     app.router.add_get("/v1/openapi.json", openapi.openapi_json)
+    app.router.add_get("/v1/frames.schema.json", frame_schema.frames_schema_json)
     ui.add_routes(app)  # /client/ (the ES module, <jobfeed-progress>), /ui/ (the dashboard)
 
 

@@ -7,13 +7,24 @@ key, bad type, unwritable database directory) raises ``ConfigError`` with one cl
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 ENV_PREFIX = "JOBFEED_"
 
@@ -112,12 +123,87 @@ class LogConfig(_Section):
     access: bool = True
 
 
+_ORIGIN_RE = re.compile(r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?$")
+# HMAC keys shorter than the hash are guessable offline from one token (RFC 7518, 3.2).
+MIN_SECRET_CHARS = 32
+
+
+class HttpConfig(_Section):
+    # Browser origins that get CORS answers and may open WebSockets (docs/security.md).
+    cors_origins: tuple[str, ...] = ()
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, origins: tuple[str, ...]) -> tuple[str, ...]:
+        for origin in origins:
+            if origin != "*" and not _ORIGIN_RE.match(origin):
+                raise ValueError(
+                    f"{origin!r} is not an origin: scheme://host[:port], no path, or '*'"
+                )
+        return tuple(origin.lower() for origin in origins)
+
+
+def _empty_is_none(value: Any) -> Any:
+    """TOML has no null: an empty string stands for "not set"."""
+    return None if value == "" else value
+
+
+class TenantAuthConfig(_Section):
+    not_before: AwareDatetime | None = None
+
+    _not_before = field_validator("not_before", mode="before")(_empty_is_none)
+
+
+class AuthConfig(_Section):
+    mode: Literal["none", "jwt"] = "none"
+    secrets: tuple[SecretStr, ...] = ()
+    public_keys: tuple[Path, ...] = ()
+    audience: str = "jobfeed"  # "" accepts only tokens without aud
+    issuer: str = ""  # "" does not check iss
+    leeway_seconds: float = Field(30.0, ge=0, le=3600)
+    ticket_seconds: float = Field(300.0, gt=0, le=86_400)
+    recheck_seconds: float = Field(10.0, gt=0)
+    not_before: AwareDatetime | None = None
+    tenants: dict[str, TenantAuthConfig] = {}
+    allow_anonymous_remote: bool = False
+    token_cache_size: int = Field(10_000, ge=0)
+
+    _not_before = field_validator("not_before", mode="before")(_empty_is_none)
+
+    @field_validator("secrets")
+    @classmethod
+    def _long_secrets(cls, secrets: tuple[SecretStr, ...]) -> tuple[SecretStr, ...]:
+        for index, secret in enumerate(secrets):
+            if len(secret.get_secret_value()) < MIN_SECRET_CHARS:
+                raise ValueError(
+                    f"secret {index} is shorter than {MIN_SECRET_CHARS} characters "
+                    "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+                )
+        return secrets
+
+    @model_validator(mode="after")
+    def _keys_for_jwt(self) -> AuthConfig:
+        if self.mode == "jwt" and not self.secrets and not self.public_keys:
+            raise ValueError("auth.mode = 'jwt' needs auth.secrets or auth.public_keys")
+        return self
+
+
 class Config(_Section):
     server: ServerConfig = ServerConfig()
     storage: StorageConfig = StorageConfig()
     stream: StreamConfig = StreamConfig()
     limits: LimitsConfig = LimitsConfig()
     log: LogConfig = LogConfig()
+    http: HttpConfig = HttpConfig()
+    auth: AuthConfig = AuthConfig()
+
+    @model_validator(mode="after")
+    def _wildcard_needs_auth(self) -> Config:
+        if "*" in self.http.cors_origins and self.auth.mode == "none":
+            raise ValueError(
+                "http.cors_origins = ['*'] is allowed only with authentication on (auth.mode)"
+            )
+        return self
 
 
 def _apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
@@ -127,7 +213,18 @@ def _apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
         section, _, key = name[len(ENV_PREFIX) :].lower().partition("__")
         if section not in Config.model_fields:
             raise ConfigError(f"{name}: unknown section {section!r}")
-        raw.setdefault(section, {})[key] = value
+        raw.setdefault(section, {})[key] = _env_value(name, value)
+
+
+def _env_value(name: str, value: str) -> Any:
+    """A list or table is written as JSON (``JOBFEED_AUTH__SECRETS='["..."]'``); any other
+    value is passed as the string it is, for pydantic to convert."""
+    if not value.lstrip().startswith(("[", "{")):
+        return value
+    try:
+        return json.loads(value)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: not valid JSON: {exc}") from None
 
 
 def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> Config:
@@ -152,12 +249,15 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
-        raise ConfigError(f"config {where}: {first['msg']}") from exc
+        # Never the input: it may be a secret.
+        raise ConfigError(f"config {where}: {first['msg']}") from None
     db_path = config.storage.path
     if not db_path.is_absolute():
         db_path = base / db_path
     storage = config.storage.model_copy(update={"path": db_path})
-    return config.model_copy(update={"storage": storage})
+    keys = tuple(key if key.is_absolute() else base / key for key in config.auth.public_keys)
+    auth = config.auth.model_copy(update={"public_keys": keys})
+    return config.model_copy(update={"storage": storage, "auth": auth})
 
 
 def ensure_storage_dir(config: Config) -> None:

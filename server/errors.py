@@ -48,6 +48,48 @@ class BadRequest(ServiceError):
     code = "bad_request"
 
 
+class Unauthorized(ServiceError):
+    """No usable credential. ``reason`` says which of missing / malformed / bad signature /
+    expired / not yet valid / wrong audience / wrong issuer / revoked; the message starts
+    with it and never contains the credential."""
+
+    status = 401
+    code = "unauthorized"
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        # RFC 6750, section 3: the scheme, and for a credential that was sent, why it failed.
+        challenge = 'Bearer realm="jobfeed"'
+        if reason != "missing":
+            challenge += f', error="invalid_token", error_description="{reason}"'
+        self.headers = {"WWW-Authenticate": challenge}
+
+
+class TokenExpired(Unauthorized):
+    """A stream's credential expired while it was open (WebSocket 4401, SSE error event)."""
+
+    code = "token_expired"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "expired",
+            "the credential of this stream expired; get a new one and resume from your last seq",
+        )
+
+
+class Forbidden(ServiceError):
+    status = 403
+    code = "forbidden"
+
+
+class OriginNotAllowed(Forbidden):
+    def __init__(self, origin: str) -> None:
+        super().__init__(
+            f"origin {origin[:100]} is not allowed to open a WebSocket (http.cors_origins)"
+        )
+
+
 class JobNotFound(ServiceError):
     status = 404
     code = "job_not_found"
@@ -182,4 +224,6 @@ class WSClose:
     OVERLOADED = 1013
     JOB_NOT_FOUND = 4004
     BAD_REQUEST = 4400
+    UNAUTHORIZED = 4401
+    FORBIDDEN = 4403
     LOG_RESET = 4409

@@ -19,8 +19,9 @@ position past the ids that did not match.
 
 Authorization lives in one place: ``FeedFilter.grant`` (a ``Grant``) is asked about every
 event the feed is about to send, replayed or live (``FeedFilter.matches`` and
-``FeedFilter.permitted``). Today every credential sees every event (``ALL_EVENTS``); when
-auth.md lands, its tenant and job grants become a ``Grant`` built from the credential.
+``FeedFilter.permitted``). With authentication on it is the credential's ``TenantGrant``
+(``server.auth``: its tenant, its job grants); off, ``ALL_EVENTS`` (everything is tenant
+``default``).
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ class Grant(Protocol):
 
 
 class AllEvents:
-    """The grant of every credential until auth.md lands: every event of every job."""
+    """Every event of every job: the grant with authentication off (one tenant)."""
 
     key = "*"
     everything = True

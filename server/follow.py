@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from .frames import Frame, within_bytes
 from .hub import Hub, JobChannel, LiveSubscriber, PushFn
 from .store import JobHead, Store
+from .tenancy import JobKey
 
 
 class StreamClosing(Exception):
@@ -27,7 +28,7 @@ class StreamClosing(Exception):
 class Cursor:
     """Where a subscriber is: ``after`` is the last seq it was sent (its resume offset)."""
 
-    job_id: str
+    key: JobKey
     after: int
     sent: int = 0
     done: bool = False
@@ -61,7 +62,7 @@ async def follow(
     if head.status in ("completed", "failed", "cancelled") and cursor.after >= head.last_seq:
         cursor.done = True
         return
-    channel = hub.attach(cursor.job_id, head.last_seq)
+    channel = hub.attach(cursor.key, head.last_seq)
     # `head` may be stale: events committed after it was read, while no channel held this job,
     # are not in the channel's high-water mark. One read of SQLite after attaching covers
     # them; from then on every commit is published to this (now pinned) channel.
@@ -73,7 +74,7 @@ async def follow(
             frames = channel.frames_after(cursor.after, page_events)
             if frames is None or (not frames and not verified):
                 frames = await store.read_after(
-                    cursor.job_id, cursor.after, page_events, max_bytes=page_bytes
+                    cursor.key, cursor.after, page_events, max_bytes=page_bytes
                 )
                 # Only a short page proves the read reached the end of the log; one cut
                 # short by bytes does not.

@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 
 from .models import TERMINAL_TYPES
+from .tenancy import DEFAULT_TENANT
 
 # A stream writes a batch of frames in parts of about this many bytes, waiting for the peer
 # between them (aiohttp's transports pause writers at 64 KiB buffered).
@@ -33,6 +34,7 @@ class Frame:
         "json",
         "kind",
         "seq",
+        "tenant",
         "terminal",
         "ts",
     )
@@ -46,7 +48,12 @@ class Frame:
         ts: str,
         json: bytes,
         kind: str | None = None,
+        *,
+        tenant: str = DEFAULT_TENANT,
     ) -> None:
+        # The tenant never goes on the wire (events carry the public job_id only); it lets
+        # what spans jobs (the feed) check each frame against a credential's tenant.
+        self.tenant = tenant
         self.job_id = job_id
         self.seq = seq
         self.event_id = event_id

@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 from .feed import FeedChannel
 from .frames import WRITE_PART_BYTES, Frame
+from .tenancy import JobKey
 
 # Sends frames to a subscriber now, without blocking; False if it cannot (it then reads them).
 PushFn = Callable[[list[Frame]], bool]
@@ -65,13 +66,13 @@ class JobChannel:
         "first_seq",
         "frames",
         "high_water",
-        "job_id",
+        "key",
         "live",
         "subscribers",
     )
 
-    def __init__(self, job_id: str, high_water: int) -> None:
-        self.job_id = job_id
+    def __init__(self, key: JobKey, high_water: int) -> None:
+        self.key = key
         self.high_water = high_water
         self.frames: list[Frame] = []
         self.first_seq = high_water + 1
@@ -204,19 +205,20 @@ class Hub:
         self.cache_bytes = cache_bytes
         self.feed = FeedChannel(feed_cache_events, feed_cache_bytes)
         self.closing = False
-        self._channels: OrderedDict[str, JobChannel] = OrderedDict()
+        # Keyed by (tenant, job_id): two tenants' jobs of the same id never share a channel.
+        self._channels: OrderedDict[JobKey, JobChannel] = OrderedDict()
         self._total_bytes = 0
 
     @property
     def total_bytes(self) -> int:
         return self._total_bytes
 
-    def attach(self, job_id: str, committed_seq: int) -> JobChannel:
-        """A subscriber's handle on ``job_id``; ``committed_seq`` is a last_seq it read."""
-        channel = self._channels.get(job_id)
+    def attach(self, key: JobKey, committed_seq: int) -> JobChannel:
+        """A subscriber's handle on job ``key``; ``committed_seq`` is a last_seq it read."""
+        channel = self._channels.get(key)
         if channel is None:
-            channel = JobChannel(job_id, committed_seq)
-            self._channels[job_id] = channel
+            channel = JobChannel(key, committed_seq)
+            self._channels[key] = channel
             self._total_bytes += _CHANNEL_OVERHEAD
         elif committed_seq > channel.high_water:
             channel.high_water = committed_seq
@@ -228,15 +230,15 @@ class Hub:
         if channel.subscribers == 0 and not channel.frames:
             self._drop(channel)
 
-    def publish(self, job_id: str, frames: list[Frame]) -> None:
+    def publish(self, key: JobKey, frames: list[Frame]) -> None:
         """Called by the writer after commit, with one job's new frames in seq order."""
-        channel = self._channels.get(job_id)
+        channel = self._channels.get(key)
         if channel is None:
-            channel = JobChannel(job_id, frames[0].seq - 1)
-            self._channels[job_id] = channel
+            channel = JobChannel(key, frames[0].seq - 1)
+            self._channels[key] = channel
             self._total_bytes += _CHANNEL_OVERHEAD
         else:
-            self._channels.move_to_end(job_id)
+            self._channels.move_to_end(key)
         self._cache(channel, frames)
         channel.high_water = max(channel.high_water, frames[-1].seq)
         channel.deliver(frames)
@@ -294,6 +296,6 @@ class Hub:
             self._evict(keep, max(1, len(keep.frames) // 2))
 
     def _drop(self, channel: JobChannel) -> None:
-        if self._channels.get(channel.job_id) is channel:
-            del self._channels[channel.job_id]
+        if self._channels.get(channel.key) is channel:
+            del self._channels[channel.key]
             self._total_bytes -= _CHANNEL_OVERHEAD

@@ -19,15 +19,17 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from .snapshot import JobState
+from .tenancy import JobKey
 
 # The cache's own cost per entry, on top of the state: the OrderedDict's hash-table slot and
-# linked-list node for the key (~100 bytes on CPython 3.11, rounded up).
-ENTRY_OVERHEAD = 128
+# linked-list node (~100 bytes on CPython 3.11) and the JobKey tuple (~56), rounded up.
+ENTRY_OVERHEAD = 192
 
 
 class JobCache:
-    """Job states by job id, least recently used first; at most ``max_jobs`` of them and
-    ``max_bytes`` in all (least recently used evicted first; 0 bytes caches nothing)."""
+    """Job states by job (``JobKey``: tenant and job id), least recently used first; at
+    most ``max_jobs`` of them and ``max_bytes`` in all (least recently used evicted first;
+    0 bytes caches nothing)."""
 
     __slots__ = ("_entries", "bytes", "max_bytes", "max_jobs")
 
@@ -35,16 +37,16 @@ class JobCache:
         self.max_jobs = max_jobs
         self.max_bytes = max_bytes
         self.bytes = 0  # measured size of every cached state, plus ENTRY_OVERHEAD each
-        self._entries: OrderedDict[str, tuple[JobState, int]] = OrderedDict()
+        self._entries: OrderedDict[JobKey, tuple[JobState, int]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, job_id: str) -> JobState | None:
-        entry = self._entries.get(job_id)
+    def get(self, key: JobKey) -> JobState | None:
+        entry = self._entries.get(key)
         if entry is None:
             return None
-        self._entries.move_to_end(job_id)
+        self._entries.move_to_end(key)
         return entry[0]
 
     def clear(self) -> None:
@@ -52,14 +54,14 @@ class JobCache:
         self._entries.clear()
         self.bytes = 0
 
-    def put(self, state: JobState) -> None:
+    def put(self, key: JobKey, state: JobState) -> None:
         """Cache ``state`` (compacted) as the most recently used; evict to fit the bounds."""
         compact = state.compact()
         size = compact.measured_bytes() + ENTRY_OVERHEAD
-        previous = self._entries.pop(compact.job_id, None)
+        previous = self._entries.pop(key, None)
         if previous is not None:
             self.bytes -= previous[1]
-        self._entries[compact.job_id] = (compact, size)
+        self._entries[key] = (compact, size)
         self.bytes += size
         while self._entries and (len(self._entries) > self.max_jobs or self.bytes > self.max_bytes):
             _, (_, evicted) = self._entries.popitem(last=False)

@@ -25,6 +25,7 @@ from aiohttp import web
 
 from .errors import error_body
 from .handlers.eventsource import SSE_HEADERS, error_record, retry_field, wants_event_stream
+from .tenancy import JobKey
 
 log = structlog.get_logger("jobfeed.limits")
 
@@ -211,25 +212,26 @@ class ConnectionCappedRunner(web.AppRunner):
 
 
 class JobStreamSlots:
-    """Open streams per job, at most ``per_job`` each; only jobs with an open stream are kept."""
+    """Open streams per job (per tenant's job: ``JobKey``), at most ``per_job`` each; only
+    jobs with an open stream are kept."""
 
     def __init__(self, per_job: int) -> None:
         self.per_job = per_job
-        self._open: dict[str, int] = {}
+        self._open: dict[JobKey, int] = {}
 
-    def acquire(self, job_id: str) -> bool:
-        count = self._open.get(job_id, 0)
+    def acquire(self, key: JobKey) -> bool:
+        count = self._open.get(key, 0)
         if count >= self.per_job:
             return False
-        self._open[job_id] = count + 1
+        self._open[key] = count + 1
         return True
 
-    def release(self, job_id: str) -> None:
-        count = self._open.get(job_id, 0) - 1
+    def release(self, key: JobKey) -> None:
+        count = self._open.get(key, 0) - 1
         if count > 0:
-            self._open[job_id] = count
+            self._open[key] = count
         else:
-            self._open.pop(job_id, None)
+            self._open.pop(key, None)
 
 
 class RateLimiter:

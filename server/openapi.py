@@ -20,6 +20,7 @@ from pydantic import BaseModel
 
 from .config import Config
 from .handlers.request import json_response
+from .handlers.tickets import TicketIn
 from .keys import CONFIG
 from .models import (
     JOB_ID_PATTERN,
@@ -61,7 +62,7 @@ def _nullable(schema: Schema) -> Schema:
 def _model_schemas() -> dict[str, Schema]:
     """components/schemas for every input model (nested models, e.g. ErrorInfo, included)."""
     schemas: dict[str, Schema] = {}
-    models: tuple[type[BaseModel], ...] = (*EVENT_MODELS, CreateJobIn)
+    models: tuple[type[BaseModel], ...] = (*EVENT_MODELS, CreateJobIn, TicketIn)
     for model in models:
         schema = model.model_json_schema(ref_template=REF, mode="validation")
         for name, sub in schema.pop("$defs", {}).items():
@@ -212,11 +213,21 @@ def _response_schemas() -> dict[str, Schema]:
             "properties": {"status": {"type": "string"}},
             "required": ["status"],
         },
+        "Ticket": {
+            "type": "object",
+            "description": "A read-only stream ticket, for ?ticket= on GET requests.",
+            "properties": {"ticket": {"type": "string"}, "expires_at": timestamp},
+            "required": ["ticket", "expires_at"],
+            "additionalProperties": False,
+        },
     }
 
 
 _ERRORS = {
     400: "invalid_json (body), invalid_parameter (query) or bad_request",
+    401: "unauthorized: the credential is missing, malformed, badly signed, expired, for "
+    "another audience or issuer, or revoked (auth.mode = jwt); has WWW-Authenticate",
+    403: "forbidden: the credential lacks the scope (auth.mode = jwt)",
     404: "job_not_found",
     405: "method_not_allowed: another method on this path (with an Allow header)",
     408: "body_timeout: the body did not arrive within limits.body_timeout",
@@ -294,7 +305,7 @@ def build_openapi(config: Config) -> dict[str, Any]:
         "required": True,
         "schema": {"type": "string", "pattern": JOB_ID_PATTERN},
     }
-    common = (429, 503)
+    common = (401, 403, 429, 503)
     schemas = {**_model_schemas(), **_response_schemas()}
     schemas["AppendBody"] = {
         "description": "One event, or a batch appended atomically and in order "
@@ -477,10 +488,27 @@ def build_openapi(config: Config) -> dict[str, Any]:
                 },
             },
         },
+        "/v1/tickets": {
+            "post": {
+                "operationId": "createTicket",
+                "summary": "A short-lived, read-only ticket for a browser's ?ticket= "
+                "(never more than the asking token; docs/security.md).",
+                "requestBody": {
+                    "required": False,
+                    "description": "May be absent (a ticket with the token's own grants).",
+                    "content": {JSON: {"schema": _ref("TicketIn")}},
+                },
+                "responses": {
+                    "201": _json(_ref("Ticket"), "the ticket"),
+                    **_error_responses(400, 405, 408, 413, 415, 422, *common),
+                },
+            }
+        },
         "/healthz": {
             "get": {
                 "operationId": "healthz",
                 "summary": "Liveness (never throttled).",
+                "security": [],
                 "responses": {"200": _json(_ref("Health"), "the process answers")},
             }
         },
@@ -488,6 +516,7 @@ def build_openapi(config: Config) -> dict[str, Any]:
             "get": {
                 "operationId": "readyz",
                 "summary": "Readiness: database open, migrations applied, writable.",
+                "security": [],
                 "responses": {
                     "200": _json(_ref("Health"), "ready"),
                     "503": _json(_ref("Health"), "not ready, with a reason"),
@@ -498,8 +527,21 @@ def build_openapi(config: Config) -> dict[str, Any]:
             "get": {
                 "operationId": "openapi",
                 "summary": "This document.",
+                "security": [],
                 "responses": {
                     "200": _json({"type": "object"}, "the OpenAPI 3.1 document"),
+                    **_error_responses(429, 503),
+                },
+            }
+        },
+        "/v1/frames.schema.json": {
+            "get": {
+                "operationId": "frames_schema",
+                "summary": "The stream frames (hello, events, heartbeat, snapshot, pong, "
+                "error) as a JSON Schema 2020-12 document.",
+                "security": [],
+                "responses": {
+                    "200": _json({"type": "object"}, "the JSON Schema document"),
                     **_error_responses(*common),
                 },
             }
@@ -514,7 +556,16 @@ def build_openapi(config: Config) -> dict[str, Any]:
             "subscribers. The full contract is docs/protocol.md.",
         },
         "paths": paths,
-        "components": {"schemas": schemas, "responses": responses},
+        "components": {
+            "schemas": schemas,
+            "responses": responses,
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"},
+                "ticket": {"type": "apiKey", "in": "query", "name": "ticket"},
+            },
+        },
+        # With auth.mode = "none" no credential is needed (and any is ignored).
+        "security": [{"bearer": []}, {"ticket": []}] if config.auth.mode == "jwt" else [],
     }
 
 
@@ -523,6 +574,8 @@ def _error_headers(status: int) -> dict[str, Any]:
         return {"headers": {"Retry-After": {"schema": {"type": "string"}}}}
     if status == 405:
         return {"headers": {"Allow": {"schema": {"type": "string"}}}}
+    if status == 401:
+        return {"headers": {"WWW-Authenticate": {"schema": {"type": "string"}}}}
     return {}
 
 

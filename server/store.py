@@ -24,15 +24,64 @@ import aiosqlite
 import structlog
 
 from . import migrate
+from .auth import TenantGrant
 from .config import Config
 from .dblock import DatabaseLock
 from .feed import FeedFilter
 from .frames import Frame
+from .grants import JobGrants
 from .hub import Hub
+from .tenancy import JobKey
 from .wal import WalBound
 from .writer import Writer
 
 log = structlog.get_logger("jobfeed.store")
+
+
+# The reads, as module constants so that tests/test_tenancy_schema.py checks the query plans
+# of exactly these statements. Each leads with tenant, as every index does.
+SNAPSHOT_SQL = "SELECT snapshot FROM jobs WHERE tenant = ? AND job_id = ?"
+HEAD_SQL = (
+    "SELECT status, last_seq, json_extract(snapshot, '$.epoch') FROM jobs"
+    " WHERE tenant = ? AND job_id = ?"
+)
+READ_AFTER_SQL = (
+    "SELECT seq, id, type, ts, body FROM events WHERE tenant = ? AND job_id = ?"
+    " AND seq > ? ORDER BY seq LIMIT ?"
+)
+
+
+def list_jobs_sql(
+    tenant: str,
+    status: str | None,
+    kind: str | None,
+    limit: int,
+    before: int | None,
+    grants: JobGrants | None,
+    prefix: str | None = None,
+) -> tuple[str, list[str | int]]:
+    """The listing query (newest first, one more row than ``limit``) and its parameters."""
+    clauses: list[str] = ["tenant = ?"]
+    params: list[str | int] = [tenant]
+    if status is not None:
+        clauses.append("status = ?")
+        params.append(status)
+    if kind is not None:
+        clauses.append("kind = ?")
+        params.append(kind)
+    if prefix is not None:
+        clauses.append(_PREFIX_RANGE)
+        params.extend(prefix_range(prefix))
+    if before is not None:
+        clauses.append("job_no < ?")
+        params.append(before)
+    if grants is not None:
+        clause, grant_params = grants.sql_filter("job_id")
+        clauses.append(clause)
+        params.extend(grant_params)
+    where = " AND ".join(clauses)
+    query = f"SELECT job_no, snapshot FROM jobs WHERE {where} ORDER BY job_no DESC LIMIT ?"
+    return query, [*params, limit + 1]
 
 
 class StorageCorrupt(Exception):
@@ -83,10 +132,17 @@ def feed_query(feed_filter: FeedFilter) -> tuple[str, list[str | int]]:
     ``job_id`` test, which would read every event of those jobs and sort them on every
     step; ``CROSS JOIN`` keeps ``events`` the outer loop when the job's kind is needed
     (``jobs`` is looked up by its unique ``job_id``). tests/test_feed_store.py asserts the
-    plans.
+    plans. A credential's grant (``TenantGrant``: its tenant and job grants) is tested on
+    each row too (``+``: the range stays the plan); ``FeedFilter.permitted`` checks it again
+    on what the step returns.
     """
     clauses: list[str] = []
     params: list[str | int] = []
+    grant = feed_filter.grant
+    if isinstance(grant, TenantGrant):
+        clause, grant_params = grant.sql_filter("+e.tenant", "+e.job_id")
+        clauses.append(clause)
+        params.extend(grant_params)
     if feed_filter.jobs:
         clauses.append(f"+e.job_id IN ({_marks(len(feed_filter.jobs))})")
         params.extend(sorted(feed_filter.jobs))
@@ -99,13 +155,13 @@ def feed_query(feed_filter: FeedFilter) -> tuple[str, list[str | int]]:
     if feed_filter.kinds:
         clauses.append(f"j.kind IN ({_marks(len(feed_filter.kinds))})")
         params.extend(sorted(feed_filter.kinds))
-        source = "events AS e CROSS JOIN jobs AS j ON j.job_id = e.job_id"
+        source = "events AS e CROSS JOIN jobs AS j ON j.tenant = e.tenant AND j.job_id = e.job_id"
         kind = "j.kind"
     else:
         source, kind = "events AS e", "NULL"
     where = "".join(f" AND {clause}" for clause in clauses)
     query = (
-        f"SELECT e.id, e.job_id, e.seq, e.type, e.ts, e.body, {kind} FROM {source} "
+        f"SELECT e.id, e.job_id, e.seq, e.type, e.ts, e.body, {kind}, e.tenant FROM {source} "
         f"WHERE e.id > ? AND e.id <= ?{where} ORDER BY e.id LIMIT ?"
     )
     return query, params
@@ -289,15 +345,12 @@ class Store:
 
     # -- reads ---------------------------------------------------------------------------
 
-    async def snapshot_json(self, job_id: str) -> bytes | None:
-        rows = await self._read("SELECT snapshot FROM jobs WHERE job_id = ?", (job_id,))
+    async def snapshot_json(self, key: JobKey) -> bytes | None:
+        rows = await self._read(SNAPSHOT_SQL, key)
         return bytes(rows[0][0]) if rows else None
 
-    async def job_head(self, job_id: str) -> JobHead | None:
-        rows = await self._read(
-            "SELECT status, last_seq, json_extract(snapshot, '$.epoch') FROM jobs WHERE job_id = ?",
-            (job_id,),
-        )
+    async def job_head(self, key: JobKey) -> JobHead | None:
+        rows = await self._read(HEAD_SQL, key)
         if not rows:
             return None
         status, last_seq, epoch = rows[0]
@@ -305,45 +358,33 @@ class Store:
 
     async def list_jobs(
         self,
+        tenant: str,
         status: str | None,
         kind: str | None,
         limit: int,
         before: int | None,
+        grants: JobGrants | None = None,
         max_bytes: int | None = None,
         prefix: str | None = None,
     ) -> tuple[list[bytes], int | None, int]:
-        """Snapshots newest first; the cursor is the job_no of the last one returned; and the
-        id of the last event committed when the list was read (a feed resumes from there).
+        """A tenant's snapshots newest first, only those ``grants`` cover (None: all); the
+        cursor is the job_no of the last one returned; and the id of the last event committed
+        when the list was read (a feed resumes from there).
 
         One statement, so one read transaction: the snapshots and the id are of one moment.
         With ``max_bytes`` the page ends early once its snapshots hold that many bytes
         (always at least one) and the cursor points past the last one returned; when the
         cut falls exactly at the end, the page after it is empty.
         """
-        clauses: list[str] = []
-        params: list[str | int] = []
-        if status is not None:
-            clauses.append("status = ?")
-            params.append(status)
-        if kind is not None:
-            clauses.append("kind = ?")
-            params.append(kind)
-        if prefix is not None:
-            clauses.append(_PREFIX_RANGE)
-            params.extend(prefix_range(prefix))
-        if before is not None:
-            clauses.append("job_no < ?")
-            params.append(before)
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        page_sql, params = list_jobs_sql(tenant, status, kind, limit, before, grants, prefix)
         query = (
             f"{_LAST_ID_CTE} SELECT head.last_id, page.job_no, page.snapshot FROM head "
-            f"LEFT JOIN (SELECT job_no, snapshot FROM jobs {where} ORDER BY job_no DESC "
-            "LIMIT ?) AS page ORDER BY page.job_no DESC"
+            f"LEFT JOIN ({page_sql}) AS page ORDER BY page.job_no DESC"
         )
         if max_bytes is None:
-            rows = await self._read(query, [*params, limit + 1])
+            rows = await self._read(query, params)
         else:
-            rows = await self._read_within(query, [*params, limit + 1], 2, max_bytes)
+            rows = await self._read_within(query, params, 2, max_bytes)
         last_id = int(rows[0][0])
         rows = [row for row in rows if row[1] is not None]
         page = rows[:limit]
@@ -354,20 +395,31 @@ class Store:
         next_before = page[-1][1] if page and more else None
         return [bytes(row[2]) for row in page], next_before, last_id
 
-    async def count_jobs(self, kind: str | None, prefix: str | None) -> dict[str, int]:
-        """How many jobs there are in each status (only statuses that have some), of
-        ``kind`` and with ids starting with ``prefix`` when given (the dashboard's counts)."""
-        clauses: list[str] = []
-        params: list[str] = []
+    async def count_jobs(
+        self,
+        tenant: str,
+        kind: str | None,
+        prefix: str | None,
+        grants: JobGrants | None = None,
+    ) -> dict[str, int]:
+        """How many of a tenant's jobs (those ``grants`` cover; None: all) there are in each
+        status (only statuses that have some), of ``kind`` and with ids starting with
+        ``prefix`` when given: the dashboard's counts."""
+        clauses: list[str] = ["tenant = ?"]
+        params: list[str | int] = [tenant]
         if kind is not None:
             clauses.append("kind = ?")
             params.append(kind)
         if prefix is not None:
             clauses.append(_PREFIX_RANGE)
             params.extend(prefix_range(prefix))
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        if grants is not None:
+            clause, grant_params = grants.sql_filter("job_id")
+            clauses.append(clause)
+            params.extend(grant_params)
+        where = " AND ".join(clauses)
         rows = await self._read(
-            f"SELECT status, count(*) FROM jobs {where} GROUP BY status", params
+            f"SELECT status, count(*) FROM jobs WHERE {where} GROUP BY status", params
         )
         return {bytes(row[0]).decode(): int(row[1]) for row in rows}  # text_factory: bytes
 
@@ -377,6 +429,11 @@ class Store:
         snapshot is consistent with that id (feed.md, ``snapshots=1``)."""
         clauses = ["status NOT IN ('completed', 'failed', 'cancelled')"]
         params: list[str | int] = []
+        grant = feed_filter.grant
+        if isinstance(grant, TenantGrant):
+            clause, grant_params = grant.sql_filter("tenant", "job_id")
+            clauses.append(clause)
+            params.extend(grant_params)
         if feed_filter.jobs:
             clauses.append(f"job_id IN ({_marks(len(feed_filter.jobs))})")
             params.extend(sorted(feed_filter.jobs))
@@ -420,8 +477,9 @@ class Store:
                 ts.decode(),
                 body,
                 None if kind is None else kind.decode(),
+                tenant=tenant.decode(),
             )
-            for event_id, job_id, seq, event_type, ts, body, kind in rows
+            for event_id, job_id, seq, event_type, ts, body, kind, tenant in rows
         ]
         # A page cut by count or by bytes has scanned up to its last event only.
         cut = len(frames) >= limit or (
@@ -431,21 +489,18 @@ class Store:
         return frames, scanned
 
     async def read_after(
-        self, job_id: str, after: int, limit: int, max_bytes: int | None = None
+        self, key: JobKey, after: int, limit: int, max_bytes: int | None = None
     ) -> list[Frame]:
         """Up to ``limit`` events past ``after``, in order; with ``max_bytes``, only as many
         as hold that many bytes of JSON (always at least one: see ``_read_within``)."""
-        query = (
-            "SELECT seq, id, type, ts, body FROM events WHERE job_id = ? AND seq > ? "
-            "ORDER BY seq LIMIT ?"
-        )
-        params = (job_id, after, limit)
+        params = (key.tenant, key.job_id, after, limit)
         if max_bytes is None:
-            rows = await self._read(query, params)
+            rows = await self._read(READ_AFTER_SQL, params)
         else:
-            rows = await self._read_within(query, params, 4, max_bytes)
+            rows = await self._read_within(READ_AFTER_SQL, params, 4, max_bytes)
+        tenant, job_id = key
         return [
-            Frame(job_id, seq, event_id, event_type.decode(), ts.decode(), body)
+            Frame(job_id, seq, event_id, event_type.decode(), ts.decode(), body, tenant=tenant)
             for seq, event_id, event_type, ts, body in rows
         ]
 

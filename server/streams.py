@@ -23,6 +23,7 @@ from aiohttp import web
 
 from .errors import Overloaded, ShuttingDown
 from .limits import JobStreamSlots, JsonErrorRequestHandler
+from .tenancy import JobKey
 
 log = structlog.get_logger("jobfeed.stream")
 
@@ -31,10 +32,10 @@ class OpenStream:
     """One admitted stream: its job (None for a feed), its connection, and whether shutdown
     dropped it."""
 
-    __slots__ = ("dropped", "job_id", "lost", "transport")
+    __slots__ = ("dropped", "key", "lost", "transport")
 
-    def __init__(self, job_id: str | None, transport: asyncio.Transport | None) -> None:
-        self.job_id = job_id
+    def __init__(self, key: JobKey | None, transport: asyncio.Transport | None) -> None:
+        self.key = key
         # The asyncio transport itself: aiohttp's protocol forgets it once it starts closing,
         # and a closing transport with a backlog to a peer that never reads lingers forever.
         self.transport = transport
@@ -87,10 +88,10 @@ class StreamRegistry:
     def __len__(self) -> int:
         return len(self._open)
 
-    def admit(self, request: web.BaseRequest, job_id: str | None) -> OpenStream:
-        """Count a new stream on ``job_id`` (None: a feed, which counts only in all) or raise
-        ``Overloaded`` (``ShuttingDown`` once shutdown has begun: it would miss the end of
-        the others); no await in between."""
+    def admit(self, request: web.BaseRequest, key: JobKey | None) -> OpenStream:
+        """Count a new stream on job ``key`` (None: a feed, which counts only in all) or
+        raise ``Overloaded`` (``ShuttingDown`` once shutdown has begun: it would miss the end
+        of the others); no await in between."""
         if self._all_ended is not None:
             raise ShuttingDown()
         if len(self._open) >= self.max_streams:
@@ -98,12 +99,12 @@ class StreamRegistry:
                 f"the server has {self.max_streams} open streams "
                 "(stream.max_subscribers); resume later"
             )
-        if job_id is not None and not self._per_job.acquire(job_id):
+        if key is not None and not self._per_job.acquire(key):
             raise Overloaded(
-                f"job {job_id} has {self._per_job.per_job} open streams "
+                f"job {key.job_id} has {self._per_job.per_job} open streams "
                 "(stream.max_subscribers_per_job); resume later"
             )
-        stream = OpenStream(job_id, request.transport)
+        stream = OpenStream(key, request.transport)
         self._open.add(stream)
         return stream
 
@@ -111,8 +112,8 @@ class StreamRegistry:
         if stream not in self._open:
             return
         self._open.remove(stream)
-        if stream.job_id is not None:
-            self._per_job.release(stream.job_id)
+        if stream.key is not None:
+            self._per_job.release(stream.key)
         if not self._open and self._all_ended is not None:
             self._all_ended.set()
 

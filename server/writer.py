@@ -49,12 +49,44 @@ from .hub import Hub
 from .job_states import JobCache
 from .models import EventIn, ProgressIn
 from .snapshot import CountsOutOfRange, JobState, apply_event, exact_bytes, progress_in_context
+from .tenancy import JobKey
 from .wal import WalBound
 
 log = structlog.get_logger("jobfeed.writer")
 
 # SQLite's default limit on host parameters is 32766; stay well inside it.
 _MAX_PARAMS = 30_000
+
+
+def load_states_sql(pairs: int) -> str:
+    """Snapshots of ``pairs`` (tenant, job_id) pairs. A join from the wanted pairs (CROSS
+    JOIN keeps that order) searches UNIQUE (tenant, job_id) once per pair."""
+    values = ",".join("(?,?)" for _ in range(pairs))
+    return (
+        f"WITH wanted(tenant, job_id) AS (VALUES {values}) "
+        "SELECT j.tenant, j.job_id, j.snapshot FROM wanted CROSS JOIN jobs AS j "
+        "ON j.tenant = wanted.tenant AND j.job_id = wanted.job_id"
+    )
+
+
+def load_keys_sql(triples: int) -> str:
+    """Stored events of ``triples`` (tenant, job_id, key) idempotency keys. As above, the
+    join searches the partial key index per triple; `(..., key) IN (VALUES ...)` scans the
+    log."""
+    values = ",".join("(?,?,?)" for _ in range(triples))
+    return (
+        f"WITH wanted(tenant, job_id, key) AS (VALUES {values}) "
+        "SELECT e.tenant, e.job_id, e.key, e.seq, e.id, e.ts"
+        " FROM wanted CROSS JOIN events AS e"
+        " ON e.tenant = wanted.tenant AND e.job_id = wanted.job_id AND e.key = wanted.key"
+        " WHERE e.key IS NOT NULL"
+    )
+
+
+UPDATE_JOB_SQL = (
+    "UPDATE jobs SET status = ?, last_seq = ?, updated_at = ?, finished_at = ?,"
+    " snapshot = ? WHERE tenant = ? AND job_id = ?"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +116,7 @@ class AppendResult:
 
 @dataclass(slots=True)
 class _Op:
-    job_id: str
+    key: JobKey
     future: asyncio.Future[Any]
     # For an append: the validated events. For a create: None, with kind and metadata.
     events: list[EventIn] | None = None
@@ -100,14 +132,16 @@ class _Op:
 class _Group:
     """What one round will write, built up request by request."""
 
-    states: dict[str, JobState | None]
-    created: list[str] = field(default_factory=list)  # in request order: job_no follows it
-    touched: dict[str, JobState] = field(default_factory=dict)
-    event_rows: list[tuple[int, str, int, str, str, str | None, str]] = field(default_factory=list)
-    frames: dict[str, list[Frame]] = field(default_factory=dict)
+    states: dict[JobKey, JobState | None]
+    created: list[JobKey] = field(default_factory=list)  # in request order: job_no follows it
+    touched: dict[JobKey, JobState] = field(default_factory=dict)
+    event_rows: list[tuple[int, str, str, int, str, str, str | None, str]] = field(
+        default_factory=list
+    )
+    frames: dict[JobKey, list[Frame]] = field(default_factory=dict)
     # The same frames in id order, for the feed (ids are handed out in request order).
     feed: list[Frame] = field(default_factory=list)
-    keys: dict[tuple[str, str], AppendedEvent] = field(default_factory=dict)
+    keys: dict[tuple[JobKey, str], AppendedEvent] = field(default_factory=dict)
     answers: list[tuple[_Op, Any]] = field(default_factory=list)
 
 
@@ -212,14 +246,14 @@ class Writer:
         return self._jobs.bytes
 
     async def create_job(
-        self, job_id: str, kind: str | None, metadata: dict[str, Any] | None
+        self, key: JobKey, kind: str | None, metadata: dict[str, Any] | None
     ) -> JobState:
-        op = self._submit(_Op(job_id, self._new_future(), kind=kind, metadata=metadata))
+        op = self._submit(_Op(key, self._new_future(), kind=kind, metadata=metadata))
         result: JobState = await op.future
         return result
 
-    async def append(self, job_id: str, events: list[EventIn]) -> AppendResult:
-        op = self._submit(_Op(job_id, self._new_future(), events=events))
+    async def append(self, key: JobKey, events: list[EventIn]) -> AppendResult:
+        op = self._submit(_Op(key, self._new_future(), events=events))
         result: AppendResult = await op.future
         return result
 
@@ -344,7 +378,7 @@ class Writer:
     async def _commit_group(self, ops: list[_Op]) -> None:
         started = time.perf_counter()
         try:
-            states = await self._load_states({op.job_id for op in ops})
+            states = await self._load_states({op.key for op in ops})
             stored_keys = await self._load_keys(ops)
         except sqlite3.Error as exc:
             self._fail(ops, exc, "read")
@@ -364,7 +398,7 @@ class Writer:
                 if not op.future.done():
                     op.future.set_exception(exc)
             except Exception as exc:  # a bug in one request must not fail its neighbours
-                log.exception("plan_failed", job_id=op.job_id)
+                log.exception("plan_failed", tenant=op.key.tenant, job_id=op.key.job_id)
                 if not op.future.done():
                     op.future.set_exception(exc)
         if group.event_rows:
@@ -381,10 +415,10 @@ class Writer:
             self.commits += 1
             self.events_written += len(group.event_rows)
             self._recovered("commit")
-            for state in group.touched.values():
-                self._remember(state)
-            for job_id, frames in group.frames.items():
-                self._hub.publish(job_id, frames)
+            for key, state in group.touched.items():
+                self._remember(key, state)
+            for key, frames in group.frames.items():
+                self._hub.publish(key, frames)
             self._hub.publish_feed(group.feed)
         for op, answer in group.answers:
             if not op.future.done():
@@ -438,57 +472,55 @@ class Writer:
         for op in refused:
             op.future.set_exception(CommitOutcomeUnknown(error))
 
-    async def _load_states(self, job_ids: set[str]) -> dict[str, JobState | None]:
-        states: dict[str, JobState | None] = {}
-        missing = []
-        for job_id in job_ids:
-            cached = self._jobs.get(job_id)
+    async def _load_states(self, keys: set[JobKey]) -> dict[JobKey, JobState | None]:
+        states: dict[JobKey, JobState | None] = {}
+        missing: list[JobKey] = []
+        for key in keys:
+            cached = self._jobs.get(key)
             if cached is None:
-                missing.append(job_id)
+                missing.append(key)
             else:
-                states[job_id] = cached
-        for start in range(0, len(missing), _MAX_PARAMS):
-            chunk = missing[start : start + _MAX_PARAMS]
-            marks = ",".join("?" * len(chunk))
-            query = f"SELECT job_id, snapshot FROM jobs WHERE job_id IN ({marks})"
-            for job_id, snapshot in await self._conn.execute_fetchall(query, chunk):
+                states[key] = cached
+        step = _MAX_PARAMS // 2
+        for start in range(0, len(missing), step):
+            chunk = missing[start : start + step]
+            params = [part for key in chunk for part in key]
+            query = load_states_sql(len(chunk))
+            for tenant, job_id, snapshot in await self._conn.execute_fetchall(query, params):
+                key = JobKey(tenant, job_id)
                 state = JobState.from_json(snapshot)
-                states[job_id] = state
-                self._remember(state)
-        for job_id in missing:
-            states.setdefault(job_id, None)
+                states[key] = state
+                self._remember(key, state)
+        for key in missing:
+            states.setdefault(key, None)
         return states
 
-    async def _load_keys(self, ops: list[_Op]) -> dict[tuple[str, str], AppendedEvent]:
+    async def _load_keys(self, ops: list[_Op]) -> dict[tuple[JobKey, str], AppendedEvent]:
         wanted = [
-            (op.job_id, event.key)
+            (op.key.tenant, op.key.job_id, event.key)
             for op in ops
             if op.events is not None
             for event in op.events
             if event.key is not None
         ]
-        found: dict[tuple[str, str], AppendedEvent] = {}
-        step = _MAX_PARAMS // 2
+        found: dict[tuple[JobKey, str], AppendedEvent] = {}
+        step = _MAX_PARAMS // 3
         for start in range(0, len(wanted), step):
             chunk = wanted[start : start + step]
-            values = ",".join("(?,?)" for _ in chunk)
-            # A join from the wanted pairs (CROSS JOIN keeps that order) lets SQLite search
-            # the partial key index per pair; `(job_id, key) IN (VALUES ...)` scans the log.
-            query = (
-                f"WITH wanted(job_id, key) AS (VALUES {values}) "
-                "SELECT e.job_id, e.key, e.seq, e.id, e.ts FROM wanted CROSS JOIN events AS e "
-                "ON e.job_id = wanted.job_id AND e.key = wanted.key WHERE e.key IS NOT NULL"
-            )
-            params = [part for pair in chunk for part in pair]
-            for job_id, key, seq, event_id, ts in await self._conn.execute_fetchall(query, params):
-                found[(job_id, key)] = AppendedEvent(seq, event_id, ts, duplicate=True)
+            params = [part for triple in chunk for part in triple]
+            rows = await self._conn.execute_fetchall(load_keys_sql(len(chunk)), params)
+            for tenant, job_id, key, seq, event_id, ts in rows:
+                found[(JobKey(tenant, job_id), key)] = AppendedEvent(
+                    seq, event_id, ts, duplicate=True
+                )
         return found
 
     def _plan_create(self, group: _Group, op: _Op, ts: str, next_id: int) -> int:
-        if group.states.get(op.job_id) is not None:
-            raise JobExists(op.job_id)
+        key = op.key
+        if group.states.get(key) is not None:
+            raise JobExists(key.job_id)
         event: dict[str, Any] = {
-            "job_id": op.job_id,
+            "job_id": key.job_id,
             "seq": 1,
             "id": next_id,
             "type": "created",
@@ -500,12 +532,14 @@ class Writer:
             event["metadata"] = op.metadata
         body = self._serialize(event, 0)
         state = apply_event(None, event)
-        group.states[op.job_id] = state
-        group.touched[op.job_id] = state
-        group.created.append(op.job_id)
-        group.event_rows.append((next_id, op.job_id, 1, "created", ts, None, body.decode()))
-        frame = Frame(op.job_id, 1, next_id, "created", ts, body, op.kind)
-        group.frames.setdefault(op.job_id, []).append(frame)
+        group.states[key] = state
+        group.touched[key] = state
+        group.created.append(key)
+        group.event_rows.append(
+            (next_id, key.tenant, key.job_id, 1, "created", ts, None, body.decode())
+        )
+        frame = Frame(key.job_id, 1, next_id, "created", ts, body, op.kind, tenant=key.tenant)
+        group.frames.setdefault(key, []).append(frame)
         group.feed.append(frame)
         group.answers.append((op, state))
         return next_id + 1
@@ -514,39 +548,39 @@ class Writer:
         self,
         group: _Group,
         op: _Op,
-        stored_keys: dict[tuple[str, str], AppendedEvent],
+        stored_keys: dict[tuple[JobKey, str], AppendedEvent],
         ts: str,
         next_id: int,
     ) -> int:
         assert op.events is not None
-        state = group.states.get(op.job_id)
+        job = op.key
+        job_id = job.job_id
+        state = group.states.get(job)
         if state is None:
-            raise JobNotFound(op.job_id)
+            raise JobNotFound(job_id)
         answers: list[AppendedEvent | None] = []
         fresh: list[tuple[int, EventIn]] = []
         for index, event in enumerate(op.events):
             stored = None
             if event.key is not None:
-                stored = group.keys.get((op.job_id, event.key)) or stored_keys.get(
-                    (op.job_id, event.key)
-                )
+                stored = group.keys.get((job, event.key)) or stored_keys.get((job, event.key))
             answers.append(stored)
             if stored is None:
                 fresh.append((index, event))
         if not fresh:
             # A pure retry: answered from what is stored, even after the job has finished.
-            group.answers.append((op, AppendResult(op.job_id, state.last_seq, _filled(answers))))
+            group.answers.append((op, AppendResult(job_id, state.last_seq, _filled(answers))))
             return next_id
         rows, frames, new_keys = [], [], {}
         for index, event in fresh:
             if state.finished:
-                raise JobFinished(op.job_id, state.status)
+                raise JobFinished(job_id, state.status)
             seq = state.last_seq + 1
             fields = event.stored_fields()
             if isinstance(event, ProgressIn):
                 fields = self._progress_fields(fields, state, index, len(op.events))
             stored_event = {
-                "job_id": op.job_id,
+                "job_id": job_id,
                 "seq": seq,
                 "id": next_id,
                 "type": event.type,
@@ -555,22 +589,26 @@ class Writer:
             }
             body = self._serialize(stored_event, index)
             state = apply_event(state, stored_event)
-            rows.append((next_id, op.job_id, seq, event.type, ts, event.key, body.decode()))
-            frames.append(Frame(op.job_id, seq, next_id, event.type, ts, body, state.kind))
+            rows.append(
+                (next_id, job.tenant, job_id, seq, event.type, ts, event.key, body.decode())
+            )
+            frames.append(
+                Frame(job_id, seq, next_id, event.type, ts, body, state.kind, tenant=job.tenant)
+            )
             appended = AppendedEvent(seq, next_id, ts)
             answers[index] = appended
             if event.key is not None:
                 # What a later request in this group with the same key will be answered.
-                new_keys[(op.job_id, event.key)] = AppendedEvent(seq, next_id, ts, True)
+                new_keys[(job, event.key)] = AppendedEvent(seq, next_id, ts, True)
             next_id += 1
         # The whole request fits: only now does it become part of the group.
-        group.states[op.job_id] = state
-        group.touched[op.job_id] = state
+        group.states[job] = state
+        group.touched[job] = state
         group.event_rows.extend(rows)
-        group.frames.setdefault(op.job_id, []).extend(frames)
+        group.frames.setdefault(job, []).extend(frames)
         group.feed.extend(frames)
         group.keys.update(new_keys)
-        group.answers.append((op, AppendResult(op.job_id, state.last_seq, _filled(answers))))
+        group.answers.append((op, AppendResult(job_id, state.last_seq, _filled(answers))))
         return next_id
 
     @staticmethod
@@ -603,17 +641,18 @@ class Writer:
         await conn.execute("BEGIN IMMEDIATE")
         try:
             await conn.executemany(
-                "INSERT INTO events (id, job_id, seq, type, ts, key, body) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO events (id, tenant, job_id, seq, type, ts, key, body) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 group.event_rows,
             )
-            new_jobs = [group.touched[job_id] for job_id in group.created]
+            new_jobs = [(key.tenant, group.touched[key]) for key in group.created]
             if new_jobs:
                 await conn.executemany(
-                    "INSERT INTO jobs (job_id, kind, status, last_seq, created_at, updated_at,"
-                    " finished_at, snapshot) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO jobs (tenant, job_id, kind, status, last_seq, created_at,"
+                    " updated_at, finished_at, snapshot) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [
                         (
+                            tenant,
                             s.job_id,
                             s.kind,
                             s.status,
@@ -623,15 +662,14 @@ class Writer:
                             s.finished_at,
                             s.to_json().decode(),
                         )
-                        for s in new_jobs
+                        for tenant, s in new_jobs
                     ],
                 )
             created = set(group.created)
-            updated = [s for job_id, s in group.touched.items() if job_id not in created]
+            updated = [(key, s) for key, s in group.touched.items() if key not in created]
             if updated:
                 await conn.executemany(
-                    "UPDATE jobs SET status = ?, last_seq = ?, updated_at = ?, finished_at = ?,"
-                    " snapshot = ? WHERE job_id = ?",
+                    UPDATE_JOB_SQL,
                     [
                         (
                             s.status,
@@ -639,9 +677,10 @@ class Writer:
                             s.updated_at,
                             s.finished_at,
                             s.to_json().decode(),
-                            s.job_id,
+                            key.tenant,
+                            key.job_id,
                         )
-                        for s in updated
+                        for key, s in updated
                     ],
                 )
         except BaseException:
@@ -656,5 +695,5 @@ class Writer:
             await self._rollback()
             raise
 
-    def _remember(self, state: JobState) -> None:
-        self._jobs.put(state)
+    def _remember(self, key: JobKey, state: JobState) -> None:
+        self._jobs.put(key, state)

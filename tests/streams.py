@@ -111,12 +111,16 @@ class StreamLog:
 
 
 async def read_ws(
-    client: TestClient[Any, Any], path: str, *, drop_after: int | None = None
+    client: TestClient[Any, Any],
+    path: str,
+    *,
+    drop_after: int | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> StreamLog:
     """Subscribe over WebSocket and read until the server closes, or until ``drop_after``
     events have arrived (then the client closes: a subscriber going away mid-stream)."""
     log = StreamLog("ws", status=101)
-    async with client.ws_connect(path) as ws:
+    async with client.ws_connect(path, headers=headers) as ws:
         while True:
             message = await ws.receive()
             if message.type in (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.CLOSING):
@@ -194,10 +198,12 @@ def _full(log: StreamLog, drop_after: int | None) -> bool:
     return drop_after is not None and len(log.events) >= drop_after
 
 
-async def stored_log(client: TestClient[Any, Any], job_id: str) -> list[str]:
+async def stored_log(
+    client: TestClient[Any, Any], job_id: str, headers: Mapping[str, str] | None = None
+) -> list[str]:
     """The job's whole log as stored: each event's JSON line from the NDJSON export."""
     response = await client.get(
-        f"/v1/jobs/{job_id}/events", headers={"Accept": "application/x-ndjson"}
+        f"/v1/jobs/{job_id}/events", headers={"Accept": "application/x-ndjson", **(headers or {})}
     )
     assert response.status == 200, await response.text()
     body = await response.text()

@@ -23,6 +23,8 @@ from aiohttp.test_utils import TestClient
 from tests.conftest import ClientFactory, ConfigFactory, create_job
 from tests.streams import StreamLog, read_sse, read_ws, stored_log
 
+# Every test that builds a config runs with authentication off and on (tests/conftest.py).
+AUTH_MODES = ("off", "on")
 JOB = "under-fire"
 EVENTS = 3_000  # appended after `created`; then one terminal event
 SUBSCRIBERS = 30

@@ -278,7 +278,7 @@ def test_migration_backfills_epoch_from_the_created_event(tmp_path: Path) -> Non
     before = stored_snapshots(db)
     assert all("epoch" not in snap for snap in before.values())
     assert JobState.from_json(orjson.dumps(before["old-a"])).epoch is None
-    assert apply_migrations(db) == ["0003_job_epoch.sql"]
+    assert apply_migrations(db, bundled_migrations()[:3]) == ["0003_job_epoch.sql"]
     after = stored_snapshots(db)
     for job_id, created_id, ts, _ in OLD_JOBS:
         assert after[job_id].pop("epoch") == log_epoch(created_id, ts), job_id

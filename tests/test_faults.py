@@ -32,11 +32,19 @@ from server.errors import StorageUnavailable
 from server.hub import Hub
 from server.models import LogIn
 from server.store import Store
+from server.tenancy import JobKey
 from tests.conftest import ClientFactory, ConfigFactory, append, create_job
 from tests.procs import Launcher, ServerProcess, fold_log, get_snapshot, launching, read_log
 
 WAIT = 20.0  # bound on any one wait for a condition; a healthy run takes milliseconds
 POLL = 0.02  # readiness has no event to wait on: re-check it this often until the deadline
+
+
+def key(job_id: str) -> JobKey:
+    """The job ``job_id`` of the tenant every test here writes to."""
+    return JobKey("default", job_id)
+
+
 FAULT_SETTINGS: dict[str, object] = {
     "storage__probe_seconds": 0.05,
     "storage__busy_timeout_ms": 50,
@@ -303,6 +311,7 @@ async def test_read_only_database_refuses_appends_and_recovers(
 
 LOCKER = """
 import sqlite3, sys
+
 conn = sqlite3.connect(sys.argv[1], isolation_level=None)
 conn.execute("BEGIN IMMEDIATE")  # the write lock; in WAL mode EXCLUSIVE takes the same one
 print("locked", flush=True)
@@ -384,10 +393,10 @@ async def set_max_pages(store: Store, pages: int | None = None) -> None:
 async def test_probe_fails_while_the_file_cannot_grow(store: Store) -> None:
     """While the file cannot grow (max_page_count), the probe fails too, so readiness stays
     503 however often it runs; once the file can grow, readiness clears with no append."""
-    await store.writer.create_job("p", None, None)
+    await store.writer.create_job(key("p"), None, None)
     await set_max_pages(store)
     with pytest.raises(StorageUnavailable):
-        await store.writer.append("p", [LogIn(type="log", message="x" * 30_000)])
+        await store.writer.append(key("p"), [LogIn(type="log", message="x" * 30_000)])
     probes = store.writer.probes
 
     async def probed_twice() -> bool:
@@ -404,15 +413,15 @@ async def test_probe_fails_while_the_file_cannot_grow(store: Store) -> None:
 
     await wait_until(healthy, "the probe succeeds")
     assert await store.check_ready() is None
-    assert [f.seq for f in await store.read_after("p", 0, 100)] == [1]
-    result = await store.writer.append("p", [LogIn(type="log", message="y")])
+    assert [f.seq for f in await store.read_after(key("p"), 0, 100)] == [1]
+    result = await store.writer.append(key("p"), [LogIn(type="log", message="y")])
     assert result.events[0].seq == 2
 
 
 async def test_no_probe_while_healthy(store: Store) -> None:
     """A healthy writer never probes: the probe costs nothing in normal operation."""
-    await store.writer.create_job("idle", None, None)
-    await store.writer.append("idle", [LogIn(type="log", message="a")])
+    await store.writer.create_job(key("idle"), None, None)
+    await store.writer.append(key("idle"), [LogIn(type="log", message="a")])
     assert store.writer.probes == 0
 
 

@@ -12,6 +12,7 @@ from server.frames import Frame
 from server.hub import Hub
 from server.models import LogIn
 from server.store import Store
+from server.tenancy import JobKey
 from tests.conftest import ConfigFactory
 
 WAIT = 10.0
@@ -138,10 +139,12 @@ async def test_the_grant_is_asked_about_every_event_replayed_or_live(
     await store.open()
     try:
         for job_id in ("a", "b"):
-            await store.writer.create_job(job_id, None, None)
+            await store.writer.create_job(JobKey("default", job_id), None, None)
         for n in range(3):
             for job_id in ("a", "b"):
-                await store.writer.append(job_id, [LogIn(type="log", message=f"{n}")])
+                await store.writer.append(
+                    JobKey("default", job_id), [LogIn(type="log", message=f"{n}")]
+                )
         replayed_to = hub.feed.high_water
         cursor = FeedCursor(0)
         pushed: list[list[Frame]] = []
@@ -172,7 +175,9 @@ async def test_the_grant_is_asked_about_every_event_replayed_or_live(
             await asyncio.sleep(0)
             assert any(group.live for group in hub.feed._groups.values())
             for job_id in ("b", "a"):
-                await store.writer.append(job_id, [LogIn(type="log", message="live")])
+                await store.writer.append(
+                    JobKey("default", job_id), [LogIn(type="log", message="live")]
+                )
             assert await parked is None  # pushed, then idle: a heartbeat
             assert cursor.after == hub.feed.high_water
         await batches.aclose()

@@ -53,7 +53,9 @@ def test_each_replay_step_is_a_primary_key_range(db: sqlite3.Connection, name: s
     assert not any("SCAN" in step for step in steps), steps
     assert not any("TEMP B-TREE" in step for step in steps), steps
     if FILTERS[name].kinds:
-        assert steps[1] == "SEARCH j USING INDEX sqlite_autoindex_jobs_1 (job_id=?)", steps
+        assert steps[1] == "SEARCH j USING INDEX sqlite_autoindex_jobs_1 (tenant=? AND job_id=?)", (
+            steps
+        )
     else:
         assert len(steps) == 1, steps
 

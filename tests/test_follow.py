@@ -15,7 +15,14 @@ from server.frames import Frame
 from server.hub import Hub, PushFn
 from server.models import CompletedIn, LogIn
 from server.store import JobHead, Store
+from server.tenancy import JobKey
 from tests.conftest import ConfigFactory
+
+
+def key(job_id: str) -> JobKey:
+    """The job ``job_id`` of the tenant every test here writes to."""
+    return JobKey("default", job_id)
+
 
 JOB = "job-1"
 WAIT = 10.0  # generous bound on any single wait; a healthy run takes milliseconds
@@ -28,21 +35,21 @@ class Feed:
     store: Store
 
     async def head(self, job_id: str = JOB) -> JobHead:
-        head = await self.store.job_head(job_id)
+        head = await self.store.job_head(key(job_id))
         assert head is not None
         return head
 
     async def create(self, job_id: str = JOB) -> None:
-        await self.store.writer.create_job(job_id, None, None)
+        await self.store.writer.create_job(key(job_id), None, None)
 
     async def log(self, count: int, job_id: str = JOB) -> int:
         """Append ``count`` log events in one request; the new last_seq."""
         events = [LogIn(type="log", message=f"line {n}") for n in range(count)]
-        result = await self.store.writer.append(job_id, list(events))
+        result = await self.store.writer.append(key(job_id), list(events))
         return result.last_seq
 
     async def complete(self, job_id: str = JOB) -> int:
-        result = await self.store.writer.append(job_id, [CompletedIn(type="completed")])
+        result = await self.store.writer.append(key(job_id), [CompletedIn(type="completed")])
         return result.last_seq
 
     def follow(
@@ -98,7 +105,7 @@ async def parked(hub: Hub, job_id: str = JOB) -> None:
     has caught up still makes one SQLite read before it parks; a commit that lands during
     that read (a loaded machine) is read, not pushed. Parking is a state with no event to
     wait on: yield to the loop until it holds."""
-    channel = hub.attach(job_id, 0)  # the cursor's own handle keeps the channel alive
+    channel = hub.attach(key(job_id), 0)  # the cursor's own handle keeps the channel alive
     hub.detach(channel)
     async with asyncio.timeout(WAIT):
         while not channel.live:  # noqa: ASYNC110 - the hub has no event for "parked"
@@ -125,8 +132,8 @@ async def test_replays_from_sqlite_when_caching_is_off(make_feed: FeedFactory) -
     await feed.create()
     await feed.log(10)
     last = await feed.complete()
-    stored = await feed.store.read_after(JOB, 3, 100)
-    batches = await drain(feed.follow(Cursor(JOB, 3), await feed.head()))
+    stored = await feed.store.read_after(key(JOB), 3, 100)
+    batches = await drain(feed.follow(Cursor(key(JOB), 3), await feed.head()))
     assert seqs(batches) == list(range(4, last + 1))
     assert [f.json for b in batches for f in b] == [f.json for f in stored]
 
@@ -139,7 +146,7 @@ async def test_replays_from_sqlite_when_the_cache_is_cold(make_feed: FeedFactory
     last = await writer.complete()
     await writer.store.close()
     reader = await make_feed()
-    batches = await drain(reader.follow(Cursor(JOB, 0), await reader.head()))
+    batches = await drain(reader.follow(Cursor(key(JOB), 0), await reader.head()))
     assert seqs(batches) == list(range(1, last + 1))
 
 
@@ -149,7 +156,7 @@ async def test_replay_pages_are_at_most_page_events(make_feed: FeedFactory) -> N
     await feed.create()
     await feed.log(20)
     last = await feed.complete()
-    batches = await drain(feed.follow(Cursor(JOB, 0), await feed.head(), page_events=6))
+    batches = await drain(feed.follow(Cursor(key(JOB), 0), await feed.head(), page_events=6))
     assert all(len(batch) <= 6 for batch in batches)
     assert seqs(batches) == list(range(1, last + 1))
 
@@ -163,9 +170,9 @@ async def test_replay_batches_are_bounded_in_bytes(make_feed: FeedFactory, cache
     await feed.create()
     await feed.log(30)
     last = await feed.complete()
-    one = len((await feed.store.read_after(JOB, 1, 1))[0].json)  # a log event's size
+    one = len((await feed.store.read_after(key(JOB), 1, 1))[0].json)  # a log event's size
     budget = 3 * one
-    batches = await drain(feed.follow(Cursor(JOB, 0), await feed.head(), page_bytes=budget))
+    batches = await drain(feed.follow(Cursor(key(JOB), 0), await feed.head(), page_bytes=budget))
     assert all(batch for batch in batches)
     assert max(sum(len(f.json) for f in batch) for batch in batches) < budget + one + 100
     assert max(len(batch) for batch in batches) <= 4
@@ -177,9 +184,9 @@ async def test_replay_from_the_cache_sends_the_cached_frames(make_feed: FeedFact
     feed = await make_feed()
     await feed.create()
     await feed.log(8)
-    cursor = Cursor(JOB, 4)
+    cursor = Cursor(key(JOB), 4)
     batch = await next_batch(feed.follow(cursor, await feed.head()))
-    channel = feed.hub.attach(JOB, 0)
+    channel = feed.hub.attach(key(JOB), 0)
     assert batch is not None
     assert [f.seq for f in batch] == [5, 6, 7, 8, 9]
     assert all(sent is cached for sent, cached in zip(batch, channel.frames[4:], strict=True))
@@ -193,7 +200,7 @@ async def test_replay_crosses_from_sqlite_into_the_cache(make_feed: FeedFactory)
     await feed.create()
     await feed.log(15)
     last = await feed.complete()
-    batches = await drain(feed.follow(Cursor(JOB, 0), await feed.head(), page_events=3))
+    batches = await drain(feed.follow(Cursor(key(JOB), 0), await feed.head(), page_events=3))
     assert seqs(batches) == list(range(1, last + 1))
 
 
@@ -202,7 +209,7 @@ async def test_continues_live_after_the_replay(make_feed: FeedFactory) -> None:
     feed = await make_feed()
     await feed.create()
     await feed.log(2)
-    batches = feed.follow(Cursor(JOB, 0), await feed.head())
+    batches = feed.follow(Cursor(key(JOB), 0), await feed.head())
     replay = await next_batch(batches)
     assert replay is not None
     assert [f.seq for f in replay] == [1, 2, 3]
@@ -219,7 +226,7 @@ async def test_continues_live_from_sqlite_when_caching_is_off(make_feed: FeedFac
     """Live events reach a cursor with caching off too (read back from SQLite)."""
     feed = await make_feed(stream__cache_events_per_job=0)
     await feed.create()
-    batches = feed.follow(Cursor(JOB, 1), await feed.head())
+    batches = feed.follow(Cursor(key(JOB), 1), await feed.head())
     waiting = asyncio.create_task(next_batch(batches))
     await feed.log(3)
     live = await waiting
@@ -235,7 +242,7 @@ async def test_ends_after_the_terminal_event(make_feed: FeedFactory) -> None:
     await feed.create()
     await feed.log(1)
     last = await feed.complete()
-    cursor = Cursor(JOB, 0)
+    cursor = Cursor(key(JOB), 0)
     batches = await drain(feed.follow(cursor, await feed.head()))
     assert batches[-1][-1].terminal
     assert batches[-1][-1].seq == last
@@ -249,7 +256,7 @@ async def test_finished_job_at_its_end_ends_at_once(make_feed: FeedFactory) -> N
     feed = await make_feed()
     await feed.create()
     last = await feed.complete()
-    cursor = Cursor(JOB, last)
+    cursor = Cursor(key(JOB), last)
     assert await drain(feed.follow(cursor, await feed.head())) == []
     assert cursor.done
     assert cursor.sent == 0
@@ -260,7 +267,7 @@ async def test_yields_none_when_idle(make_feed: FeedFactory) -> None:
     and goes on following afterwards."""
     feed = await make_feed()
     await feed.create()
-    batches = feed.follow(Cursor(JOB, 1), await feed.head(), idle_seconds=0.05)
+    batches = feed.follow(Cursor(key(JOB), 1), await feed.head(), idle_seconds=0.05)
     assert await next_batch(batches) is None
     waiting = asyncio.create_task(next_batch(batches))
     await feed.log(1)
@@ -285,7 +292,7 @@ async def test_live_events_are_pushed_while_parked(make_feed: FeedFactory) -> No
         pushed.extend(f.seq for f in batch)
         return True
 
-    cursor = Cursor(JOB, 0)
+    cursor = Cursor(key(JOB), 0)
     batches = feed.follow(cursor, await feed.head(), push=push)
     assert [f.seq for f in await next_batch(batches) or []] == [1, 2, 3]  # read, not pushed
     waiting = asyncio.create_task(next_batch(batches))
@@ -311,7 +318,7 @@ async def test_pushes_hold_off_the_heartbeat(make_feed: FeedFactory) -> None:
         return True
 
     idle = 1.0
-    batches = feed.follow(Cursor(JOB, 1), await feed.head(), idle_seconds=idle, push=push)
+    batches = feed.follow(Cursor(key(JOB), 1), await feed.head(), idle_seconds=idle, push=push)
     waiting = asyncio.create_task(next_batch(batches))
     await parked(feed.hub)
     loop = asyncio.get_running_loop()
@@ -329,11 +336,11 @@ async def test_raises_stream_closing_on_hub_close(make_feed: FeedFactory) -> Non
     """hub.close() wakes a waiting cursor with StreamClosing and releases its channel."""
     feed = await make_feed()
     await feed.create()
-    batches = feed.follow(Cursor(JOB, 1), await feed.head())
+    batches = feed.follow(Cursor(key(JOB), 1), await feed.head())
     asyncio.get_running_loop().call_soon(feed.hub.close)
     with pytest.raises(StreamClosing):
         await next_batch(batches)
-    assert feed.hub.attach(JOB, 1).subscribers == 1
+    assert feed.hub.attach(key(JOB), 1).subscribers == 1
 
 
 @pytest.mark.parametrize(
@@ -358,7 +365,7 @@ async def test_stale_head_still_gets_events_committed_before_attach(
     await feed.create("other")
     stale = await feed.head()  # a subscriber reads the head: last_seq 1, queued
     # Meanwhile another subscriber follows the job to its end and leaves...
-    other = feed.follow(Cursor(JOB, 0), stale)
+    other = feed.follow(Cursor(key(JOB), 0), stale)
     first = await next_batch(other)
     assert first is not None
     assert [f.seq for f in first] == [1]
@@ -368,7 +375,7 @@ async def test_stale_head_still_gets_events_committed_before_attach(
     assert seqs(await waiting)[-1] == last
     await feed.log(1, job_id="other")  # ...and other jobs' events take the cache.
     # Only now does the first subscriber's cursor start, from its stale head.
-    cursor = Cursor(JOB, stale.last_seq)
+    cursor = Cursor(key(JOB), stale.last_seq)
     batches = await drain(feed.follow(cursor, stale, page_events=page_events, idle_seconds=0.2))
     assert seqs(batches) == list(range(2, last + 1))
 
@@ -380,7 +387,7 @@ async def test_a_cursor_cancelled_mid_read_leaves_reads_fresh(make_feed: FeedFac
     feed = await make_feed(stream__cache_events_per_job=0, storage__read_connections=1)
     await feed.create()
     await feed.log(10)
-    batches = feed.follow(Cursor(JOB, 0), await feed.head())
+    batches = feed.follow(Cursor(key(JOB), 0), await feed.head())
     reading = asyncio.create_task(next_batch(batches))
     # Scheduled after the task's first step, which ends waiting on its SQLite read.
     asyncio.get_running_loop().call_soon(reading.cancel)

@@ -9,6 +9,12 @@ import pytest
 
 from server.frames import WRITE_PART_BYTES, Frame
 from server.hub import Hub, JobChannel, LiveSubscriber
+from server.tenancy import JobKey
+
+
+def key(job_id: str) -> JobKey:
+    """The job ``job_id`` of the tenant every test here writes to."""
+    return JobKey("default", job_id)
 
 
 def frame(seq: int, job_id: str = "job", size: int = 100, event_type: str = "log") -> Frame:
@@ -37,22 +43,22 @@ def big_hub(cache_events_per_job: int = 1024) -> Hub:
 def test_frames_after_the_end_is_empty() -> None:
     """At the end of what is committed, the cache answers [] (nothing yet), not None."""
     hub = big_hub()
-    hub.publish("job", frames(1, 3))
-    channel = hub.attach("job", 3)
+    hub.publish(key("job"), frames(1, 3))
+    channel = hub.attach(key("job"), 3)
     assert channel.frames_after(3, 10) == []
 
 
 def test_frames_after_the_end_is_empty_with_nothing_cached() -> None:
     """A channel with an empty cache still knows it is at the end (its high water)."""
-    channel = big_hub(cache_events_per_job=0).attach("job", 7)
+    channel = big_hub(cache_events_per_job=0).attach(key("job"), 7)
     assert channel.frames_after(7, 10) == []
 
 
 def test_frames_after_is_none_when_the_cache_does_not_reach_back() -> None:
     """Asking for seqs older than the cache holds sends the caller to SQLite (None)."""
     hub = big_hub(cache_events_per_job=4)
-    hub.publish("job", frames(1, 10))
-    channel = hub.attach("job", 10)
+    hub.publish(key("job"), frames(1, 10))
+    channel = hub.attach(key("job"), 10)
     assert seqs(channel.frames) == [7, 8, 9, 10]
     assert channel.frames_after(0, 100) is None
     assert channel.frames_after(5, 100) is None
@@ -61,16 +67,16 @@ def test_frames_after_is_none_when_the_cache_does_not_reach_back() -> None:
 def test_frames_after_is_none_when_committed_seqs_are_not_cached() -> None:
     """With caching off, anything below the high water must come from SQLite."""
     hub = big_hub(cache_events_per_job=0)
-    hub.publish("job", frames(1, 5))
-    channel = hub.attach("job", 5)
+    hub.publish(key("job"), frames(1, 5))
+    channel = hub.attach(key("job"), 5)
     assert channel.frames_after(4, 100) is None
 
 
 def test_frames_after_slices_the_cache() -> None:
     """When the cache reaches back to after + 1, it answers a contiguous slice of <= limit."""
     hub = big_hub(cache_events_per_job=4)
-    hub.publish("job", frames(1, 10))
-    channel = hub.attach("job", 10)
+    hub.publish(key("job"), frames(1, 10))
+    channel = hub.attach(key("job"), 10)
     assert seqs(channel.frames_after(6, 100)) == [7, 8, 9, 10]
     assert seqs(channel.frames_after(7, 2)) == [8, 9]
     assert seqs(channel.frames_after(9, 100)) == [10]
@@ -80,8 +86,8 @@ def test_frames_after_past_the_cache_when_the_high_water_is_ahead() -> None:
     """A high water raised by attach (a last_seq read from SQLite before the publish
     arrived) sends the caller past the cache to SQLite, never to an empty answer."""
     hub = big_hub()
-    hub.publish("job", frames(1, 3))
-    channel = hub.attach("job", 5)
+    hub.publish(key("job"), frames(1, 3))
+    channel = hub.attach(key("job"), 5)
     assert channel.high_water == 5
     assert channel.frames_after(3, 10) is None
 
@@ -92,9 +98,9 @@ def test_frames_after_past_the_cache_when_the_high_water_is_ahead() -> None:
 async def test_publish_wakes_a_waiter() -> None:
     """A subscriber waiting at its end is woken by the next publish for its job."""
     hub = big_hub()
-    channel = hub.attach("job", 3)
+    channel = hub.attach(key("job"), 3)
     # Runs once wait_beyond is parked on the channel (the loop's next turn).
-    asyncio.get_running_loop().call_soon(hub.publish, "job", frames(4, 4))
+    asyncio.get_running_loop().call_soon(hub.publish, key("job"), frames(4, 4))
     async with asyncio.timeout(5):
         assert await channel.wait_beyond(3, timeout=60) is True
     assert channel.high_water == 4
@@ -103,28 +109,28 @@ async def test_publish_wakes_a_waiter() -> None:
 async def test_publish_for_another_job_does_not_wake() -> None:
     """Only the job's own publishes wake its waiters."""
     hub = big_hub()
-    channel = hub.attach("job", 3)
-    asyncio.get_running_loop().call_soon(hub.publish, "other", frames(1, 1, job_id="other"))
+    channel = hub.attach(key("job"), 3)
+    asyncio.get_running_loop().call_soon(hub.publish, key("other"), frames(1, 1, job_id="other"))
     assert await channel.wait_beyond(3, timeout=0.05) is False
 
 
 async def test_wait_beyond_returns_at_once_when_already_beyond() -> None:
     """No wait when something past ``after`` is already committed."""
-    channel = big_hub().attach("job", 5)
+    channel = big_hub().attach(key("job"), 5)
     async with asyncio.timeout(5):
         assert await channel.wait_beyond(4, timeout=60) is True
 
 
 async def test_wait_beyond_times_out_with_false() -> None:
     """With nothing published, wait_beyond gives up after its timeout and says so."""
-    channel = big_hub().attach("job", 5)
+    channel = big_hub().attach(key("job"), 5)
     assert await channel.wait_beyond(5, timeout=0.01) is False
 
 
 async def test_close_wakes_waiters() -> None:
     """Shutdown wakes every waiting subscriber, which then sees ``closing``."""
     hub = big_hub()
-    channel = hub.attach("job", 1)
+    channel = hub.attach(key("job"), 1)
     asyncio.get_running_loop().call_soon(hub.close)
     async with asyncio.timeout(5):
         assert await channel.wait_beyond(1, timeout=60) is True
@@ -159,12 +165,12 @@ async def test_publish_pushes_to_a_parked_subscriber_without_waking_it() -> None
     """A caught-up subscriber gets each publish in the publisher's own step, in order, and
     stays parked: no wake-up per event."""
     hub = big_hub()
-    channel = hub.attach("job", 3)
+    channel = hub.attach(key("job"), 3)
     socket = Socket()
     live = LiveSubscriber(3, socket.push)
     waiting = await park(channel, live)
-    hub.publish("job", frames(4, 5))
-    hub.publish("job", frames(6, 6))
+    hub.publish(key("job"), frames(4, 5))
+    hub.publish(key("job"), frames(6, 6))
     assert socket.sent == [4, 5, 6]
     assert (live.after, live.pushed) == (6, 3)
     assert not waiting.done()
@@ -190,10 +196,10 @@ async def test_a_subscriber_that_cannot_take_a_push_is_woken(
     """Anything the publisher cannot hand over at once wakes the subscriber to read for
     itself (from the cache or SQLite), with its position unmoved."""
     hub = big_hub()
-    channel = hub.attach("job", 3)
+    channel = hub.attach(key("job"), 3)
     live = LiveSubscriber(3, socket.push)
     waiting = await park(channel, live)
-    hub.publish("job", published)
+    hub.publish(key("job"), published)
     async with asyncio.timeout(5):
         assert await waiting is True, why
     assert socket.sent == []
@@ -204,14 +210,14 @@ async def test_a_subscriber_that_cannot_take_a_push_is_woken(
 async def test_a_push_that_raises_wakes_the_subscriber() -> None:
     """A push function that fails (a bug, a dying transport) never reaches the publisher."""
     hub = big_hub()
-    channel = hub.attach("job", 3)
+    channel = hub.attach(key("job"), 3)
 
     def broken(batch: list[Frame]) -> bool:
         raise ConnectionResetError("gone")
 
     live = LiveSubscriber(3, broken)
     waiting = await park(channel, live)
-    hub.publish("job", frames(4, 4))
+    hub.publish(key("job"), frames(4, 4))
     async with asyncio.timeout(5):
         assert await waiting is True
     assert live.after == 3
@@ -219,7 +225,7 @@ async def test_a_push_that_raises_wakes_the_subscriber() -> None:
 
 async def test_close_wakes_parked_subscribers() -> None:
     hub = big_hub()
-    channel = hub.attach("job", 1)
+    channel = hub.attach(key("job"), 1)
     live = LiveSubscriber(1, Socket().push)
     waiting = await park(channel, live)
     hub.close()
@@ -229,7 +235,7 @@ async def test_close_wakes_parked_subscribers() -> None:
 
 
 async def test_wait_pushed_returns_at_once_when_already_beyond() -> None:
-    channel = big_hub().attach("job", 5)
+    channel = big_hub().attach(key("job"), 5)
     async with asyncio.timeout(5):
         assert await channel.wait_pushed(LiveSubscriber(4, Socket().push), timeout=60) is True
 
@@ -240,9 +246,9 @@ async def test_wait_pushed_returns_at_once_when_already_beyond() -> None:
 def test_per_job_cap_keeps_the_newest_frames() -> None:
     """At most cache_events_per_job frames per job; the oldest go first."""
     hub = big_hub(cache_events_per_job=3)
-    hub.publish("job", frames(1, 2))
-    hub.publish("job", frames(3, 5))
-    channel = hub.attach("job", 5)
+    hub.publish(key("job"), frames(1, 2))
+    hub.publish(key("job"), frames(3, 5))
+    channel = hub.attach(key("job"), 5)
     assert seqs(channel.frames) == [3, 4, 5]
     assert channel.first_seq == 3
     assert channel.cached_bytes == 300
@@ -251,10 +257,10 @@ def test_per_job_cap_keeps_the_newest_frames() -> None:
 def test_cache_bytes_are_accounted_exactly() -> None:
     """total_bytes goes up and down with what is cached (plus a fixed per-channel cost)."""
     hub = big_hub(cache_events_per_job=2)
-    hub.publish("job", frames(1, 1))
+    hub.publish(key("job"), frames(1, 1))
     overhead = hub.total_bytes - 100
     assert overhead >= 0
-    hub.publish("job", frames(2, 5))
+    hub.publish(key("job"), frames(2, 5))
     assert hub.total_bytes == overhead + 200
 
 
@@ -262,7 +268,7 @@ def _hub_with_budget_for(jobs: int, frames_per_job: int) -> tuple[Hub, int]:
     """A hub whose byte budget holds exactly ``jobs`` jobs of ``frames_per_job`` frames of
     100 bytes (the per-channel overhead is measured, not assumed)."""
     probe = big_hub()
-    probe.publish("probe", frames(1, 1, job_id="probe"))
+    probe.publish(key("probe"), frames(1, 1, job_id="probe"))
     overhead = probe.total_bytes - 100
     budget = jobs * (overhead + 100 * frames_per_job)
     return Hub(1024, cache_bytes=budget), overhead
@@ -271,12 +277,12 @@ def _hub_with_budget_for(jobs: int, frames_per_job: int) -> tuple[Hub, int]:
 def test_byte_budget_evicts_the_least_recently_published_job() -> None:
     """Over the global budget, the job published longest ago loses its cache first."""
     hub, _ = _hub_with_budget_for(jobs=2, frames_per_job=3)
-    hub.publish("a", frames(1, 3, job_id="a"))
-    hub.publish("b", frames(1, 3, job_id="b"))
-    hub.publish("a", frames(4, 4, job_id="a"))  # a is now the most recent...
-    hub.publish("c", frames(1, 2, job_id="c"))  # ...so b pays for c
+    hub.publish(key("a"), frames(1, 3, job_id="a"))
+    hub.publish(key("b"), frames(1, 3, job_id="b"))
+    hub.publish(key("a"), frames(4, 4, job_id="a"))  # a is now the most recent...
+    hub.publish(key("c"), frames(1, 2, job_id="c"))  # ...so b pays for c
     assert hub.total_bytes <= hub.cache_bytes
-    a, b, c = hub.attach("a", 4), hub.attach("b", 3), hub.attach("c", 2)
+    a, b, c = hub.attach(key("a"), 4), hub.attach(key("b"), 3), hub.attach(key("c"), 2)
     assert seqs(b.frames) == []
     assert seqs(a.frames) == [1, 2, 3, 4]
     assert seqs(c.frames) == [1, 2]
@@ -288,8 +294,8 @@ def test_byte_budget_evicts_the_least_recently_published_job() -> None:
 def test_byte_budget_trims_the_newest_job_from_its_oldest_frames() -> None:
     """A single job over budget keeps a contiguous suffix of its newest frames."""
     hub, overhead = _hub_with_budget_for(jobs=1, frames_per_job=4)
-    hub.publish("job", frames(1, 10))
-    channel = hub.attach("job", 10)
+    hub.publish(key("job"), frames(1, 10))
+    channel = hub.attach(key("job"), 10)
     cached = seqs(channel.frames)
     assert cached, "the newest frames should stay cached"
     assert cached == list(range(cached[0], 11))
@@ -301,11 +307,11 @@ def test_byte_budget_trims_the_newest_job_from_its_oldest_frames() -> None:
 def test_byte_budget_keeps_subscribed_channels() -> None:
     """Eviction empties a subscribed job's cache but keeps its channel and high water."""
     hub, _ = _hub_with_budget_for(jobs=1, frames_per_job=3)
-    watched = hub.attach("a", 0)
-    hub.publish("a", frames(1, 3, job_id="a"))
-    hub.publish("b", frames(1, 3, job_id="b"))
+    watched = hub.attach(key("a"), 0)
+    hub.publish(key("a"), frames(1, 3, job_id="a"))
+    hub.publish(key("b"), frames(1, 3, job_id="b"))
     assert watched.frames == []
-    assert hub.attach("a", 0) is watched
+    assert hub.attach(key("a"), 0) is watched
     assert watched.high_water == 3
 
 
@@ -315,11 +321,11 @@ def test_byte_budget_keeps_subscribed_channels() -> None:
 def test_detach_drops_an_empty_unsubscribed_channel() -> None:
     """The last subscriber leaving a channel with nothing cached frees it."""
     hub = big_hub(cache_events_per_job=0)
-    channel = hub.attach("job", 5)
+    channel = hub.attach(key("job"), 5)
     assert hub.total_bytes > 0
     hub.detach(channel)
     assert hub.total_bytes == 0
-    fresh = hub.attach("job", 2)
+    fresh = hub.attach(key("job"), 2)
     assert fresh is not channel
     assert fresh.high_water == 2
 
@@ -327,21 +333,21 @@ def test_detach_drops_an_empty_unsubscribed_channel() -> None:
 def test_detach_keeps_a_channel_while_others_subscribe() -> None:
     """A channel stays while any subscriber holds it."""
     hub = big_hub(cache_events_per_job=0)
-    first = hub.attach("job", 5)
-    second = hub.attach("job", 5)
+    first = hub.attach(key("job"), 5)
+    second = hub.attach(key("job"), 5)
     assert second is first
     hub.detach(first)
     assert first.subscribers == 1
-    assert hub.attach("job", 0) is first
+    assert hub.attach(key("job"), 0) is first
 
 
 def test_detach_keeps_a_channel_with_cached_frames() -> None:
     """Cached frames outlive their subscribers (a reconnect reads them)."""
     hub = big_hub()
-    hub.publish("job", frames(1, 3))
-    channel = hub.attach("job", 3)
+    hub.publish(key("job"), frames(1, 3))
+    channel = hub.attach(key("job"), 3)
     hub.detach(channel)
-    again = hub.attach("job", 0)
+    again = hub.attach(key("job"), 0)
     assert again is channel
     assert seqs(again.frames_after(0, 10)) == [1, 2, 3]
 
@@ -349,9 +355,9 @@ def test_detach_keeps_a_channel_with_cached_frames() -> None:
 def test_non_contiguous_publish_resets_the_cache() -> None:
     """Frames that do not follow the cached ones replace them; no gap is ever served."""
     hub = big_hub()
-    hub.publish("job", frames(1, 3))
-    hub.publish("job", frames(7, 8))
-    channel: JobChannel = hub.attach("job", 8)
+    hub.publish(key("job"), frames(1, 3))
+    hub.publish(key("job"), frames(7, 8))
+    channel: JobChannel = hub.attach(key("job"), 8)
     assert seqs(channel.frames) == [7, 8]
     assert channel.first_seq == 7
     assert channel.cached_bytes == 200
@@ -362,7 +368,7 @@ def test_non_contiguous_publish_resets_the_cache() -> None:
 def test_publish_raises_the_high_water() -> None:
     """The high water is the last published seq (and never goes back)."""
     hub = big_hub()
-    channel = hub.attach("job", 0)
-    hub.publish("job", frames(1, 4))
+    channel = hub.attach(key("job"), 0)
+    hub.publish(key("job"), frames(1, 4))
     assert channel.high_water == 4
-    assert hub.attach("job", 2).high_water == 4
+    assert hub.attach(key("job"), 2).high_water == 4

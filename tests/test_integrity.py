@@ -26,14 +26,15 @@ def build_database(db: Path, events: int = 2_000) -> tuple[int, int]:
     with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as conn:
         conn.execute("BEGIN")
         conn.execute(
-            "INSERT INTO jobs (job_id, status, last_seq, created_at, updated_at, snapshot)"
-            " VALUES ('j', 'running', ?, 'ts', 'ts', '{}')",
+            "INSERT INTO jobs (tenant, job_id, status, last_seq, created_at, updated_at,"
+            " snapshot) VALUES ('default', 'j', 'running', ?, 'ts', 'ts', '{}')",
             (events,),
         )
         conn.executemany(
-            "INSERT INTO events (id, job_id, seq, type, ts, key, body) VALUES (?,?,?,?,?,?,?)",
+            "INSERT INTO events (id, tenant, job_id, seq, type, ts, key, body)"
+            " VALUES (?,?,?,?,?,?,?,?)",
             [
-                (i, "j", i, "log", "ts", None, '{"m":"' + "x" * 200 + '"}')
+                (i, "default", "j", i, "log", "ts", None, '{"m":"' + "x" * 200 + '"}')
                 for i in range(1, events + 1)
             ],
         )

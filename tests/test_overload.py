@@ -24,9 +24,16 @@ from aiohttp import WSMsgType
 from aiohttp.test_utils import TestClient
 
 from server.limits import JobStreamSlots, RateLimiter
+from server.tenancy import JobKey
 from tests.conftest import ClientFactory, ConfigFactory, create_job
 from tests.procs import Launcher, ServerProcess, launching
 from tests.streams import StuckSubscriber
+
+
+def key(job_id: str) -> JobKey:
+    """The job ``job_id`` of the tenant every test here writes to."""
+    return JobKey("default", job_id)
+
 
 WAIT = 10.0  # bound on any one wait; a healthy server answers in milliseconds
 STUCK_WAIT = 60.0  # bound on the whole stuck-subscriber scenario (CI machines are slow)
@@ -216,11 +223,11 @@ async def test_streams_past_the_per_job_cap_are_refused_then_recover(
 def test_job_stream_slots_forget_jobs_without_streams() -> None:
     """The per-job table holds only jobs with an open stream: memory follows open streams."""
     slots = JobStreamSlots(per_job=1)
-    assert slots.acquire("a")
-    assert not slots.acquire("a")
-    slots.release("a")
-    assert slots.acquire("a")
-    slots.release("a")
+    assert slots.acquire(key("a"))
+    assert not slots.acquire(key("a"))
+    slots.release(key("a"))
+    assert slots.acquire(key("a"))
+    slots.release(key("a"))
     assert slots._open == {}
 
 

@@ -15,6 +15,8 @@ from aiohttp.test_utils import TestClient
 from tests.conftest import ClientFactory, ConfigFactory, append, create_job
 from tests.streams import SseComment, SseEvent, SseItem, read_sse, sse_items, stored_log
 
+# Every test that builds a config runs with authentication off and on (tests/conftest.py).
+AUTH_MODES = ("off", "on")
 WAIT = 10.0  # bound on any one wait; a healthy server answers in milliseconds
 SSE = {"Accept": "text/event-stream"}
 

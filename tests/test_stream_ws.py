@@ -18,6 +18,8 @@ from server.frames import ws_text_header
 from tests.conftest import ClientFactory, ConfigFactory, append, create_job
 from tests.streams import read_ws, stored_log
 
+# Every test that builds a config runs with authentication off and on (tests/conftest.py).
+AUTH_MODES = ("off", "on")
 WAIT = 10.0  # bound on any one wait; a healthy server answers in milliseconds
 
 

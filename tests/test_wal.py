@@ -20,6 +20,7 @@ from server.config import Config
 from server.hub import Hub
 from server.models import LogIn
 from server.store import Store
+from server.tenancy import JobKey
 from tests.conftest import ConfigFactory
 
 BOUND = 1024 * 1024
@@ -62,19 +63,21 @@ async def test_wal_stays_under_its_bound_with_replays_in_progress(store: Store) 
     db = Path(store.path)
     sizes: list[int] = []
     for job in range(PRODUCERS):
-        await store.writer.create_job(f"j{job}", None, None)
+        await store.writer.create_job(JobKey("default", f"j{job}"), None, None)
     done = asyncio.Event()
 
     async def produce(job: int) -> None:
         for index in range(APPENDS_PER_PRODUCER):
             message = f"{index:06d}" + "x" * MESSAGE_BYTES
-            await store.writer.append(f"j{job}", [LogIn(type="log", message=message)])
+            await store.writer.append(
+                JobKey("default", f"j{job}"), [LogIn(type="log", message=message)]
+            )
             sizes.append(wal_size(db))
 
     async def replay(reader: int) -> int:
         """Read one job's log from the start, page after page, until the producers stop."""
         pages = 0
-        job = f"j{reader % PRODUCERS}"
+        job = JobKey("default", f"j{reader % PRODUCERS}")
         while not done.is_set():
             after = 0
             while frames := await store.read_after(job, after, 50):
@@ -99,5 +102,5 @@ async def test_wal_stays_under_its_bound_with_replays_in_progress(store: Store) 
     )
     assert store.wal.restarts > 0
     for job in range(PRODUCERS):
-        frames = await store.read_after(f"j{job}", 0, 10_000)
+        frames = await store.read_after(JobKey("default", f"j{job}"), 0, 10_000)
         assert [frame.seq for frame in frames] == list(range(1, APPENDS_PER_PRODUCER + 2))

@@ -21,7 +21,13 @@ from server.errors import JobFinished, JobNotFound, StorageUnavailable
 from server.hub import Hub
 from server.models import CompletedIn, LogIn, ProgressIn
 from server.store import Store
+from server.tenancy import JobKey
 from tests.conftest import ConfigFactory
+
+
+def key(job_id: str) -> JobKey:
+    """The job ``job_id`` of the tenant every test here writes to."""
+    return JobKey("default", job_id)
 
 
 @pytest.fixture
@@ -39,17 +45,17 @@ def log_event(message: str, key: str | None = None) -> LogIn:
 
 
 async def stored_seqs(store: Store, job_id: str) -> list[int]:
-    frames = await store.read_after(job_id, 0, 100_000)
+    frames = await store.read_after(key(job_id), 0, 100_000)
     return [frame.seq for frame in frames]
 
 
 async def test_concurrent_appends_share_commits(store: Store) -> None:
     """Appends that arrive while a commit is in flight are committed together, in fewer
     transactions than requests, and every one is acknowledged with a distinct seq."""
-    await store.writer.create_job("group", None, None)
+    await store.writer.create_job(key("group"), None, None)
     commits_before = store.writer.commits
     results = await asyncio.gather(
-        *(store.writer.append("group", [log_event(f"m{i}")]) for i in range(300))
+        *(store.writer.append(key("group"), [log_event(f"m{i}")]) for i in range(300))
     )
     seqs = sorted(result.events[0].seq for result in results)
     assert seqs == list(range(2, 302))
@@ -60,14 +66,14 @@ async def test_concurrent_appends_share_commits(store: Store) -> None:
 async def test_a_refused_request_does_not_spoil_its_group(store: Store) -> None:
     """In one group, a request for an unknown job and one for a finished job are refused
     alone; the other requests in the same group commit."""
-    await store.writer.create_job("open", None, None)
-    await store.writer.create_job("done", None, None)
-    await store.writer.append("done", [CompletedIn(type="completed")])
+    await store.writer.create_job(key("open"), None, None)
+    await store.writer.create_job(key("done"), None, None)
+    await store.writer.append(key("done"), [CompletedIn(type="completed")])
     outcomes = await asyncio.gather(
-        store.writer.append("open", [log_event("a")]),
-        store.writer.append("missing", [log_event("b")]),
-        store.writer.append("done", [log_event("c")]),
-        store.writer.append("open", [log_event("d")]),
+        store.writer.append(key("open"), [log_event("a")]),
+        store.writer.append(key("missing"), [log_event("b")]),
+        store.writer.append(key("done"), [log_event("c")]),
+        store.writer.append(key("open"), [log_event("d")]),
         return_exceptions=True,
     )
     assert isinstance(outcomes[1], JobNotFound)
@@ -78,10 +84,10 @@ async def test_a_refused_request_does_not_spoil_its_group(store: Store) -> None:
 
 async def test_batch_with_terminal_then_more_writes_nothing(store: Store) -> None:
     """A batch whose terminal event is followed by another is refused whole."""
-    await store.writer.create_job("t", None, None)
+    await store.writer.create_job(key("t"), None, None)
     with pytest.raises(JobFinished):
         await store.writer.append(
-            "t",
+            key("t"),
             [
                 ProgressIn(type="progress", progress=5),
                 CompletedIn(type="completed"),
@@ -100,14 +106,14 @@ async def test_full_disk_refuses_whole_group_and_recovers(store: Store) -> None:
     """When the file cannot grow, every append in the failing group gets 503
     storage_unavailable, nothing is half-written, and once space is back the log
     continues contiguously from where it was."""
-    await store.writer.create_job("full", None, None)
+    await store.writer.create_job(key("full"), None, None)
     conn: Any = store._writer_conn
     async with conn.execute("PRAGMA page_count") as cursor:
         row = await cursor.fetchone()
     await _set_max_pages(store, row[0])
     big = "x" * 30_000
     outcomes = await asyncio.gather(
-        *(store.writer.append("full", [log_event(big)]) for _ in range(5)),
+        *(store.writer.append(key("full"), [log_event(big)]) for _ in range(5)),
         return_exceptions=True,
     )
     assert all(isinstance(outcome, StorageUnavailable) for outcome in outcomes), outcomes
@@ -116,7 +122,7 @@ async def test_full_disk_refuses_whole_group_and_recovers(store: Store) -> None:
     assert await stored_seqs(store, "full") == [1]
 
     await _set_max_pages(store, 1_000_000)
-    result = await store.writer.append("full", [log_event(big)])
+    result = await store.writer.append(key("full"), [log_event(big)])
     assert result.events[0].seq == 2
     assert store.writer.healthy
     assert await store.check_ready() is None
@@ -126,10 +132,10 @@ async def test_full_disk_refuses_whole_group_and_recovers(store: Store) -> None:
 async def test_keyed_retry_in_the_same_group_is_one_copy(store: Store) -> None:
     """Two identical keyed requests that land in one group append one event; both get its
     seq, the second marked duplicate."""
-    await store.writer.create_job("k", None, None)
+    await store.writer.create_job(key("k"), None, None)
     first, second = await asyncio.gather(
-        store.writer.append("k", [log_event("once", key="k-1")]),
-        store.writer.append("k", [log_event("once", key="k-1")]),
+        store.writer.append(key("k"), [log_event("once", key="k-1")]),
+        store.writer.append(key("k"), [log_event("once", key="k-1")]),
     )
     assert first.events[0].seq == second.events[0].seq == 2
     assert [first.events[0].duplicate, second.events[0].duplicate] == [False, True]
@@ -146,8 +152,8 @@ async def test_ids_increase_across_jobs_and_restarts(make_config: ConfigFactory)
         try:
             for job in ("a", "b"):
                 job_id = f"{job}{round_}"
-                await store.writer.create_job(job_id, None, None)
-                result = await store.writer.append(job_id, [log_event("x"), log_event("y")])
+                await store.writer.create_job(key(job_id), None, None)
+                result = await store.writer.append(key(job_id), [log_event("x"), log_event("y")])
                 ids.extend(event.id for event in result.events)
         finally:
             await store.close()
@@ -183,11 +189,11 @@ async def test_job_cache_holds_metadata_as_bytes_not_objects(
         before = tracemalloc.get_traced_memory()[0]
         for index in range(80):
             metadata = orjson.loads(orjson.dumps(_object_heavy_metadata(index)))
-            await store.writer.create_job(f"heavy-{index}", None, metadata)
+            await store.writer.create_job(key(f"heavy-{index}"), None, metadata)
         del metadata
         # The writer's loop keeps its last group (and the last request's metadata) until
         # the next request arrives.
-        await store.writer.create_job("small", None, None)
+        await store.writer.create_job(key("small"), None, None)
         gc.collect()
         retained = tracemalloc.get_traced_memory()[0] - before
     finally:
@@ -210,12 +216,12 @@ async def test_job_cache_is_bounded_in_bytes(make_config: ConfigFactory) -> None
     await store.open()
     try:
         for index in range(60):
-            await store.writer.create_job(f"j{index}", None, {"blob": "y" * 60_000})
+            await store.writer.create_job(key(f"j{index}"), None, {"blob": "y" * 60_000})
         assert 0 < store.writer.cached_jobs < 60
         assert 60_000 * store.writer.cached_jobs <= store.writer.cache_bytes <= 1 << 20
-        result = await store.writer.append("j0", [log_event("after eviction")])
+        result = await store.writer.append(key("j0"), [log_event("after eviction")])
         assert result.last_seq == 2
-        snapshot = orjson.loads(await store.snapshot_json("j0") or b"null")
+        snapshot = orjson.loads(await store.snapshot_json(key("j0")) or b"null")
         assert snapshot["metadata"] == {"blob": "y" * 60_000}
         assert snapshot["status"] == "running"
         assert store.writer.cache_bytes <= 1 << 20
@@ -232,15 +238,15 @@ async def test_cached_frames_hold_their_json_not_a_write_buffer(config: Config) 
     store = Store(config, hub)
     await store.open()
     try:
-        await store.writer.create_job("small", None, None)
-        channel = hub.attach("small", 1)  # keeps the job's cache while the test looks
+        await store.writer.create_job(key("small"), None, None)
+        channel = hub.attach(key("small"), 1)  # keeps the job's cache while the test looks
         tracemalloc.start()
         try:
             gc.collect()
             before = tracemalloc.get_traced_memory()[0]
             for _ in range(40):
-                await store.writer.append("small", [log_event("step") for _ in range(100)])
-            await store.writer.create_job("flush", None, None)  # the writer drops its group
+                await store.writer.append(key("small"), [log_event("step") for _ in range(100)])
+            await store.writer.create_job(key("flush"), None, None)  # the writer drops its group
             gc.collect()
             retained = tracemalloc.get_traced_memory()[0] - before
         finally:

@@ -11,24 +11,36 @@ WebSocket as an error frame and a close code.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import re
 import time
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 import structlog
 from aiohttp import web
 
+from ..auth import PRINCIPAL, READ, TenantGrant, require
 from ..errors import BadRequest, InvalidParameter, ServiceError, WSClose
-from ..feed import ALL_EVENTS, FeedClosing, FeedCursor, FeedFilter, Grant, follow_feed
-from ..frames import WRITE_PART_BYTES, control_frame, parts_of
-from ..keys import CONFIG, HUB, STORE, STREAMS
+from ..feed import (
+    ALL_EVENTS,
+    FeedClosing,
+    FeedCursor,
+    FeedFilter,
+    FeedPushFn,
+    Grant,
+    follow_feed,
+)
+from ..frames import WRITE_PART_BYTES, Frame, control_frame, parts_of
+from ..keys import AUTH, CONFIG, HUB, STORE, STREAMS
 from ..limits import bound_send_buffer
 from ..logs import bind_request
 from ..streams import OpenStream
 from .eventsource import SSE_HEADERS, retry_field
+from .guard import StreamGuard, guard_stream
 from .request import parse_int
-from .sse import end_response
+from .sse import end_for_credential, end_response
 from .subscription import close_code_for
 from .ws import (
     ABNORMAL_CLOSE,
@@ -60,6 +72,16 @@ async def feed(request: web.Request) -> web.StreamResponse:
     if "text/event-stream" in request.headers.get("Accept", ""):
         return await serve_feed_sse(request)
     raise BadRequest("a feed needs a WebSocket upgrade or an 'Accept: text/event-stream' header")
+
+
+def credential_grant(request: web.Request) -> Grant:
+    """The request's credential as the feed's grant (auth.md, feed.md "Authorization"):
+    only its tenant's events, of the jobs its grants cover; every event with authentication
+    off (everything is tenant ``default``). 403 without ``jobs:read``."""
+    principal = require(request, READ)
+    if not request.app[AUTH].enabled:
+        return ALL_EVENTS
+    return TenantGrant(principal)
 
 
 def parse_filter(request: web.Request, grant: Grant = ALL_EVENTS) -> FeedFilter:
@@ -139,6 +161,27 @@ async def start_feed(
     return FeedStart(last_id, last_id, [])
 
 
+def _follow(
+    request: web.Request,
+    cursor: FeedCursor,
+    feed_filter: FeedFilter,
+    push: FeedPushFn | None = None,
+) -> AsyncGenerator[list[Frame] | None, None]:
+    """The feed cursor with the stream settings (``push``: a WebSocket's direct send)."""
+    config = request.app[CONFIG].stream
+    return follow_feed(
+        request.app[STORE],
+        request.app[HUB].feed,
+        cursor,
+        feed_filter,
+        page_events=config.page_events,
+        page_bytes=config.page_bytes,
+        scan_ids=config.feed_scan_ids,
+        idle_seconds=config.heartbeat_seconds,
+        push=push,
+    )
+
+
 def _snapshot_frames(snapshots: list[bytes]) -> list[bytes]:
     return [b'{"type":"snapshot","job":%s}' % snapshot for snapshot in snapshots]
 
@@ -160,7 +203,7 @@ async def serve_feed_websocket(request: web.Request) -> web.WebSocketResponse:
     feed_filter = FeedFilter()
     stream = None
     try:
-        feed_filter = parse_filter(request)
+        feed_filter = parse_filter(request, credential_grant(request))
         bind_request(feed=feed_filter.describe())
         # Counted before the first await, so concurrent handshakes cannot overshoot the cap.
         stream = streams.admit(request, None)
@@ -170,23 +213,14 @@ async def serve_feed_websocket(request: web.Request) -> web.WebSocketResponse:
         for index in range(0, len(opening), _SNAPSHOT_CHUNK):
             async with asyncio.timeout(config.send_timeout):
                 await send_control_frames(request, ws, opening[index : index + _SNAPSHOT_CHUNK])
-        batches = follow_feed(
-            request.app[STORE],
-            request.app[HUB].feed,
-            cursor,
-            feed_filter,
-            page_events=config.page_events,
-            page_bytes=config.page_bytes,
-            scan_ids=config.feed_scan_ids,
-            idle_seconds=config.heartbeat_seconds,
-            push=functools.partial(push_frames, request, ws),
-        )
+        batches = _follow(request, cursor, feed_filter, functools.partial(push_frames, request, ws))
 
         def heartbeat() -> bytes:
             return control_frame({"type": "heartbeat", "last_id": cursor.after})
 
         sending = send_batches(request, ws, batches, heartbeat, end)
-        await run_stream(request, ws, stream, end, sending)
+        guard = guard_stream(request, request[PRINCIPAL], None)
+        await run_stream(request, ws, stream, end, sending, guard)
     except ServiceError as exc:
         end.outcome, end.close_code = "refused", close_code_for(exc)
         await refuse(request, ws, end.close_code, exc.code, exc.message)
@@ -226,20 +260,25 @@ async def serve_feed_sse(request: web.Request) -> web.StreamResponse:
     ``id:`` is the event id, and ``event: heartbeat`` records whose ``id:`` is the scanned
     position. A feed never ends by itself; shutdown ends the response (the browser retries).
     """
-    feed_filter = parse_filter(request)
+    feed_filter = parse_filter(request, credential_grant(request))
     bind_request(feed=feed_filter.describe())
     raw_after = request.headers.get("Last-Event-ID") or request.query.get("after") or None
     streams = request.app[STREAMS]
     stream = streams.admit(request, None)  # before the first await: the cap holds
     try:
         start = await start_feed(request, feed_filter, raw_after)
-        return await _feed_sse(request, stream, feed_filter, start)
+        guard = guard_stream(request, request[PRINCIPAL], None)
+        return await _feed_sse(request, stream, feed_filter, start, guard)
     finally:
         streams.release(stream)
 
 
 async def _feed_sse(
-    request: web.Request, stream: OpenStream, feed_filter: FeedFilter, start: FeedStart
+    request: web.Request,
+    stream: OpenStream,
+    feed_filter: FeedFilter,
+    start: FeedStart,
+    guard: StreamGuard | None,
 ) -> web.StreamResponse:
     config = request.app[CONFIG].stream
     response = web.StreamResponse(headers=SSE_HEADERS)
@@ -250,47 +289,22 @@ async def _feed_sse(
     started = time.monotonic()
     outcome = "client_gone"
     unhook = stream.cancel_when_lost(request)  # an idle feed notices a closed client at once
+    # Within the credential's lifetime (with authentication on); then `event: error`.
+    lifetime = guard if guard is not None else contextlib.nullcontext()
     try:
         try:
-            async with asyncio.timeout(config.send_timeout):
-                await response.write(
-                    retry_field(config.sse_retry_ms)
-                    + b"event: hello\nid: %d\ndata: %s\n\n" % (start.after, start.hello())
-                )
-            snapshots = _snapshot_frames(start.snapshots)
-            for index in range(0, len(snapshots), _SNAPSHOT_CHUNK):
-                chunk = snapshots[index : index + _SNAPSHOT_CHUNK]
-                async with asyncio.timeout(config.send_timeout):
-                    await response.write(
-                        b"".join(b"event: snapshot\ndata: %s\n\n" % s for s in chunk)
-                    )
-            batches = follow_feed(
-                request.app[STORE],
-                request.app[HUB].feed,
-                cursor,
-                feed_filter,
-                page_events=config.page_events,
-                page_bytes=config.page_bytes,
-                scan_ids=config.feed_scan_ids,
-                idle_seconds=config.heartbeat_seconds,
-            )
-            async for batch in batches:
-                async with asyncio.timeout(config.send_timeout):
-                    if batch is None:
-                        beat = control_frame({"type": "heartbeat", "last_id": cursor.after})
-                        await response.write(
-                            b"event: heartbeat\nid: %d\ndata: %s\n\n" % (cursor.after, beat)
-                        )
-                        continue
-                    for part in parts_of(batch, WRITE_PART_BYTES):
-                        await response.write(b"".join(frame.feed_sse for frame in part))
+            async with lifetime:
+                await _send_feed_sse(request, response, cursor, feed_filter, start)
         except FeedClosing:
             outcome = "shutdown"
             await end_response(request, response, config.send_timeout)
         except TimeoutError:
-            outcome = "send_timeout"  # the peer stopped reading: drop it; it resumes by id
-            if request.transport is not None:
-                request.transport.abort()
+            if guard is not None and guard.fired():
+                outcome = await end_for_credential(request, response, guard)
+            else:
+                outcome = "send_timeout"  # the peer stopped reading: drop it; resumes by id
+                if request.transport is not None:
+                    request.transport.abort()
         except ConnectionError:
             outcome = "shutdown" if stream.dropped else "client_gone"
         except Exception:
@@ -320,3 +334,35 @@ async def _feed_sse(
             seconds=round(time.monotonic() - started, 3),
         )
     return response
+
+
+async def _send_feed_sse(
+    request: web.Request,
+    response: web.StreamResponse,
+    cursor: FeedCursor,
+    feed_filter: FeedFilter,
+    start: FeedStart,
+) -> None:
+    """Hello, the snapshots, then the feed's events and heartbeats, until the feed ends."""
+    config = request.app[CONFIG].stream
+    async with asyncio.timeout(config.send_timeout):
+        await response.write(
+            retry_field(config.sse_retry_ms)
+            + b"event: hello\nid: %d\ndata: %s\n\n" % (start.after, start.hello())
+        )
+    snapshots = _snapshot_frames(start.snapshots)
+    for index in range(0, len(snapshots), _SNAPSHOT_CHUNK):
+        chunk = snapshots[index : index + _SNAPSHOT_CHUNK]
+        async with asyncio.timeout(config.send_timeout):
+            await response.write(b"".join(b"event: snapshot\ndata: %s\n\n" % s for s in chunk))
+    batches = _follow(request, cursor, feed_filter)
+    async for batch in batches:
+        async with asyncio.timeout(config.send_timeout):
+            if batch is None:
+                beat = control_frame({"type": "heartbeat", "last_id": cursor.after})
+                await response.write(
+                    b"event: heartbeat\nid: %d\ndata: %s\n\n" % (cursor.after, beat)
+                )
+                continue
+            for part in parts_of(batch, WRITE_PART_BYTES):
+                await response.write(b"".join(frame.feed_sse for frame in part))

@@ -19,7 +19,15 @@ import orjson
 from aiohttp import web
 from pydantic import ValidationError
 
-from ..errors import EventTooLarge, InvalidJson, InvalidParameter, JobNotFound, ValidationFailed
+from ..auth import READ, WRITE, require
+from ..errors import (
+    EventTooLarge,
+    Forbidden,
+    InvalidJson,
+    InvalidParameter,
+    JobNotFound,
+    ValidationFailed,
+)
 from ..keys import CONFIG, STORE
 from ..logs import bind_request
 from ..models import (
@@ -31,6 +39,7 @@ from ..models import (
     stored_size_estimate,
 )
 from ..store import Store
+from ..tenancy import JobKey
 from .request import JSON_TYPE, json_response, parse_int, query_int, read_json
 from .sending import send_bounded
 from .subscription import check_offset
@@ -55,6 +64,7 @@ def new_job_id() -> str:
 
 
 async def create_job(request: web.Request) -> web.Response:
+    principal = require(request, WRITE)
     body = await read_json(request, allow_empty=True)
     if not isinstance(body, dict):
         raise InvalidJson("the body must be a JSON object")
@@ -69,13 +79,19 @@ async def create_job(request: web.Request) -> web.Response:
         raise ValidationFailed("the job is not valid", field_errors(exc)) from None
     job_id = spec.job_id or new_job_id()
     bind_request(job_id=job_id)
-    state = await request.app[STORE].writer.create_job(job_id, spec.kind, spec.metadata)
+    if principal.grants is not None and not principal.grants.covers(job_id):
+        # Refused, not "not found": a grant names which ids a credential may create, and
+        # the refusal says nothing about whether the job exists.
+        raise Forbidden(f"this credential's jobs grant does not cover job id {job_id}")
+    key = JobKey(principal.tenant, job_id)
+    state = await request.app[STORE].writer.create_job(key, spec.kind, spec.metadata)
     response = json_response(state.to_json(), status=201)
     response.headers["Location"] = f"/v1/jobs/{job_id}"
     return response
 
 
 async def list_jobs(request: web.Request) -> web.StreamResponse:
+    principal = require(request, READ)
     limits = request.app[CONFIG].limits
     status = request.query.get("status") or None
     if status is not None and status not in JOB_STATUSES:
@@ -91,7 +107,14 @@ async def list_jobs(request: web.Request) -> web.StreamResponse:
     # GET /v1/feed?after=<cursor> goes on from exactly the state they show) are of one moment;
     # it stops at stream.page_bytes of snapshots, and next_cursor goes on from there.
     snapshots, next_before, last_id = await store.list_jobs(
-        status, kind, limit, before, max_bytes=_page_bytes(request), prefix=prefix
+        principal.tenant,
+        status,
+        kind,
+        limit,
+        before,
+        principal.grants,
+        _page_bytes(request),
+        prefix=prefix,
     )
     return await send_bounded(request, _json_stream(), _job_list(snapshots, next_before, last_id))
 
@@ -120,16 +143,17 @@ async def _job_list(
 
 
 async def get_job(request: web.Request) -> web.StreamResponse:
-    job_id = _job_id(request)
-    snapshot = await request.app[STORE].snapshot_json(job_id)
+    key = _job_key(request, READ)
+    snapshot = await request.app[STORE].snapshot_json(key)
     if snapshot is None:
-        raise JobNotFound(job_id)
+        raise JobNotFound(key.job_id)
     # Up to ~1.2 MiB (metadata, result, error): sent as the pages are.
     return await send_bounded(request, _json_stream(), _only(snapshot + b"\n"))
 
 
 async def append_events(request: web.Request) -> web.Response:
-    job_id = _job_id(request)
+    key = _job_key(request, WRITE)
+    job_id = key.job_id
     config = request.app[CONFIG]
     body = await read_json(request)
     if not isinstance(body, dict):
@@ -138,7 +162,7 @@ async def append_events(request: web.Request) -> web.Response:
     if errors:
         _refuse_oversize(job_id, body, config.limits.max_event_bytes)
         raise ValidationFailed("the events are not valid", errors)
-    result = await request.app[STORE].writer.append(job_id, events)
+    result = await request.app[STORE].writer.append(key, events)
     payload = {
         "job_id": result.job_id,
         "last_seq": result.last_seq,
@@ -148,7 +172,8 @@ async def append_events(request: web.Request) -> web.Response:
 
 
 async def read_events(request: web.Request) -> web.StreamResponse:
-    job_id = _job_id(request)
+    key = _job_key(request, READ)
+    job_id = key.job_id
     config = request.app[CONFIG]
     store = request.app[STORE]
     # Every parameter is read here, before the representation is chosen: the page and the
@@ -161,18 +186,18 @@ async def read_events(request: web.Request) -> web.StreamResponse:
         minimum=1,
         maximum=config.limits.page_size_max,
     )
-    head = await store.job_head(job_id)
+    head = await store.job_head(key)
     if head is None:
         raise JobNotFound(job_id)
     check_offset(job_id, head, after, request.query.get("epoch") or None)
     if "application/x-ndjson" in request.headers.get("Accept", ""):
-        return await _export_ndjson(request, job_id, after)
-    pieces = _event_page(store, job_id, after, limit, head.last_seq, _page_bytes(request))
+        return await _export_ndjson(request, key, after)
+    pieces = _event_page(store, key, after, limit, head.last_seq, _page_bytes(request))
     return await send_bounded(request, _json_stream(), pieces)
 
 
 async def _event_page(
-    store: Store, job_id: str, after: int, limit: int, head_seq: int, page_bytes: int
+    store: Store, key: JobKey, after: int, limit: int, head_seq: int, page_bytes: int
 ) -> AsyncGenerator[bytes, None]:
     """An events page's body, read and sent in parts of at most ``page_bytes`` (plus one
     event). ``last_seq`` is known only at the end, so it follows the events."""
@@ -180,7 +205,7 @@ async def _event_page(
     listed = 0
     last = 0
     while listed < limit:
-        frames = await store.read_after(job_id, after, limit - listed, max_bytes=page_bytes)
+        frames = await store.read_after(key, after, limit - listed, max_bytes=page_bytes)
         if not frames:
             break
         yield opening + (b"," if listed else b"") + b",".join(frame.json for frame in frames)
@@ -194,20 +219,20 @@ async def _event_page(
     yield b'],"last_seq":%d,"next_after":%s}\n' % (last_seq, orjson.dumps(next_after))
 
 
-async def _export_ndjson(request: web.Request, job_id: str, after: int) -> web.StreamResponse:
+async def _export_ndjson(request: web.Request, key: JobKey, after: int) -> web.StreamResponse:
     """The whole log from ``after``, one event per line, read and sent in parts."""
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     page_events = request.app[CONFIG].limits.page_size_max
-    pieces = _ndjson_lines(request.app[STORE], job_id, after, page_events, _page_bytes(request))
+    pieces = _ndjson_lines(request.app[STORE], key, after, page_events, _page_bytes(request))
     return await send_bounded(request, response, pieces)
 
 
 async def _ndjson_lines(
-    store: Store, job_id: str, after: int, page_events: int, page_bytes: int
+    store: Store, key: JobKey, after: int, page_events: int, page_bytes: int
 ) -> AsyncGenerator[bytes, None]:
     # A short read does not prove the end (it may be cut by bytes): read until one is empty.
     while True:
-        frames = await store.read_after(job_id, after, page_events, max_bytes=page_bytes)
+        frames = await store.read_after(key, after, page_events, max_bytes=page_bytes)
         if not frames:
             break
         yield b"".join(frame.json + b"\n" for frame in frames)
@@ -239,7 +264,9 @@ def _refuse_oversize(job_id: str, body: dict[str, Any], limit: int) -> None:
             )
 
 
-def _job_id(request: web.Request) -> str:
+def _job_key(request: web.Request, scope: str) -> JobKey:
+    """The job the URL names, of the caller's tenant, if its credential holds ``scope`` and
+    grants the job (``JobNotFound`` otherwise, as for a job that does not exist)."""
     job_id = request.match_info["job_id"]
     bind_request(job_id=job_id)
-    return job_id
+    return require(request, scope).job_key(job_id)

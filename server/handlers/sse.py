@@ -10,81 +10,91 @@ gets 204, which stops a browser's ``EventSource`` from reconnecting. Retryable r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import structlog
 from aiohttp import web
 
-from ..follow import Cursor, StreamClosing, follow
-from ..frames import WRITE_PART_BYTES, parts_of
-from ..keys import CONFIG, HUB, STORE
+from ..auth import PRINCIPAL
+from ..follow import Cursor, StreamClosing
+from ..frames import WRITE_PART_BYTES, control_frame, parts_of
+from ..keys import CONFIG
 from ..limits import bound_send_buffer
 from ..models import TERMINAL_TYPES
 from .eventsource import SSE_HEADERS, retry_field
-from .subscription import Subscription, subscribe
+from .guard import StreamGuard, guard_stream
+from .subscription import Subscription, follow_job, subscribe
 
 log = structlog.get_logger("jobfeed.stream")
 
 
 async def serve_sse(request: web.Request, job_id: str) -> web.StreamResponse:
     raw_after = request.headers.get("Last-Event-ID") or request.query.get("after") or "0"
-    async with subscribe(request, job_id, raw_after, finished_past_end=True) as subscription:
+    principal = request[PRINCIPAL]
+    async with subscribe(
+        request, principal, job_id, raw_after, finished_past_end=True
+    ) as subscription:
         head = subscription.head
         if head.status in TERMINAL_TYPES and subscription.after >= head.last_seq:
             return web.Response(status=204)  # the stream is finished: EventSource stops
-        return await _stream(request, subscription)
+        guard = guard_stream(request, principal, job_id)
+        return await _stream(request, subscription, guard)
 
 
-async def _stream(request: web.Request, subscription: Subscription) -> web.StreamResponse:
+async def _stream(
+    request: web.Request, subscription: Subscription, guard: StreamGuard | None
+) -> web.StreamResponse:
     config = request.app[CONFIG].stream
-    job_id, after, stream = subscription.job_id, subscription.after, subscription.stream
+    key, after, stream = subscription.key, subscription.after, subscription.stream
+    job_id = key.job_id
     response = web.StreamResponse(headers=SSE_HEADERS)
     await response.prepare(request)
     # From here on the response is under way: every ending is the end of its body (or a
     # dropped connection), never an error response (which would land inside the body).
     bound_send_buffer(request, config.send_buffer_bytes)
-    cursor = Cursor(job_id, after)
+    cursor = Cursor(key, after)
     started = time.monotonic()
     outcome = "client_gone"
     # An idle stream writes nothing until its next heartbeat: without this, a client that
     # went away would keep its stream slot until then.
     unhook = stream.cancel_when_lost(request)
+    # Within the credential's lifetime (with authentication on); then `event: error`.
+    lifetime = guard if guard is not None else contextlib.nullcontext()
     try:
         try:
-            async with asyncio.timeout(config.send_timeout):
-                await response.write(
-                    retry_field(config.sse_retry_ms)
-                    + b"event: hello\ndata: %s\n\n" % subscription.hello()
-                )
-            batches = follow(
-                request.app[STORE],
-                request.app[HUB],
-                cursor,
-                subscription.head,
-                page_events=config.page_events,
-                page_bytes=config.page_bytes,
-                idle_seconds=config.heartbeat_seconds,
-            )
-            async for batch in batches:
+            async with lifetime:
                 async with asyncio.timeout(config.send_timeout):
-                    if batch is None:
-                        await response.write(b": heartbeat\n\n")
-                        continue
-                    # In parts: aiohttp waits for the peer between them (it drains every
-                    # 64 KiB written), so a slow reader never has a whole batch buffered.
-                    for part in parts_of(batch, WRITE_PART_BYTES):
-                        await response.write(b"".join(f.sse for f in part))
+                    await response.write(
+                        retry_field(config.sse_retry_ms)
+                        + b"event: hello\ndata: %s\n\n" % subscription.hello()
+                    )
+                batches = follow_job(request, cursor, subscription)
+                async for batch in batches:
+                    async with asyncio.timeout(config.send_timeout):
+                        if batch is None:
+                            await response.write(b": heartbeat\n\n")
+                            continue
+                        # In parts: aiohttp waits for the peer between them (it drains
+                        # every 64 KiB written), so a slow reader never has a whole batch
+                        # buffered.
+                        for part in parts_of(batch, WRITE_PART_BYTES):
+                            await response.write(b"".join(f.sse for f in part))
             outcome = "done"
             await end_response(request, response, config.send_timeout)
         except StreamClosing:
             outcome = "shutdown"
             await end_response(request, response, config.send_timeout)
         except TimeoutError:
-            # The peer stopped reading; drop it rather than hold its buffer. It resumes by
-            # offset.
-            outcome = "send_timeout"
-            if request.transport is not None:
-                request.transport.abort()
+            if guard is not None and guard.fired():
+                # The credential expired or was revoked: say which, then end the response.
+                outcome = await end_for_credential(request, response, guard)
+            else:
+                # The peer stopped reading; drop it rather than hold its buffer. It resumes
+                # by offset.
+                outcome = "send_timeout"
+                if request.transport is not None:
+                    request.transport.abort()
         except ConnectionError:
             outcome = "shutdown" if stream.dropped else "client_gone"
         except Exception:
@@ -125,3 +135,18 @@ async def end_response(request: web.Request, response: web.StreamResponse, withi
             request.transport.abort()
     except ConnectionError:
         pass
+
+
+async def end_for_credential(
+    request: web.Request, response: web.StreamResponse, guard: StreamGuard
+) -> str:
+    """The stream's credential expired or was revoked: an ``event: error`` record saying
+    which (``token_expired`` / ``forbidden``), then the end of the response; the outcome."""
+    error = guard.end_error()
+    within = request.app[CONFIG].stream.send_timeout
+    record = control_frame({"code": error.code, "message": error.message})
+    with contextlib.suppress(ConnectionError, TimeoutError):
+        async with asyncio.timeout(within):
+            await response.write(b"event: error\ndata: %s\n\n" % record)
+    await end_response(request, response, within)
+    return error.code

@@ -7,24 +7,31 @@ an error frame and a close code (``close_code_for``), so the two cannot drift ap
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from aiohttp import web
 
+from ..auth import READ, Principal
 from ..errors import (
+    Forbidden,
     InvalidParameter,
     JobNotFound,
     LogReset,
     Overloaded,
     ServiceError,
     ShuttingDown,
+    Unauthorized,
     WSClose,
 )
-from ..frames import control_frame
-from ..keys import STORE, STREAMS
+from ..follow import Cursor, follow
+from ..frames import Frame, control_frame
+from ..hub import PushFn
+from ..keys import CONFIG, HUB, STORE, STREAMS
 from ..models import TERMINAL_TYPES
 from ..store import JobHead
 from ..streams import OpenStream
+from ..tenancy import JobKey
 from .request import parse_int
 
 _CLOSE_CODES: dict[type[ServiceError], int] = {
@@ -37,10 +44,14 @@ _CLOSE_CODES: dict[type[ServiceError], int] = {
 
 @dataclass(frozen=True, slots=True)
 class Subscription:
-    job_id: str
+    key: JobKey
     after: int
     head: JobHead
     stream: OpenStream  # its slot under the stream caps, and its connection
+
+    @property
+    def job_id(self) -> str:
+        return self.key.job_id
 
     def hello(self) -> bytes:
         return control_frame(
@@ -55,20 +66,50 @@ class Subscription:
         )
 
 
+def follow_job(
+    request: web.Request,
+    cursor: Cursor,
+    subscription: Subscription,
+    push: PushFn | None = None,
+) -> AsyncIterator[list[Frame] | None]:
+    """The job cursor with the stream settings (``push``: a WebSocket's direct send)."""
+    config = request.app[CONFIG].stream
+    return follow(
+        request.app[STORE],
+        request.app[HUB],
+        cursor,
+        subscription.head,
+        page_events=config.page_events,
+        page_bytes=config.page_bytes,
+        idle_seconds=config.heartbeat_seconds,
+        push=push,
+    )
+
+
 def close_code_for(error: ServiceError) -> int:
     """The WebSocket close code for a refused subscription (4400 for a bad request)."""
+    if isinstance(error, Unauthorized):
+        return WSClose.UNAUTHORIZED
+    if isinstance(error, Forbidden):
+        return WSClose.FORBIDDEN
     return _CLOSE_CODES.get(type(error), WSClose.BAD_REQUEST)
 
 
 def subscribe(
-    request: web.Request, job_id: str, raw_after: str, *, finished_past_end: bool = False
+    request: web.Request,
+    principal: Principal,
+    job_id: str,
+    raw_after: str,
+    *,
+    finished_past_end: bool = False,
 ) -> Subscribing:
-    """Admit a subscriber to ``job_id`` from offset ``raw_after``; its per-job stream slot is
-    held until the ``async with`` block ends. Raises ``ServiceError`` for any refusal.
+    """Admit ``principal`` as a subscriber to ``job_id`` from offset ``raw_after``; its
+    per-job stream slot is held until the ``async with`` block ends. Raises
+    ``ServiceError`` for any refusal (a job outside its tenant or grants: ``JobNotFound``).
 
     ``finished_past_end``: an offset past a finished job's end (without ``epoch``) is taken
     as its end instead of refused (SSE answers both with 204, feed.md)."""
-    return Subscribing(request, job_id, raw_after, finished_past_end)
+    return Subscribing(request, principal, job_id, raw_after, finished_past_end)
 
 
 class Subscribing:
@@ -76,12 +117,25 @@ class Subscribing:
     lasts as long as the stream, and a suspended generator (its frame, the context manager
     around it, the loop's weak reference to it) cost about 0.6 KB per open stream."""
 
-    __slots__ = ("_finished_past_end", "_job_id", "_raw_after", "_request", "_stream")
+    __slots__ = (
+        "_finished_past_end",
+        "_job_id",
+        "_principal",
+        "_raw_after",
+        "_request",
+        "_stream",
+    )
 
     def __init__(
-        self, request: web.Request, job_id: str, raw_after: str, finished_past_end: bool = False
+        self,
+        request: web.Request,
+        principal: Principal,
+        job_id: str,
+        raw_after: str,
+        finished_past_end: bool = False,
     ) -> None:
         self._request = request
+        self._principal = principal
         self._job_id = job_id
         self._raw_after = raw_after
         self._finished_past_end = finished_past_end
@@ -89,12 +143,15 @@ class Subscribing:
 
     async def __aenter__(self) -> Subscription:
         request, job_id = self._request, self._job_id
+        if not self._principal.allows(READ):
+            raise Forbidden(f"this credential lacks the scope {READ}")
+        key = self._principal.job_key(job_id)
         after = parse_int("after", self._raw_after)
         streams = request.app[STREAMS]
         # Counted before the first await, so concurrent handshakes cannot overshoot a cap.
-        stream = streams.admit(request, job_id)
+        stream = streams.admit(request, key)
         try:
-            head = await request.app[STORE].job_head(job_id)
+            head = await request.app[STORE].job_head(key)
             if head is None:
                 raise JobNotFound(job_id)
             epoch = request.query.get("epoch") or None
@@ -110,7 +167,7 @@ class Subscribing:
             streams.release(stream)
             raise
         self._stream = stream
-        return Subscription(job_id, after, head, stream)
+        return Subscription(key, after, head, stream)
 
     async def __aexit__(self, *exc_info: object) -> None:
         stream, self._stream = self._stream, None

@@ -18,6 +18,7 @@ from importlib import resources
 import orjson
 from aiohttp import web
 
+from ..auth import READ, require
 from ..errors import NotFound
 from ..keys import STORE
 from ..models import JOB_STATUSES
@@ -44,6 +45,15 @@ _TYPES = {
     ".css": "text/css",
     ".html": "text/html",
 }
+
+
+def is_public(path: str) -> bool:
+    """The pages and scripts need no credential (auth.md): they hold no data, and a browser
+    cannot put a token on a navigation or a ``<script src>``. What they fetch does
+    (``/v1/...``, and ``/ui/counts.json``, the one JSON answer here)."""
+    if path.endswith(".json"):
+        return False
+    return path in ("/", "/ui", "/ui/") or path.startswith(("/ui/", "/client/"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,8 +109,11 @@ async def job_counts(request: web.Request) -> web.Response:
     """``/ui/counts.json?kind=&prefix=``: jobs per status, for the dashboard's counts (one
     GROUP BY over the jobs table; the dashboard asks again, at most every few seconds, while
     the feed shows jobs changing)."""
+    principal = require(request, READ)  # the credential's own jobs, as GET /v1/jobs lists them
     kind = request.query.get("kind") or None
-    counts = await request.app[STORE].count_jobs(kind, parse_prefix(request))
+    counts = await request.app[STORE].count_jobs(
+        principal.tenant, kind, parse_prefix(request), principal.grants
+    )
     body = {"counts": {status: counts.get(status, 0) for status in JOB_STATUSES}}
     return json_response(orjson.dumps(body))
 

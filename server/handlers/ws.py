@@ -24,18 +24,22 @@ import orjson
 import structlog
 from aiohttp import WSMsgType, web
 
+from ..auth import PRINCIPAL
 from ..errors import ServiceError, WSClose
 from ..feed import FeedClosing
-from ..follow import Cursor, StreamClosing, follow
+from ..follow import Cursor, StreamClosing
 from ..frames import WRITE_PART_BYTES, Frame, control_frame, parts_of, ws_text_header
-from ..keys import CONFIG, HUB, STORE
+from ..keys import CONFIG
 from ..limits import RateLimiter, bound_send_buffer
 from ..streams import OpenStream
-from .subscription import close_code_for, subscribe
+from ..tenancy import DEFAULT_TENANT, JobKey
+from .guard import StreamGuard, guard_stream
+from .subscription import close_code_for, follow_job, subscribe
 
 log = structlog.get_logger("jobfeed.stream")
 
 _PONG = control_frame({"type": "pong"})
+_AUTH_OFF_OK = control_frame({"type": "auth_ok", "expires_at": None})
 # A peer that was cut off (send timeout, a bug, a refusal) gets this long to take the close.
 _STUCK_CLOSE_SECONDS = 1.0
 ABNORMAL_CLOSE = 1006  # logged when the connection was dropped without a close frame
@@ -49,34 +53,49 @@ class StreamEnd:
     close_code: int | None = None
 
 
+class StreamEnded(Exception):
+    """The server ends this stream for its credential: refused in an in-band ``auth`` frame.
+    The handler stops the sender, then sends ``error`` and closes."""
+
+    def __init__(self, error: ServiceError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+async def refuse_websocket(request: web.Request, error: ServiceError) -> web.WebSocketResponse:
+    """A credential refused at the upgrade: accept, send the ``error`` frame and close with
+    4401 / 4403. A browser cannot read the status of a refused handshake (it sees 1006), but
+    it can read a close code: this tells it to re-authenticate rather than retry."""
+    ws = await open_socket(request)
+    code = close_code_for(error)
+    await refuse(request, ws, code, error.code, error.message)
+    log.info("stream_closed", transport="ws", outcome=error.code, close_code=code)
+    return ws
+
+
 async def serve_websocket(request: web.Request, job_id: str) -> web.WebSocketResponse:
-    config = request.app[CONFIG].stream
+    principal = request[PRINCIPAL]
     ws = await open_socket(request)
     transport = request.transport
     started = time.monotonic()
-    cursor = Cursor(job_id, 0)
+    cursor = Cursor(JobKey(DEFAULT_TENANT, job_id), 0)
     end = StreamEnd()
     after = None
     try:
-        async with subscribe(request, job_id, request.query.get("after") or "0") as subscription:
+        raw_after = request.query.get("after") or "0"
+        async with subscribe(request, principal, job_id, raw_after) as subscription:
+            cursor.key = subscription.key
             after = cursor.after = subscription.after
             await ws.send_frame(subscription.hello(), WSMsgType.TEXT)
-            batches = follow(
-                request.app[STORE],
-                request.app[HUB],
-                cursor,
-                subscription.head,
-                page_events=config.page_events,
-                page_bytes=config.page_bytes,
-                idle_seconds=config.heartbeat_seconds,
-                push=functools.partial(push_frames, request, ws),
-            )
+            push = functools.partial(push_frames, request, ws)
+            batches = follow_job(request, cursor, subscription, push)
 
             def heartbeat() -> bytes:
                 return control_frame({"type": "heartbeat", "last_seq": cursor.after})
 
             sending = send_batches(request, ws, batches, heartbeat, end)
-            await run_stream(request, ws, subscription.stream, end, sending)
+            guard = guard_stream(request, principal, job_id)
+            await run_stream(request, ws, subscription.stream, end, sending, guard)
     except ServiceError as exc:
         end.outcome, end.close_code = "refused", close_code_for(exc)
         await refuse(request, ws, end.close_code, exc.code, exc.message)
@@ -123,13 +142,27 @@ async def run_stream(
     stream: OpenStream,
     end: StreamEnd,
     sending: Coroutine[Any, Any, None],
+    guard: StreamGuard | None = None,
 ) -> None:
     """Run ``sending`` (the cursor's sender) in its own task while this one answers client
-    frames, until one side ends the stream; ``end`` then says how."""
+    frames, until one side ends the stream; ``end`` then says how. With a ``guard`` (auth
+    on), the credential's expiry or revocation, or a refused ``auth`` frame, ends it too:
+    ``error`` then 4401 / 4403."""
     config = request.app[CONFIG].stream
     sender = asyncio.create_task(sending)
+    ending: ServiceError | None = None
     try:
-        await _receive_until_closed(ws, config.client_frames_per_second)
+        if guard is None:
+            await _receive_until_closed(ws, config.client_frames_per_second, None)
+        else:
+            async with guard:
+                await _receive_until_closed(ws, config.client_frames_per_second, guard)
+    except StreamEnded as ended:
+        ending = ended.error
+    except TimeoutError:
+        if guard is None or not guard.fired():
+            raise
+        ending = guard.end_error()  # the credential expired or was revoked
     finally:
         # A sender that is ending the stream is left to finish (its close is bounded), so
         # that the peer is dropped if it does not take the close. Otherwise the peer went
@@ -139,6 +172,9 @@ async def run_stream(
         await asyncio.wait([sender])
         if not sender.cancelled() and (failure := sender.exception()) is not None:
             raise failure  # a bug in the sender's own ending: logged, 1011 by the caller
+    if end.outcome is None and ending is not None:
+        end.outcome, end.close_code = ending.code, close_code_for(ending)
+        await refuse(request, ws, end.close_code, ending.code, ending.message)
     if end.outcome is None:
         _ended_by_peer(end, ws, stream)
 
@@ -300,14 +336,19 @@ async def _drained(protocol: web.RequestHandler | None) -> None:
         await asyncio.shield(protocol._drain_helper())
 
 
-async def _receive_until_closed(ws: web.WebSocketResponse, frames_per_second: float) -> None:
+async def _receive_until_closed(
+    ws: web.WebSocketResponse, frames_per_second: float, guard: StreamGuard | None
+) -> None:
     """Answer client frames until the socket closes (or its connection is lost)."""
     with contextlib.suppress(ConnectionError):
-        await _answer_client_frames(ws, frames_per_second)
+        await _answer_client_frames(ws, frames_per_second, guard)
 
 
-async def _answer_client_frames(ws: web.WebSocketResponse, frames_per_second: float) -> None:
-    """Answer client pings; refuse anything else politely; return when the socket closes.
+async def _answer_client_frames(
+    ws: web.WebSocketResponse, frames_per_second: float, guard: StreamGuard | None
+) -> None:
+    """Answer client pings and ``auth`` frames; refuse anything else politely; return when
+    the socket closes. An ``auth`` frame the guard refuses raises ``StreamEnded``.
 
     Client frames beyond ``stream.client_frames_per_second`` (a burst of twice that) are
     read and dropped unanswered, so a ping flood cannot make the server write for it; the
@@ -335,13 +376,16 @@ async def _answer_client_frames(ws: web.WebSocketResponse, frames_per_second: fl
                 payload = orjson.loads(message.data)
             except orjson.JSONDecodeError:
                 payload = None
-            if isinstance(payload, dict) and payload.get("type") == "ping":
+            kind = payload.get("type") if isinstance(payload, dict) else None
+            if kind == "ping":
                 await ws.send_frame(_PONG, WSMsgType.TEXT)
+            elif kind == "auth":
+                await ws.send_frame(_refresh(guard, payload), WSMsgType.TEXT)
             else:
                 error = {
                     "type": "error",
                     "code": "unknown_frame",
-                    "message": 'the only client frame is {"type": "ping"}',
+                    "message": 'client frames are {"type": "ping"} and {"type": "auth"}',
                 }
                 await ws.send_frame(control_frame(error), WSMsgType.TEXT)
         elif message.type == WSMsgType.BINARY:
@@ -351,3 +395,14 @@ async def _answer_client_frames(ws: web.WebSocketResponse, frames_per_second: fl
                 "message": "binary frames are not part of the protocol",
             }
             await ws.send_frame(control_frame(error), WSMsgType.TEXT)
+
+
+def _refresh(guard: StreamGuard | None, payload: dict[str, object]) -> bytes:
+    """The answer to ``{"type": "auth", "token": ...}``: ``auth_ok`` with the new expiry."""
+    if guard is None:  # authentication is off: nothing to refresh, nothing expires
+        return _AUTH_OFF_OK
+    try:
+        principal = guard.refresh(payload.get("token"))
+    except ServiceError as exc:
+        raise StreamEnded(exc) from None
+    return control_frame({"type": "auth_ok", "expires_at": principal.expires_at})

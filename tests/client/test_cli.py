@@ -4,16 +4,20 @@ terminal (tmux) across a server restart."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import queue
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -268,3 +272,111 @@ def test_tail_past_the_end_still_exits_by_status(
     )
     assert result.returncode == 1
     assert result.stdout == ""
+
+
+class LineReader:
+    """A running ``jobfeed feed``: its stdout read line by line on a thread, so that the test
+    waits for each line with a timeout."""
+
+    def __init__(self, *args: str) -> None:
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "server", *args],
+            cwd=REPO,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        assert self.popen.stdout is not None
+        self._reading = threading.Thread(target=self._read, args=(self.popen.stdout,), daemon=True)
+        self._reading.start()
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            self.lines.put(line.rstrip("\n"))
+
+    def take(self, count: int) -> list[str]:
+        return [self.lines.get(timeout=RUN_TIMEOUT) for _ in range(count)]
+
+    def interrupt(self) -> tuple[int, str]:
+        self.popen.send_signal(signal.SIGINT)
+        code = self.popen.wait(RUN_TIMEOUT)
+        assert self.popen.stderr is not None
+        return code, self.popen.stderr.read()
+
+    def close(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait(RUN_TIMEOUT)
+        self._reading.join(RUN_TIMEOUT)  # the pipe's end: the process is gone
+        for pipe in (self.popen.stdout, self.popen.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+def test_feed_prints_one_line_per_event_across_a_restart(
+    launcher: Launcher, proxy_to: Callable[[ServerProcess], Proxy]
+) -> None:
+    """``jobfeed feed --prefix P --after C`` prints time, job, type and a summary for each
+    matching event, live, each once, across a SIGKILL and restart of the server; Ctrl-C
+    ends it with 130."""
+    server = asyncio.run(launcher.start())
+    proxy = proxy_to(server)
+    prefix = f"clifeed-{uuid.uuid4().hex[:8]}-"
+    with Client(server.url) as client:
+        cursor = client._portal.call(client._async.request("GET", "/v1/jobs"))[1]["cursor"]
+        client.create_job(f"{prefix}a", kind="etl")
+        client.create_job("unrelated")
+        client.append(f"{prefix}a", {"type": "progress", "current": 2, "total": 8, "phase": "load"})
+    reader = LineReader("feed", "--url", proxy.url, "--prefix", prefix, "--after", str(cursor))
+    try:
+        first = reader.take(2)
+        assert [line.split()[1:] for line in first] == [
+            [f"{prefix}a", "created", "etl"],
+            [f"{prefix}a", "progress", "25%", "load", "2/8"],
+        ]
+        server.kill(signal.SIGKILL)
+        server.wait(RUN_TIMEOUT)
+        restarted = asyncio.run(launcher.start())
+        proxy.set(upstream_port=restarted.port)
+        with Client(restarted.url) as client:
+            client.append(
+                f"{prefix}a",
+                {"type": "log", "message": "rows\nloaded", "level": "warning"},
+                {"type": "failed", "error": {"message": "disk full"}},
+            )
+        assert [line.split()[1:] for line in reader.take(2)] == [
+            [f"{prefix}a", "log", "WARNING", "rows", "loaded"],
+            [f"{prefix}a", "failed", "disk", "full"],
+        ]
+        code, stderr = reader.interrupt()
+        assert code == 130, stderr
+        assert reader.lines.empty()
+    finally:
+        reader.close()
+
+
+def test_feed_json_and_refusals(shared_server: ServerProcess) -> None:
+    """``--json`` prints events as stored; a filter the server refuses exits 4 with its
+    message; a negative ``--after`` is a usage error (64)."""
+    job_id = f"clifeed-{uuid.uuid4().hex[:8]}"
+    with Client(shared_server.url) as client:
+        client.create_job(job_id)
+        client.append(job_id, {"type": "stage.done", "data": {"n": 1}})
+    reader = LineReader(
+        "feed", "--url", shared_server.url, "--job", job_id, "--after", "0", "--json"
+    )
+    try:
+        events = [json.loads(line) for line in reader.take(2)]
+        assert [(e["job_id"], e["seq"], e["type"]) for e in events] == [
+            (job_id, 1, "created"),
+            (job_id, 2, "stage.done"),
+        ]
+        assert reader.interrupt()[0] == 130
+    finally:
+        reader.close()
+    refused = jobfeed("feed", "--url", shared_server.url, "--prefix", "bad prefix!")
+    assert refused.returncode == 4
+    assert "prefix" in refused.stderr
+    assert jobfeed("feed", "--url", shared_server.url, "--after", "-1").returncode == 64

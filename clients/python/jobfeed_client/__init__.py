@@ -10,6 +10,9 @@
     for event in client.watch("build-42"):
         print(event.seq, event.type)
 
+    for event in client.feed(prefix="build-"):  # every build's events, from now on
+        print(event.job_id, event.type)
+
 ``AsyncClient`` is the same for asyncio code (``async with``, ``async for``, ``await``).
 """
 
@@ -34,8 +37,9 @@ from .errors import (
     Unavailable,
 )
 from .events import Event, Snapshot
+from .feed import AsyncFeed, FeedItem
 from .reporter import AsyncJob, ReporterStats
-from .sync import Client, Job, Watch, track
+from .sync import Client, Feed, Job, Watch, track
 from .watch import AsyncWatch
 
 __version__ = "0.1.0"
@@ -43,11 +47,14 @@ __version__ = "0.1.0"
 __all__ = [
     "Appended",
     "AsyncClient",
+    "AsyncFeed",
     "AsyncJob",
     "AsyncWatch",
     "BufferFull",
     "Client",
     "Event",
+    "Feed",
+    "FeedItem",
     "FlushTimeout",
     "Forbidden",
     "InvalidRequest",

@@ -1,11 +1,13 @@
-"""``jobfeed tail | jobs | export``: watch a job live, list jobs, dump a job's log.
+"""``jobfeed tail | feed | jobs | export``: watch a job live, follow many jobs' events, list
+jobs, dump a job's log.
 
 The server's ``jobfeed`` command hands these subcommands to ``main`` when this package is
 installed; ``jobfeed-client`` (and ``python -m jobfeed_client``) run it directly.
 
 Exit status: 0 the job completed (or the command succeeded), 1 it failed, 2 it was
 cancelled, 3 no such job, 4 any other error (server unreachable, a refusal), 64 a usage
-error, 130 interrupted. (64, not argparse's usual 2, so that 2 only ever means cancelled.)
+error, 130 interrupted (``feed`` never ends by itself: 130 is how it ends, or 4). (64, not
+argparse's usual 2, so that 2 only ever means cancelled.)
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ EXIT_OK, EXIT_FAILED, EXIT_CANCELLED, EXIT_NOT_FOUND, EXIT_ERROR = 0, 1, 2, 3, 4
 EXIT_USAGE, EXIT_INTERRUPTED = 64, 130
 EXIT_BY_STATUS = {"completed": EXIT_OK, "failed": EXIT_FAILED, "cancelled": EXIT_CANCELLED}
 LEVEL_STYLES = {"debug": "dim", "info": "default", "warning": "yellow", "error": "bold red"}
-COMMANDS = ("tail", "jobs", "export")
+COMMANDS = ("tail", "feed", "jobs", "export")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -56,6 +58,29 @@ def build_parser(prog: str = "jobfeed") -> argparse.ArgumentParser:
         "--sse", action="store_true", help="use Server-Sent Events instead of a WebSocket"
     )
 
+    feed = commands.add_parser(
+        "feed",
+        parents=[common],
+        help="follow the events of many jobs, one line each; resumes by itself",
+        description="Print the events of every matching job as they are committed, one line "
+        "each (time, job, type, a summary), until interrupted. Filters combine with AND; "
+        "--job, --kind and --type may repeat (OR).",
+    )
+    feed.add_argument("--prefix", help="job ids starting with this")
+    feed.add_argument("--job", action="append", help="this job (repeatable)")
+    feed.add_argument("--kind", action="append", help="jobs of this kind (repeatable)")
+    feed.add_argument("--type", action="append", help="events of this type (repeatable)")
+    feed.add_argument(
+        "--after",
+        type=int,
+        default=None,
+        help="start after this event id (0: the whole log; default: from now)",
+    )
+    feed.add_argument("--json", action="store_true", help="print each event as one JSON line")
+    feed.add_argument(
+        "--sse", action="store_true", help="use Server-Sent Events instead of a WebSocket"
+    )
+
     jobs = commands.add_parser("jobs", parents=[common], help="list jobs, newest first")
     jobs.add_argument("--status", choices=["queued", "running", "completed", "failed", "cancelled"])
     jobs.add_argument("--kind")
@@ -81,6 +106,8 @@ async def _run(args: argparse.Namespace) -> int:
         try:
             if args.command == "tail":
                 return await _tail(client, args)
+            if args.command == "feed":
+                return await _feed(client, args)
             if args.command == "jobs":
                 return await _jobs(client, args)
             return await _export(client, args)
@@ -152,6 +179,65 @@ async def _tail(client: AsyncClient, args: argparse.Namespace) -> int:
             sys.stdout.flush()
         return await _exit_for(client, watch, last)
     return await _tail_live(client, watch)
+
+
+async def _feed(client: AsyncClient, args: argparse.Namespace) -> int:
+    """One line per event, flushed at once (a pipe reader sees it live); runs until
+    interrupted or refused."""
+    if args.after is not None and args.after < 0:
+        _error("--after must be >= 0")
+        return EXIT_USAGE
+    feed = client.feed(
+        after=args.after,
+        job=args.job,
+        prefix=args.prefix,
+        kind=args.kind,
+        type=args.type,
+        transport="sse" if args.sse else "websocket",
+    )
+    out = sys.stdout
+    async for item in feed:
+        if not isinstance(item, Event):
+            continue  # snapshots are not asked for
+        if args.json:
+            out.write(json.dumps(item.raw, separators=(",", ":")) + "\n")
+        else:
+            out.write(feed_line(item) + "\n")
+        out.flush()
+    return EXIT_OK  # not reached: a feed never ends by itself
+
+
+def feed_line(event: Event) -> str:
+    """``08:23:06 build-42 progress 40% test 4/10``: time (UTC), job, type, a summary."""
+    line = f"{event.ts[11:19]} {event.job_id} {event.type}"
+    summary = event_summary(event)
+    return f"{line} {summary}" if summary else line
+
+
+def event_summary(event: Event) -> str:
+    """A few words on what the event says, on one line."""
+    parts: list[str] = []
+    if event.type == "created":
+        parts = [event.kind or ""]
+    elif event.type == "progress":
+        if event.progress is not None:
+            parts.append(f"{event.progress:.0f}%")
+        parts.append(event.phase or "")
+        if event.current is not None:
+            parts.append(f"{event.current}/{event.total}" if event.total else str(event.current))
+        parts.append(event.message or "")
+    elif event.type == "log":
+        parts = [(event.level or "info").upper(), event.message or ""]
+    elif event.type == "completed":
+        parts = ["" if event.result is None else json.dumps(event.result), event.message or ""]
+    elif event.type == "failed":
+        parts = [str((event.error or {}).get("message", ""))]
+    elif event.type == "cancelled":
+        parts = [event.reason or ""]
+    else:
+        parts = [event.message or (json.dumps(event.data) if event.data else "")]
+    text = " ".join(part for part in parts if part)
+    return " ".join(text.split())[:200]  # one line, whatever the message holds
 
 
 async def _exit_for(client: AsyncClient, watch: AsyncWatch, last: Event | None) -> int:

@@ -1,5 +1,5 @@
 """``AsyncClient``: one object per server, holding the connection pool, the credential and the
-retry policy; it makes reporters (``job``), watchers (``watch``) and one-shot calls.
+retry policy; it makes reporters (``job``), watchers (``watch``, ``feed``) and one-shot calls.
 
 One-shot calls (``create_job``, ``get_job``, ``jobs``, ``events``, ``export``, ``append``)
 retry what the protocol calls safe to retry (a dropped connection, 408, 429, 5xx; waiting at
@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal
@@ -27,8 +27,10 @@ import aiohttp
 from .backoff import Backoff, RetryPolicy, parse_retry_after
 from .errors import JobfeedError, ServerError, Unavailable, error_from_body
 from .events import Event, Snapshot
+from .feed import AsyncFeed
 from .reporter import AsyncJob, ReporterSettings
-from .watch import AsyncWatch, Transport
+from .resuming import Transport
+from .watch import AsyncWatch
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 # Worth another attempt: the request may not have been processed, or the server asked us to
@@ -167,6 +169,34 @@ class AsyncClient:
         ``last_seq`` and ``epoch`` and keeps ``AsyncWatch.snapshot`` current."""
         return AsyncWatch(
             self, job_id, after=after, epoch=epoch, snapshot=snapshot, transport=transport
+        )
+
+    def feed(
+        self,
+        *,
+        after: int | None = None,
+        job: str | Iterable[str] | None = None,
+        prefix: str | None = None,
+        kind: str | Iterable[str] | None = None,
+        type: str | Iterable[str] | None = None,
+        snapshots: bool = False,
+        transport: Transport = "websocket",
+    ) -> AsyncFeed:
+        """The events of every job that matches the filters (AND between them; several
+        values of ``job``, ``kind`` or ``type`` are OR), in commit order, each once, across
+        reconnects; never ends by itself. ``after`` is an event id (``0``: the whole log,
+        ``None``: from now; the ``cursor`` of ``GET /v1/jobs`` continues a listing).
+        ``snapshots=True`` first yields a ``Snapshot`` of every matching unfinished job. See
+        ``AsyncFeed``."""
+        return AsyncFeed(
+            self,
+            after=after,
+            job=job,
+            prefix=prefix,
+            kind=kind,
+            type=type,
+            snapshots=snapshots,
+            transport=transport,
         )
 
     # -- one-shot calls ----------------------------------------------------------------

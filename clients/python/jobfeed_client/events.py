@@ -1,5 +1,10 @@
 """What a job's log holds, as Python values: ``Event`` (one stored event) and ``Snapshot``
-(the job's state), with ``Snapshot.apply`` folding events by the server's own rules.
+(the job's state), with ``Snapshot.apply`` folding events by the server's own rules; and the
+streams' control frames as typed dicts (``JobHello``, ``FeedHello``, ``JobHeartbeat``,
+``FeedHeartbeat``, ``SnapshotFrame``, ``Pong``, ``ErrorFrame``).
+
+The frames are those the server describes at ``GET /v1/frames.schema.json``;
+tests/test_frame_schema.py checks that these types name the same frames and fields.
 
 The rules are the server's reducer (``server/snapshot.py`` and docs/protocol.md, "Snapshot"),
 restated here so that the client carries no server code; tests/client/test_fold.py checks
@@ -11,9 +16,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal, TypedDict
 
 TERMINAL_TYPES = frozenset({"completed", "failed", "cancelled"})
+# The ``type`` of every frame that is not an event.
+CONTROL_FRAME_TYPES = frozenset({"hello", "heartbeat", "snapshot", "pong", "error"})
 _UNIX_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 
@@ -149,3 +156,54 @@ def log_epoch(created_id: int, created_ts: str) -> str:
     in microseconds since 1970 in lower-case hex (docs/protocol.md, "The log's epoch")."""
     micros = (datetime.fromisoformat(created_ts) - _UNIX_EPOCH) // _MICROSECOND
     return f"{created_id}-{micros:x}"
+
+
+class JobHello(TypedDict):
+    """A job stream's first frame."""
+
+    type: Literal["hello"]
+    job_id: str
+    status: str
+    after: int
+    last_seq: int
+    epoch: str | None
+
+
+class FeedHello(TypedDict):
+    """A feed's first frame: ``after`` its start, ``last_id`` the log's end then."""
+
+    type: Literal["hello"]
+    after: int
+    last_id: int
+
+
+class JobHeartbeat(TypedDict):
+    type: Literal["heartbeat"]
+    last_seq: int
+
+
+class FeedHeartbeat(TypedDict):
+    """``last_id``: the position the feed has scanned (``AsyncFeed`` resumes from it)."""
+
+    type: Literal["heartbeat"]
+    last_id: int
+
+
+class SnapshotFrame(TypedDict):
+    """A feed with ``snapshots=1``: one per matching unfinished job (``Snapshot.from_dict``
+    of ``job``)."""
+
+    type: Literal["snapshot"]
+    job: dict[str, Any]
+
+
+class Pong(TypedDict):
+    type: Literal["pong"]
+
+
+class ErrorFrame(TypedDict):
+    """Sent before a final close (its ``code`` picks the ``ServerError`` class)."""
+
+    type: Literal["error"]
+    code: str
+    message: str

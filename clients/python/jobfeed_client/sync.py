@@ -1,4 +1,4 @@
-"""The sync twins: ``Client``, ``Job`` and ``Watch``, with the async classes' names and
+"""The sync twins: ``Client``, ``Job``, ``Watch`` and ``Feed``, with the async classes' names and
 behaviour, for threads, scripts and Celery workers.
 
 They run the async implementation on a private event loop in a daemon thread (the
@@ -22,8 +22,10 @@ from typing import Any, Literal, TypeVar
 from .backoff import RetryPolicy
 from .client import Appended, AsyncClient
 from .events import Event, Snapshot
+from .feed import AsyncFeed, FeedItem
 from .reporter import AsyncJob, ReporterStats
-from .watch import AsyncWatch, Transport
+from .resuming import Transport
+from .watch import AsyncWatch
 
 T = TypeVar("T")
 
@@ -151,6 +153,31 @@ class Client:
             self._portal,
             self._async.watch(
                 job_id, after=after, epoch=epoch, snapshot=snapshot, transport=transport
+            ),
+        )
+
+    def feed(
+        self,
+        *,
+        after: int | None = None,
+        job: str | Iterable[str] | None = None,
+        prefix: str | None = None,
+        kind: str | Iterable[str] | None = None,
+        type: str | Iterable[str] | None = None,
+        snapshots: bool = False,
+        transport: Transport = "websocket",
+    ) -> Feed:
+        """``for item in client.feed(prefix="build-"):`` (see ``AsyncClient.feed``)."""
+        return Feed(
+            self._portal,
+            self._async.feed(
+                after=after,
+                job=job,
+                prefix=prefix,
+                kind=kind,
+                type=type,
+                snapshots=snapshots,
+                transport=transport,
             ),
         )
 
@@ -352,6 +379,29 @@ class Watch:
     @property
     def state(self) -> str:
         return self._watch.state
+
+
+class Feed:
+    """``AsyncFeed``'s sync twin: ``for item in feed``; the same attributes."""
+
+    def __init__(self, portal: _Portal, feed: AsyncFeed) -> None:
+        self._portal = portal
+        self._feed = feed
+
+    def __iter__(self) -> Iterator[FeedItem]:
+        return _iterate(self._portal, self._feed.__aiter__())
+
+    @property
+    def after(self) -> int | None:
+        return self._feed.after
+
+    @property
+    def resumes(self) -> int:
+        return self._feed.resumes
+
+    @property
+    def state(self) -> str:
+        return self._feed.state
 
 
 def track(

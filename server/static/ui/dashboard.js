@@ -25,6 +25,7 @@ const view = {
   watch: null,
   countsTimer: null,
   nextCursor: null,
+  generation: 0,
 };
 
 function params() {
@@ -53,15 +54,20 @@ function listQuery(extra = {}) {
 
 async function load() {
   view.watch?.stop();
+  view.watch = null;
+  // A load started later (a filter changed while this list was on its way) wins: an older
+  // answer arriving after it must not draw its rows or start its feed.
+  const generation = ++view.generation;
   const cursor = params().get("cursor") || "";
   const query = listQuery({ cursor });
   document.getElementById("json-twin").href = `/v1/jobs?${query}`;
   let body;
   try {
     body = await api(`/v1/jobs?${query}`);
+    if (generation !== view.generation) return;
     showProblem("");
   } catch (error) {
-    showProblem(`Cannot list jobs: ${error.message}`);
+    if (generation === view.generation) showProblem(`Cannot list jobs: ${error.message}`);
     return;
   }
   renderTable(body.jobs);
@@ -211,12 +217,14 @@ async function refreshCounts() {
   const q = new URLSearchParams();
   if (kind) q.set("kind", kind);
   if (prefix) q.set("prefix", prefix);
+  const asked = (view.countsAsked = (view.countsAsked ?? 0) + 1);
   let counts;
   try {
     counts = (await api(`/ui/counts.json?${q}`)).counts;
   } catch {
     return; // the table says what is wrong
   }
+  if (asked !== view.countsAsked) return; // a later question's answer is (or will be) shown
   const total = STATUSES.reduce((sum, name) => sum + (counts[name] ?? 0), 0);
   const chip = (name, label, count) =>
     el(
