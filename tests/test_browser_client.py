@@ -24,6 +24,7 @@ import pytest
 import pytest_asyncio
 
 from server.fold_vectors import vectors
+from tests.conftest import auth_settings, bearer, token
 from tests.procs import Launcher, ServerProcess, launching
 from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, WAIT_MS
 
@@ -569,3 +570,56 @@ async def test_react_hook_rerenders_without_reconnecting(served: Served, browser
     await page.wait_for_function("sockets[1].readyState === WebSocket.CLOSED", timeout=WAIT_MS)
     assert page.errors == []
     await page.close()
+
+
+async def test_with_authentication_a_ticket_is_renewed_after_4401(
+    browser: Any, tmp_path: Path
+) -> None:
+    """Authentication on (auth.md), tickets valid for one second: the watch's stream is
+    closed 4401 when its ticket expires, asks getTicket for a new one (POST /v1/tickets with
+    the page's token) and resumes with no hole or duplicate. The dashboard, given the token
+    in its Token field's storage, lists and follows the tenant's jobs."""
+    with launching(tmp_path) as launcher:
+        process = await launcher.start(**auth_settings(auth__ticket_seconds=1), **SETTINGS)
+        served = Served(launcher, process)
+        secret = token()
+        async with aiohttp.ClientSession(served.url, headers=bearer(secret)) as session:
+            await create(session, "sec-1")
+            await append(session, "sec-1", {"type": "progress", "progress": 10})
+        page = await open_page(browser, served)
+        await page.evaluate(
+            """async ({token, backoff}) => {
+              const m = await import("/client/jobfeed.js");
+              const got = window.got = {events: [], errors: [], tickets: 0};
+              got.watch = m.watchJob(m.jobStreamUrl("sec-1"), {
+                backoff,
+                getTicket: async () => {
+                  got.tickets++;
+                  const response = await fetch("/v1/tickets", {
+                    method: "POST", body: "{}",
+                    headers: {Authorization: `Bearer ${token}`, "Content-Type": "application/json"},
+                  });
+                  return (await response.json()).ticket;
+                },
+                onEvent: (event) => got.events.push(event.seq),
+                onError: (error) => got.errors.push(error.code),
+              });
+            }""",
+            {"token": secret, "backoff": BACKOFF},
+        )
+        await page.wait_for_function("got.events.length === 2", timeout=WAIT_MS)
+        await page.wait_for_function("got.tickets >= 3", timeout=WAIT_MS)  # two renewals
+        async with aiohttp.ClientSession(served.url, headers=bearer(secret)) as session:
+            await append(session, "sec-1", {"type": "log", "message": "after renewals"})
+            await append(session, "sec-1", {"type": "completed"})
+        await page.wait_for_function("got.watch.state === 'done'", timeout=WAIT_MS)
+        assert await page.evaluate("got.events") == [1, 2, 3, 4]
+        assert await page.evaluate("got.errors") == []
+
+        await page.evaluate("token => sessionStorage.setItem('jobfeed:token', token)", secret)
+        await page.goto(f"{served.url}/ui/")
+        await page.wait_for_selector("tr[data-job=sec-1]", timeout=WAIT_MS)
+        await page.wait_for_selector("#live[data-state=live]", timeout=WAIT_MS)
+        await page.wait_for_selector("#counts [data-status=completed] .chip-count:text-is('1')")
+        assert page.errors == []
+        await page.close()

@@ -17,6 +17,7 @@ from aiohttp.test_utils import TestClient
 
 from server.fold_vectors import render
 from server.handlers.ui import CLIENT_FILES, UI_FILES
+from tests.conftest import ClientFactory, ConfigFactory, auth_settings, bearer, token
 
 REPO = Path(__file__).resolve().parent.parent
 VECTORS = REPO / "clients" / "js" / "fold-vectors.json"
@@ -118,3 +119,26 @@ async def test_counts_by_status_for_the_dashboard(client: TestClient[Any, Any]) 
     assert await counts("?kind=x") == {**zero, "queued": 1, "running": 1, "completed": 1}
     assert await counts("?prefix=a-&kind=x") == {**zero, "queued": 1, "running": 1}
     assert (await client.get("/ui/counts.json?prefix=%20")).status == 400
+
+
+async def test_with_authentication_pages_are_public_and_counts_are_the_tenants(
+    make_config: ConfigFactory, make_client: ClientFactory
+) -> None:
+    """Authentication on: the pages and scripts answer without a credential (a browser puts
+    none on a navigation or a script tag); /ui/counts.json needs one and counts only its
+    tenant's jobs; the list's prefix filter stays within the tenant too."""
+    client = await make_client(make_config(**auth_settings()), credential=None)
+    for path in ("/ui/", "/ui/jobs/x", "/ui/dashboard.js", "/client/jobfeed.js"):
+        assert (await client.get(path)).status == 200, path
+    assert (await client.get("/", allow_redirects=False)).status == 302
+    assert (await client.get("/ui/counts.json")).status == 401
+    for tenant, job_id in (("acme", "a-1"), ("acme", "a-2"), ("umbrella", "a-3")):
+        response = await client.post(
+            "/v1/jobs", json={"job_id": job_id}, headers=bearer(token(tenant=tenant))
+        )
+        assert response.status == 201
+    acme = bearer(token(tenant="acme"))
+    counts = await (await client.get("/ui/counts.json?prefix=a-", headers=acme)).json()
+    assert counts["counts"]["queued"] == 2
+    listed = await (await client.get("/v1/jobs?prefix=a-", headers=acme)).json()
+    assert [job["job_id"] for job in listed["jobs"]] == ["a-2", "a-1"]
