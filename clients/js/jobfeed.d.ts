@@ -1,4 +1,6 @@
-// Types for jobfeed.js (docs/protocol.md is the contract they describe).
+// Types for jobfeed.js (docs/protocol.md is the contract they describe). The frames' interfaces
+// carry the names and fields of the server's JSON Schema, GET /v1/frames.schema.json
+// (server/frame_schema.py); tests/test_client_js.py fails when the two name different fields.
 
 export type JobStatus = "queued" | "running" | "completed" | "failed" | "cancelled";
 export type TerminalType = "completed" | "failed" | "cancelled";
@@ -114,9 +116,15 @@ export interface FeedHeartbeat {
   type: "heartbeat";
   last_id: number;
 }
-export interface FeedSnapshotFrame {
+export interface SnapshotFrame {
   type: "snapshot";
   job: Snapshot;
+}
+/** @deprecated the schema's name is SnapshotFrame */
+export type FeedSnapshotFrame = SnapshotFrame;
+/** The answer to a client's {"type": "ping"} (WebSocket). */
+export interface Pong {
+  type: "pong";
 }
 export interface ErrorFrame {
   type: "error";
