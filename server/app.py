@@ -27,7 +27,7 @@ from .errors import (
     Unauthorized,
     error_body,
 )
-from .handlers import feed, health, jobs, stream, tickets
+from .handlers import feed, health, jobs, stream, tickets, ui
 from .handlers.eventsource import retryable_refusal, wants_event_stream
 from .handlers.guard import GuardClock, recheck_revocations
 from .handlers.ws import refuse_websocket
@@ -130,6 +130,8 @@ def _admit(request: web.Request) -> web.Response | ServiceError | None:
         return app[ORIGINS].preflight(request)
     if request.path in _PUBLIC_PATHS or request.match_info.http_exception is not None:
         return None  # a probe, or aiohttp's own 404 / 405
+    if ui.is_public(request.path):
+        return None  # the browser's pages and scripts (server/handlers/ui.py)
     upgrade = is_websocket_upgrade(request)
     if upgrade:
         origin = request.headers.get("Origin")
@@ -273,6 +275,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/readyz", health.readyz)
     app.router.add_get("/v1/openapi.json", openapi.openapi_json)
     app.router.add_get("/v1/frames.schema.json", frame_schema.frames_schema_json)
+    ui.add_routes(app)  # /client/ (the ES module, <jobfeed-progress>), /ui/ (the dashboard)
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -357,6 +357,7 @@ def build_openapi(config: Config) -> dict[str, Any]:
                 "parameters": [
                     _query("status", {"enum": list(JOB_STATUSES)}),
                     _query("kind", {"type": "string"}),
+                    _query("prefix", {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"}),
                     _query_int(
                         "limit",
                         1,

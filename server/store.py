@@ -58,6 +58,7 @@ def list_jobs_sql(
     limit: int,
     before: int | None,
     grants: JobGrants | None,
+    prefix: str | None = None,
 ) -> tuple[str, list[str | int]]:
     """The listing query (newest first, one more row than ``limit``) and its parameters."""
     clauses: list[str] = ["tenant = ?"]
@@ -68,6 +69,9 @@ def list_jobs_sql(
     if kind is not None:
         clauses.append("kind = ?")
         params.append(kind)
+    if prefix is not None:
+        clauses.append(_PREFIX_RANGE)
+        params.extend(prefix_range(prefix))
     if before is not None:
         clauses.append("job_no < ?")
         params.append(before)
@@ -361,6 +365,7 @@ class Store:
         before: int | None,
         grants: JobGrants | None = None,
         max_bytes: int | None = None,
+        prefix: str | None = None,
     ) -> tuple[list[bytes], int | None, int]:
         """A tenant's snapshots newest first, only those ``grants`` cover (None: all); the
         cursor is the job_no of the last one returned; and the id of the last event committed
@@ -371,7 +376,7 @@ class Store:
         (always at least one) and the cursor points past the last one returned; when the
         cut falls exactly at the end, the page after it is empty.
         """
-        page_sql, params = list_jobs_sql(tenant, status, kind, limit, before, grants)
+        page_sql, params = list_jobs_sql(tenant, status, kind, limit, before, grants, prefix)
         query = (
             f"{_LAST_ID_CTE} SELECT head.last_id, page.job_no, page.snapshot FROM head "
             f"LEFT JOIN ({page_sql}) AS page ORDER BY page.job_no DESC"
@@ -389,6 +394,34 @@ class Store:
         )
         next_before = page[-1][1] if page and more else None
         return [bytes(row[2]) for row in page], next_before, last_id
+
+    async def count_jobs(
+        self,
+        tenant: str,
+        kind: str | None,
+        prefix: str | None,
+        grants: JobGrants | None = None,
+    ) -> dict[str, int]:
+        """How many of a tenant's jobs (those ``grants`` cover; None: all) there are in each
+        status (only statuses that have some), of ``kind`` and with ids starting with
+        ``prefix`` when given: the dashboard's counts."""
+        clauses: list[str] = ["tenant = ?"]
+        params: list[str | int] = [tenant]
+        if kind is not None:
+            clauses.append("kind = ?")
+            params.append(kind)
+        if prefix is not None:
+            clauses.append(_PREFIX_RANGE)
+            params.extend(prefix_range(prefix))
+        if grants is not None:
+            clause, grant_params = grants.sql_filter("job_id")
+            clauses.append(clause)
+            params.extend(grant_params)
+        where = " AND ".join(clauses)
+        rows = await self._read(
+            f"SELECT status, count(*) FROM jobs WHERE {where} GROUP BY status", params
+        )
+        return {bytes(row[0]).decode(): int(row[1]) for row in rows}  # text_factory: bytes
 
     async def feed_start(self, feed_filter: FeedFilter, max_jobs: int) -> tuple[int, list[bytes]]:
         """The log's last event id and the snapshots of the unfinished jobs that
@@ -482,3 +515,12 @@ class Store:
         except sqlite3.Error as exc:
             return f"cannot read the database: {exc}"
         return None
+
+
+# Job ids are ASCII from [A-Za-z0-9._:-] (all below 0x7f): the ids that start with a prefix
+# are exactly the range [prefix, prefix + "\x7f") (LIKE would match case-insensitively).
+_PREFIX_RANGE = "job_id >= ? AND job_id < ?"
+
+
+def prefix_range(prefix: str) -> tuple[str, str]:
+    return prefix, prefix + "\x7f"

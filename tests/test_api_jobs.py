@@ -1253,3 +1253,29 @@ async def test_empty_query_values_count_as_absent(client: Client) -> None:
     empty = await client.get("/v1/jobs/empties/events?after=&limit=&epoch=")
     assert empty.status == 200
     assert await empty.json() == plain
+
+
+async def test_list_jobs_filters_by_id_prefix(client: Client) -> None:
+    """``prefix=`` lists the jobs whose id starts with it (case-sensitively), with the other
+    filters and the cursor; a prefix no job id can start with is 400."""
+    for job_id in ("build-1", "build-2", "Build-3", "builder", "deploy-1", "build"):
+        await create_job(client, job_id=job_id, kind="ci" if job_id != "build-2" else "cd")
+    ids = await list_ids(client, "?prefix=build-")
+    assert ids == ["build-2", "build-1"]
+    assert await list_ids(client, "?prefix=build") == ["build", "builder", "build-2", "build-1"]
+    assert await list_ids(client, "?prefix=build-&kind=ci") == ["build-1"]
+    first = await client.get("/v1/jobs?prefix=build&limit=3")
+    page = await first.json()
+    assert [job["job_id"] for job in page["jobs"]] == ["build", "builder", "build-2"]
+    rest = await list_ids(client, f"?prefix=build&cursor={page['next_cursor']}")
+    assert rest == ["build-1"]
+    for bad in ("b%20", "%C3%A9", "x" * 129):
+        response = await client.get(f"/v1/jobs?prefix={bad}")
+        assert response.status == 400
+        assert (await response.json())["error"]["code"] == "invalid_parameter"
+
+
+async def list_ids(client: Client, query: str) -> list[str]:
+    response = await client.get(f"/v1/jobs{query}")
+    assert response.status == 200, await response.text()
+    return [job["job_id"] for job in (await response.json())["jobs"]]

@@ -11,6 +11,7 @@ importable. A failing build fails the test with pip's output; it is never skippe
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.metadata
 import os
 import shutil
@@ -171,3 +172,38 @@ def test_installed_wheel_migrates_from_another_directory(site_dir: Path, tmp_pat
         records = conn.execute("SELECT version, name FROM schema_migrations").fetchall()
     assert {"jobs", "events", "schema_migrations"} <= tables
     assert records == [(i + 1, m.name) for i, m in enumerate(MIGRATIONS)]
+
+
+def test_wheel_serves_the_browser_files(site_dir: Path, tmp_path: Path) -> None:
+    """The installed wheel holds the browser module, the progress element and the dashboard
+    (package data: server/static/client is a symlink to clients/js) and its handler reads
+    them, byte for byte as in the checkout, outside any source tree."""
+    from server.handlers.ui import CLIENT_FILES, UI_FILES
+
+    wanted = [
+        ("server.static.client", name, REPO / "clients" / "js" / name) for name in CLIENT_FILES
+    ]
+    wanted += [
+        ("server.static.ui", name, REPO / "server" / "static" / "ui" / name) for name in UI_FILES
+    ]
+    probe = (
+        "import sys, hashlib\n"
+        "from server.handlers.ui import static_file\n"
+        "for line in sys.stdin.read().split():\n"
+        "    package, name = line.split('/')\n"
+        "    found = static_file(package, name)\n"
+        "    print(hashlib.sha256(found.body).hexdigest(), found.content_type)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-S", "-c", probe],
+        cwd=tmp_path,
+        env=isolated_env(site_dir, dependencies_dir()),
+        input="\n".join(f"{package}/{name}" for package, name, _ in wanted),
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    hashes = [line.split()[0] for line in result.stdout.splitlines()]
+    assert hashes == [hashlib.sha256(path.read_bytes()).hexdigest() for _, _, path in wanted]

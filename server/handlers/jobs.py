@@ -10,6 +10,7 @@ job list) are read in parts of at most ``stream.page_bytes`` and sent through
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -96,6 +97,7 @@ async def list_jobs(request: web.Request) -> web.StreamResponse:
     if status is not None and status not in JOB_STATUSES:
         raise InvalidParameter(f"status must be one of {', '.join(JOB_STATUSES)}")
     kind = request.query.get("kind") or None
+    prefix = parse_prefix(request)
     default = min(limits.jobs_page_default, limits.page_size_max)
     limit = query_int(request, "limit", default, minimum=1, maximum=limits.page_size_max)
     cursor_raw = request.query.get("cursor") or None
@@ -105,9 +107,27 @@ async def list_jobs(request: web.Request) -> web.StreamResponse:
     # GET /v1/feed?after=<cursor> goes on from exactly the state they show) are of one moment;
     # it stops at stream.page_bytes of snapshots, and next_cursor goes on from there.
     snapshots, next_before, last_id = await store.list_jobs(
-        principal.tenant, status, kind, limit, before, principal.grants, _page_bytes(request)
+        principal.tenant,
+        status,
+        kind,
+        limit,
+        before,
+        principal.grants,
+        _page_bytes(request),
+        prefix=prefix,
     )
     return await send_bounded(request, _json_stream(), _job_list(snapshots, next_before, last_id))
+
+
+_PREFIX = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def parse_prefix(request: web.Request) -> str | None:
+    """``prefix=``: jobs whose id starts with it (what can begin a job id, else 400)."""
+    prefix = request.query.get("prefix") or None
+    if prefix is not None and not _PREFIX.fullmatch(prefix):
+        raise InvalidParameter(f"prefix {prefix[:40]!r} cannot begin any job id")
+    return prefix
 
 
 async def _job_list(
