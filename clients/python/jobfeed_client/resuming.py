@@ -11,9 +11,13 @@ the stream ends. How it ends decides what happens next (protocol-v1, "Close-code
   ``stream_idle_timeout``, a refused connection, an HTTP 429/5xx, an SSE ``event: error``
   with a retryable code, an SSE response that ends (``_sse_ended`` decides): resume after a
   backoff (exponential, full jitter, reset once a subscription is accepted, i.e. on hello);
-- 4004, 4400, 4401, 4403, 4409, 4410 (and their HTTP twins for SSE): raise the matching
-  ``ServerError`` (``JobNotFound``, ``InvalidRequest``, ``Unauthorized``, ``Forbidden``,
-  ``LogReset``, ``JobDeleted``).
+- 4401, an SSE ``event: error`` ``token_expired`` (or an HTTP 401): with a token provider,
+  get a new token and resume at once from the position held ("re-authenticate, then
+  resume"); raise ``Unauthorized`` without one, or when the provider's new token is refused
+  before a hello accepted it;
+- 4004, 4400, 4403, 4409, 4410 (and their HTTP twins for SSE): raise the matching
+  ``ServerError`` (``JobNotFound``, ``InvalidRequest``, ``Forbidden``, ``LogReset``,
+  ``JobDeleted``).
 
 A subclass names the URL and query (``_url``, ``_params``), turns each frame into the item
 to yield, or None for a control frame, after checking its place (``_accept``), and says
@@ -30,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 import aiohttp
 
 from .backoff import Backoff, parse_retry_after
-from .errors import ProtocolViolation, error_from_body, error_from_close
+from .errors import ProtocolViolation, Unauthorized, error_from_body, error_from_close
 from .sse import SSEParser
 
 if TYPE_CHECKING:
@@ -71,6 +75,8 @@ class ResumingStream(Generic[Item]):
         self.state = "connecting"
         self.hello: dict[str, Any] | None = None
         self.backoff = Backoff(client.retry)
+        self._renewal = client.credentials.renewal()
+        self._token: str | None = None  # the token the latest attempt sent
 
     # -- what a subclass says ------------------------------------------------------------
 
@@ -103,6 +109,7 @@ class ResumingStream(Generic[Item]):
         self.hello = hello
         self.state = "live"
         self.backoff.reset()
+        self._renewal.accepted()
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -129,6 +136,12 @@ class ResumingStream(Generic[Item]):
                 self.state = "waiting"
                 self.resumes += 1
                 await asyncio.sleep(self.backoff.next_delay(resume.retry_after))
+            except Unauthorized:
+                if not await self._renewal.renew(self._token):
+                    raise
+                # A new credential: resume at once from the position held (no backoff: the
+                # server did nothing wrong, and the stream's position is exact).
+                self.resumes += 1
             finally:
                 await attempt.aclose()
 
@@ -136,11 +149,12 @@ class ResumingStream(Generic[Item]):
         """One WebSocket subscription's frames; ends by raising ``Done``/``Resume`` or a
         ``ServerError``."""
         client = self._client
+        self._token, headers = await client.headers()
         try:
             ws = await client.session().ws_connect(
                 self._url(),
                 params=self._params(),
-                headers=client.headers(),
+                headers=headers,
                 # Protocol pings: a connection that went silent (a dead peer, a cut cable)
                 # is noticed within this long, and resumed.
                 heartbeat=client.stream_idle_timeout / 2,
@@ -176,7 +190,9 @@ class ResumingStream(Generic[Item]):
         """One Server-Sent Events response's records as frames (hello, events, and the
         feed's heartbeats and snapshots); same outcomes as the WebSocket's."""
         client = self._client
-        headers = {**client.headers(), **self._sse_headers(), "Accept": "text/event-stream"}
+        self._token, headers = await client.headers()
+        headers.update(self._sse_headers())
+        headers["Accept"] = "text/event-stream"
         timeout = aiohttp.ClientTimeout(
             total=None, connect=client.timeout, sock_read=client.stream_idle_timeout
         )

@@ -21,6 +21,7 @@ from typing import Any, Literal, TypeVar
 
 from .backoff import RetryPolicy
 from .client import Appended, AsyncClient
+from .credentials import TokenProvider
 from .events import Event, Snapshot
 from .feed import AsyncFeed, FeedItem
 from .reporter import AsyncJob, ReporterStats
@@ -84,6 +85,7 @@ class Client:
         url: str | None = None,
         *,
         token: str | None = None,
+        token_provider: TokenProvider | None = None,
         timeout: float = 10.0,
         attempts: int = 5,
         retry: RetryPolicy | None = None,
@@ -97,6 +99,7 @@ class Client:
         self._async = AsyncClient(
             url,
             token=token,
+            token_provider=token_provider,
             timeout=timeout,
             attempts=attempts,
             retry=retry,
