@@ -92,12 +92,14 @@ def new_tenant() -> str:
 
 
 class ShortLivedTokens:
-    """An async token provider of tokens that expire 2-3 s after they are made; ``asked``
+    """An async token provider of tokens that expire ``lifetime`` - 1 to ``lifetime`` s after
+    they are made (2-3 s by default); ``asked``
     counts its calls and ``until_asked(n)`` waits for the n-th."""
 
-    def __init__(self, tenant: str, scope: str = "jobs:read") -> None:
+    def __init__(self, tenant: str, scope: str = "jobs:read", lifetime: int = 3) -> None:
         self.tenant = tenant
         self.scope = scope
+        self.lifetime = lifetime
         self.asked = 0
         self._changed = asyncio.Condition()
 
@@ -105,7 +107,7 @@ class ShortLivedTokens:
         async with self._changed:
             self.asked += 1
             self._changed.notify_all()
-        return mint(self.tenant, self.scope, lifetime=3)
+        return mint(self.tenant, self.scope, lifetime=self.lifetime)
 
     async def until_asked(self, count: int) -> None:
         async def condition() -> None:
@@ -164,8 +166,13 @@ async def test_a_watcher_and_a_feed_cross_token_expiries_without_loss_or_repeat(
     job_id = f"build-{uuid.uuid4().hex[:8]}"
     producer = AsyncClient(auth_server.url, token=mint(tenant), retry=FAST_RETRY)
     watch_tokens, feed_tokens = ShortLivedTokens(tenant), ShortLivedTokens(tenant)
-    watcher = AsyncClient(auth_server.url, token_provider=watch_tokens, retry=FAST_RETRY)
-    reader = AsyncClient(auth_server.url, token_provider=feed_tokens, retry=FAST_RETRY)
+    # Without in-band refresh (the next test), the streams must run to each expiry.
+    watcher = AsyncClient(
+        auth_server.url, token_provider=watch_tokens, retry=FAST_RETRY, refresh_in_band=False
+    )
+    reader = AsyncClient(
+        auth_server.url, token_provider=feed_tokens, retry=FAST_RETRY, refresh_in_band=False
+    )
     async with producer, watcher, reader:
         await producer.create_job(job_id, kind="build")
         watch = watcher.watch(job_id, transport=transport)
@@ -196,6 +203,44 @@ async def test_a_watcher_and_a_feed_cross_token_expiries_without_loss_or_repeat(
     assert watch.resumes >= EXPIRIES
     assert feed.resumes >= EXPIRIES
     assert watcher.credentials.renewals == watch_tokens.asked >= EXPIRIES + 1
+
+
+async def test_a_websocket_refreshes_its_token_in_band_before_it_expires(
+    auth_server: ServerProcess,
+) -> None:
+    """With ``refresh_in_band`` (the default), a WebSocket watcher and feed send the
+    provider's next token in an ``auth`` frame before the held one's ``exp``: they cross
+    several token lifetimes on one connection each (no resume), every event once."""
+    tenant = new_tenant()
+    job_id = f"build-{uuid.uuid4().hex[:8]}"
+    producer = AsyncClient(auth_server.url, token=mint(tenant), retry=FAST_RETRY)
+    watch_tokens = ShortLivedTokens(tenant, lifetime=4)
+    feed_tokens = ShortLivedTokens(tenant, lifetime=4)
+    watcher = AsyncClient(auth_server.url, token_provider=watch_tokens, retry=FAST_RETRY)
+    reader = AsyncClient(auth_server.url, token_provider=feed_tokens, retry=FAST_RETRY)
+    async with producer, watcher, reader:
+        await producer.create_job(job_id, kind="build")
+        watch, feed = watcher.watch(job_id), reader.feed(after=0)
+        watched, fed = Collector(watch), Collector(feed)
+        appended = 1
+        for lifetime in range(1, EXPIRIES + 1):
+            await producer.append(job_id, {"type": "log", "message": f"token {lifetime}"})
+            appended += 1
+            await watched.holding(appended)
+            await fed.holding(appended)
+            await watch_tokens.until_asked(lifetime + 1)
+            await feed_tokens.until_asked(lifetime + 1)
+        await producer.append(job_id, {"type": "completed"})
+        appended += 1
+        await asyncio.wait_for(watched.task, WAIT)
+        await fed.holding(appended)
+        await fed.stop()
+    assert [e.seq for e in watched.events] == list(range(1, appended + 1))
+    assert [e.seq for e in fed.events] == list(range(1, appended + 1))
+    assert watch.in_band_refreshes >= EXPIRIES
+    assert feed.in_band_refreshes >= EXPIRIES
+    assert watch.resumes == 0
+    assert feed.resumes == 0
 
 
 async def wait_until_expired(url: str, job_id: str, token: str) -> None:

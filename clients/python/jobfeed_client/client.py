@@ -66,9 +66,11 @@ class AsyncClient:
     is a callable, sync or async, that returns a fresh token (a ``str``): called before the
     first request when no ``token`` is given, and again whenever the server refuses the
     token held (401, close 4401, SSE ``token_expired``). A sync one runs in a worker thread,
-    so it may block. ``timeout`` bounds connecting and each read of a one-shot call;
-    ``stream_idle_timeout`` is how long a stream may stay silent (the server sends heartbeats
-    every 15 s by default) before the watcher treats it as lost and resumes.
+    so it may block. With a provider, a WebSocket also renews its token in-band shortly
+    before the token's ``exp`` (``refresh_in_band=False``: only on expiry). ``timeout``
+    bounds connecting and each read of a one-shot call; ``stream_idle_timeout`` is how long
+    a stream may stay silent (the server sends heartbeats every 15 s by default) before the
+    watcher treats it as lost and resumes.
     """
 
     def __init__(
@@ -81,6 +83,7 @@ class AsyncClient:
         attempts: int = 5,
         retry: RetryPolicy | None = None,
         stream_idle_timeout: float = 60.0,
+        refresh_in_band: bool = True,
         flush_interval: float = 0.25,
         max_buffered: int = 10_000,
         when_full: Literal["block", "raise"] = "block",
@@ -94,6 +97,7 @@ class AsyncClient:
         self.attempts = attempts
         self.retry = retry or RetryPolicy()
         self.stream_idle_timeout = stream_idle_timeout
+        self.refresh_in_band = refresh_in_band
         self.reporter_settings = ReporterSettings(
             flush_interval=flush_interval,
             max_buffered=max_buffered,

@@ -14,7 +14,10 @@ token is no good either, and the refusal is raised instead of asking in a loop.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import inspect
+import json
 from collections.abc import Awaitable, Callable
 
 TokenProvider = Callable[[], str | Awaitable[str]]
@@ -95,3 +98,27 @@ class Renewal:
     def accepted(self) -> None:
         """The server accepted the credential (a response, a stream's hello)."""
         self._asked = False
+
+
+def token_expiry(token: str | None) -> float | None:
+    """A JWT's ``exp`` (Unix seconds), read without verifying it (the server verifies); None
+    for anything else (a ticket, a token without ``exp``)."""
+    parts = (token or "").split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (ValueError, binascii.Error):
+        return None
+    exp = payload.get("exp") if isinstance(payload, dict) else None
+    if isinstance(exp, bool) or not isinstance(exp, int | float):
+        return None
+    return float(exp)
+
+
+def refresh_delay(expires_at: float, now: float) -> float:
+    """How long from ``now`` until a stream refreshes a token that expires at
+    ``expires_at``: a third of what is left before it, at most 30 s before (a 15-minute token
+    is renewed 30 s ahead, a 3-second one a second ahead)."""
+    left = expires_at - now
+    return max(0.0, left - min(30.0, left / 3))

@@ -15,6 +15,10 @@ the stream ends. How it ends decides what happens next (protocol-v1, "Close-code
   get a new token and resume at once from the position held ("re-authenticate, then
   resume"); raise ``Unauthorized`` without one, or when the provider's new token is refused
   before a hello accepted it;
+- with a token provider and ``refresh_in_band`` (the default), a WebSocket whose token is a
+  JWT refreshes before its ``exp``: the provider's new token goes in an ``auth`` frame, and
+  the stream goes on without a reconnection (``in_band_refreshes`` counts them); if that
+  fails, the expiry and the resume above still apply;
 - 4004, 4400, 4403, 4409, 4410 (and their HTTP twins for SSE): raise the matching
   ``ServerError`` (``JobNotFound``, ``InvalidRequest``, ``Forbidden``, ``LogReset``,
   ``JobDeleted``).
@@ -27,13 +31,16 @@ whether an item is the last (``_is_last``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 import aiohttp
 
 from .backoff import Backoff, parse_retry_after
+from .credentials import refresh_delay, token_expiry
 from .errors import ProtocolViolation, Unauthorized, error_from_body, error_from_close
 from .sse import SSEParser
 
@@ -77,6 +84,7 @@ class ResumingStream(Generic[Item]):
         self.backoff = Backoff(client.retry)
         self._renewal = client.credentials.renewal()
         self._token: str | None = None  # the token the latest attempt sent
+        self.in_band_refreshes = 0  # tokens a WebSocket took without reconnecting
 
     # -- what a subclass says ------------------------------------------------------------
 
@@ -168,6 +176,9 @@ class ResumingStream(Generic[Item]):
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise Resume(f"connect: {exc!r}") from exc
         error_frame: dict[str, Any] | None = None
+        refresher = None
+        if client.refresh_in_band and client.credentials.renewable:
+            refresher = asyncio.create_task(self._refresh_in_band(ws))
         try:
             async for message in ws:
                 if message.type != aiohttp.WSMsgType.TEXT:
@@ -178,6 +189,10 @@ class ResumingStream(Generic[Item]):
                     continue
                 yield frame
         finally:
+            if refresher is not None:
+                refresher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await refresher
             await ws.close()
         code = ws.close_code or 1006
         if code == 1000:
@@ -185,6 +200,28 @@ class ResumingStream(Generic[Item]):
         if code in RESUME_CLOSE_CODES or code < 1000:
             raise Resume(f"closed {code}")
         raise error_from_close(code, error_frame)
+
+    async def _refresh_in_band(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        """Before the token of this connection expires, send the provider's next one in an
+        ``auth`` frame (only the handler task reads; this one only sends, which aiohttp
+        allows). Gives up quietly, leaving the expiry to end the stream and the resume to
+        renew it, when the token has no readable ``exp``, the provider fails or hands back a
+        token that expires no later, or the send fails."""
+        credentials = self._client.credentials
+        token = self._token
+        try:
+            while (expires_at := token_expiry(token)) is not None:
+                await asyncio.sleep(refresh_delay(expires_at, time.time()))
+                await credentials.renew(token)
+                fresh = await credentials.current()
+                fresh_expiry = token_expiry(fresh)
+                if fresh is None or fresh_expiry is None or fresh_expiry <= expires_at:
+                    return
+                await ws.send_json({"type": "auth", "token": fresh})
+                self._token = token = fresh
+                self.in_band_refreshes += 1
+        except Exception:  # the expiry path asks the provider again, and raises its error
+            return
 
     async def _sse_attempt(self) -> AsyncGenerator[dict[str, Any]]:
         """One Server-Sent Events response's records as frames (hello, events, and the

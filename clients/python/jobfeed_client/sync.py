@@ -90,6 +90,7 @@ class Client:
         attempts: int = 5,
         retry: RetryPolicy | None = None,
         stream_idle_timeout: float = 60.0,
+        refresh_in_band: bool = True,
         flush_interval: float = 0.25,
         max_buffered: int = 10_000,
         when_full: Literal["block", "raise"] = "block",
@@ -104,6 +105,7 @@ class Client:
             attempts=attempts,
             retry=retry,
             stream_idle_timeout=stream_idle_timeout,
+            refresh_in_band=refresh_in_band,
             flush_interval=flush_interval,
             max_buffered=max_buffered,
             when_full=when_full,
@@ -380,6 +382,10 @@ class Watch:
         return self._watch.resumes
 
     @property
+    def in_band_refreshes(self) -> int:
+        return self._watch.in_band_refreshes
+
+    @property
     def state(self) -> str:
         return self._watch.state
 
@@ -401,6 +407,10 @@ class Feed:
     @property
     def resumes(self) -> int:
         return self._feed.resumes
+
+    @property
+    def in_band_refreshes(self) -> int:
+        return self._feed.in_band_refreshes
 
     @property
     def state(self) -> str:
