@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import itertools
+import math
 import random
 
+import jwt
 from hypothesis import given
 from hypothesis import strategies as st
 
 from jobfeed_client.backoff import Backoff, RetryPolicy, parse_retry_after
+from jobfeed_client.credentials import refresh_delay, token_expiry
 from jobfeed_client.errors import (
     Forbidden,
     InvalidRequest,
@@ -109,3 +112,26 @@ def test_final_close_codes_map_to_their_classes() -> None:
         assert error.status == code
     framed = error_from_close(4409, {"code": "log_reset", "message": "epoch differs"})
     assert framed.message == "epoch differs"
+
+
+def test_token_expiry_reads_a_jwts_exp_without_verifying() -> None:
+    """``exp`` from any JWT's payload (signature unchecked); None for a ticket or garbage."""
+    token = jwt.encode({"exp": 1796000000, "tenant": "acme"}, "x" * 32, algorithm="HS256")
+    assert token_expiry(token) == 1796000000.0
+    assert token_expiry(jwt.encode({"tenant": "acme"}, "x" * 32, algorithm="HS256")) is None
+    assert token_expiry("not.a.jwt") is None
+    assert token_expiry("opaque-ticket") is None
+    assert token_expiry(None) is None
+
+
+@given(left=st.floats(-10, 100_000))
+def test_refresh_delay_is_before_the_expiry_and_at_most_30_s_ahead(left: float) -> None:
+    """A stream refreshes a third of the way before ``exp``, never more than 30 s ahead, and
+    at once when the token is already (nearly) expired."""
+    delay = refresh_delay(1000.0 + left, 1000.0)
+    assert delay >= 0.0
+    if left <= 0:
+        assert delay == 0.0
+    else:
+        ahead = left - delay  # how long before the expiry it refreshes
+        assert math.isclose(ahead, min(30.0, left / 3), rel_tol=1e-9, abs_tol=1e-6)

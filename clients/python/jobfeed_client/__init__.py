@@ -18,6 +18,7 @@
 
 from .backoff import RetryPolicy
 from .client import Appended, AsyncClient
+from .credentials import TokenProvider
 from .errors import (
     BufferFull,
     FlushTimeout,
@@ -72,6 +73,7 @@ __all__ = [
     "ServerError",
     "Snapshot",
     "StreamClosed",
+    "TokenProvider",
     "Unauthorized",
     "Unavailable",
     "Watch",

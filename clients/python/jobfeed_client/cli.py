@@ -15,8 +15,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from .client import AsyncClient
@@ -29,6 +31,7 @@ EXIT_USAGE, EXIT_INTERRUPTED = 64, 130
 EXIT_BY_STATUS = {"completed": EXIT_OK, "failed": EXIT_FAILED, "cancelled": EXIT_CANCELLED}
 LEVEL_STYLES = {"debug": "dim", "info": "default", "warning": "yellow", "error": "bold red"}
 COMMANDS = ("tail", "feed", "jobs", "export")
+TOKEN_COMMAND_TIMEOUT = 60.0  # seconds for --token-command to print a token
 
 
 class _Parser(argparse.ArgumentParser):
@@ -42,6 +45,12 @@ def build_parser(prog: str = "jobfeed") -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     common.add_argument("--url", help="server URL (default: $JOBFEED_URL or http://127.0.0.1:8080)")
     common.add_argument("--token", help="bearer token (default: $JOBFEED_TOKEN)")
+    common.add_argument(
+        "--token-command",
+        metavar="CMD",
+        help="a shell command that prints a fresh token, run at start (unless --token is "
+        "given) and whenever the token expires (default: $JOBFEED_TOKEN_COMMAND)",
+    )
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     tail = commands.add_parser(
@@ -101,8 +110,39 @@ def main(argv: Sequence[str] | None = None, prog: str = "jobfeed-client") -> int
         return EXIT_INTERRUPTED
 
 
+def command_token_provider(command: str) -> Callable[[], str]:
+    """A token provider that runs ``command`` in a shell and takes its output (trimmed)."""
+
+    def run() -> str:
+        try:
+            done = subprocess.run(
+                command,
+                shell=True,  # the user's own command line, as they would type it
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=TOKEN_COMMAND_TIMEOUT,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            raise JobfeedError(
+                f"--token-command did not finish within {TOKEN_COMMAND_TIMEOUT:g} s"
+            ) from None
+        if done.returncode != 0:
+            detail = done.stderr.strip()[-300:]
+            raise JobfeedError(f"--token-command exited with {done.returncode}: {detail}")
+        token = done.stdout.strip()
+        if not token:
+            raise JobfeedError("--token-command printed no token")
+        return token
+
+    return run
+
+
 async def _run(args: argparse.Namespace) -> int:
-    async with AsyncClient(args.url, token=args.token) as client:
+    command = args.token_command or os.environ.get("JOBFEED_TOKEN_COMMAND") or None
+    provider = command_token_provider(command) if command else None
+    async with AsyncClient(args.url, token=args.token, token_provider=provider) as client:
         try:
             if args.command == "tail":
                 return await _tail(client, args)

@@ -9,6 +9,11 @@ retrying cannot change (404, 409, 422, ...) is raised at once as its ``ServerErr
 Must be used from one event loop: make it inside the loop that uses it (a FastAPI lifespan,
 ``asyncio.run``'s coroutine). The sync twin, ``Client``, runs this same code on a private
 loop in a background thread.
+
+Credentials: a static ``token``, or a ``token_provider`` (``credentials.py``) asked for a
+fresh token whenever the server says the one held is no longer good: an HTTP 401 is retried
+once with the new token, and a stream that ends for its credential (close 4401, SSE
+``token_expired``) resumes with it from where it was.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from urllib.parse import quote
 import aiohttp
 
 from .backoff import Backoff, RetryPolicy, parse_retry_after
+from .credentials import Credentials, TokenProvider
 from .errors import JobfeedError, ServerError, Unavailable, error_from_body
 from .events import Event, Snapshot
 from .feed import AsyncFeed
@@ -56,9 +62,15 @@ class AsyncClient:
     """A jobfeed server, from asyncio code.
 
     ``url`` and ``token`` default to ``$JOBFEED_URL`` (else ``http://127.0.0.1:8080``) and
-    ``$JOBFEED_TOKEN``. ``timeout`` bounds connecting and each read of a one-shot call;
-    ``stream_idle_timeout`` is how long a stream may stay silent (the server sends heartbeats
-    every 15 s by default) before the watcher treats it as lost and resumes.
+    ``$JOBFEED_TOKEN`` (the latter only without a ``token_provider``). ``token_provider``
+    is a callable, sync or async, that returns a fresh token (a ``str``): called before the
+    first request when no ``token`` is given, and again whenever the server refuses the
+    token held (401, close 4401, SSE ``token_expired``). A sync one runs in a worker thread,
+    so it may block. With a provider, a WebSocket also renews its token in-band shortly
+    before the token's ``exp`` (``refresh_in_band=False``: only on expiry). ``timeout``
+    bounds connecting and each read of a one-shot call; ``stream_idle_timeout`` is how long
+    a stream may stay silent (the server sends heartbeats every 15 s by default) before the
+    watcher treats it as lost and resumes.
     """
 
     def __init__(
@@ -66,21 +78,26 @@ class AsyncClient:
         url: str | None = None,
         *,
         token: str | None = None,
+        token_provider: TokenProvider | None = None,
         timeout: float = 10.0,
         attempts: int = 5,
         retry: RetryPolicy | None = None,
         stream_idle_timeout: float = 60.0,
+        refresh_in_band: bool = True,
         flush_interval: float = 0.25,
         max_buffered: int = 10_000,
         when_full: Literal["block", "raise"] = "block",
         close_timeout: float | None = None,
     ) -> None:
         self.url = (url or os.environ.get("JOBFEED_URL") or DEFAULT_URL).rstrip("/")
-        self._token = token if token is not None else os.environ.get("JOBFEED_TOKEN") or None
+        if token is None and token_provider is None:
+            token = os.environ.get("JOBFEED_TOKEN") or None
+        self.credentials = Credentials(token, token_provider)
         self.timeout = timeout
         self.attempts = attempts
         self.retry = retry or RetryPolicy()
         self.stream_idle_timeout = stream_idle_timeout
+        self.refresh_in_band = refresh_in_band
         self.reporter_settings = ReporterSettings(
             flush_interval=flush_interval,
             max_buffered=max_buffered,
@@ -126,10 +143,11 @@ class AsyncClient:
             )
         return self._session
 
-    def headers(self) -> dict[str, str]:
-        """Headers every request and stream carries: the credential, when there is one.
-        (The one place a token provider will plug in.)"""
-        return {"Authorization": f"Bearer {self._token}"} if self._token else {}
+    async def headers(self) -> tuple[str | None, dict[str, str]]:
+        """The token to send (asking the provider for a first one) and the headers every
+        request and stream carries: the credential, when there is one."""
+        token = await self.credentials.current()
+        return token, ({"Authorization": f"Bearer {token}"} if token else {})
 
     # -- reporters and watchers ----------------------------------------------------------
 
@@ -259,18 +277,24 @@ class AsyncClient:
         sends it. A connection lost midway is resumed after the last whole line's seq, so
         no line is yielded twice or skipped."""
         url = f"{self.url}/v1/jobs/{_quoted(job_id)}/events"
-        headers = {**self.headers(), "Accept": "application/x-ndjson"}
         backoff = Backoff(self.retry)
         failures = 0
+        renewal = self.credentials.renewal()
         while True:
             error: BaseException | None = None
+            token, headers = await self.headers()
+            headers["Accept"] = "application/x-ndjson"
             try:
                 async with self.session().get(
                     url, params={"after": str(after)}, headers=headers
                 ) as response:
+                    if response.status == 401 and await renewal.renew(token):
+                        await response.read()
+                        continue
                     if response.status >= 400:
                         retry_after = await _refusal(response)
                     else:
+                        renewal.accepted()
                         pending = b""
                         async for chunk in response.content.iter_any():
                             pending += chunk
@@ -315,19 +339,26 @@ class AsyncClient:
         (``self.attempts`` by default; 0 retries forever)."""
         attempts = self.attempts if attempts is None else attempts
         data = None if body is None else _encode(body)
-        headers = self.headers()
-        if data is not None:
-            headers["Content-Type"] = "application/json"
         query = {k: str(v) for k, v in (params or {}).items()}
         backoff = Backoff(self.retry)
+        renewal = self.credentials.renewal()
         attempt = 0
         while True:
             attempt += 1
             error: BaseException | None = None
+            token, headers = await self.headers()
+            if data is not None:
+                headers["Content-Type"] = "application/json"
             try:
                 async with self.session().request(
                     method, self.url + path, data=data, params=query, headers=headers
                 ) as response:
+                    if response.status == 401 and await renewal.renew(token):
+                        # A new credential: the same request again at once, not counted as
+                        # an attempt (appends carry keys: a repeat is never a duplicate).
+                        await response.read()
+                        attempt -= 1
+                        continue
                     if response.status < 400:
                         raw = await response.read()
                         return response.status, json.loads(raw) if raw else None

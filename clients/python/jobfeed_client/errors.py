@@ -65,11 +65,14 @@ class LogReset(ServerError):
 
 
 class Unauthorized(ServerError):
-    """401 / close 4401: the credential is missing, invalid or expired."""
+    """401 / close 4401 / SSE ``token_expired``: the credential is missing, invalid or
+    expired. With a ``token_provider``, raised only when the provider's fresh token is
+    refused too; otherwise the client renews the token and retries or resumes by itself."""
 
 
 class Forbidden(ServerError):
-    """403 / close 4403: the credential may not do this."""
+    """403 / close 4403 / SSE ``forbidden``: the credential may not do this (a scope or job
+    grant it lacks), or it was revoked while a stream was open. Never retried."""
 
 
 class JobDeleted(ServerError):
@@ -122,6 +125,7 @@ _BY_CODE: dict[str, type[ServerError]] = {
     "job_finished": JobFinished,
     "log_reset": LogReset,
     "unauthorized": Unauthorized,
+    "token_expired": Unauthorized,  # a stream's credential expired while it was open
     "forbidden": Forbidden,
     "job_deleted": JobDeleted,
 }

@@ -11,9 +11,17 @@ the stream ends. How it ends decides what happens next (protocol-v1, "Close-code
   ``stream_idle_timeout``, a refused connection, an HTTP 429/5xx, an SSE ``event: error``
   with a retryable code, an SSE response that ends (``_sse_ended`` decides): resume after a
   backoff (exponential, full jitter, reset once a subscription is accepted, i.e. on hello);
-- 4004, 4400, 4401, 4403, 4409, 4410 (and their HTTP twins for SSE): raise the matching
-  ``ServerError`` (``JobNotFound``, ``InvalidRequest``, ``Unauthorized``, ``Forbidden``,
-  ``LogReset``, ``JobDeleted``).
+- 4401, an SSE ``event: error`` ``token_expired`` (or an HTTP 401): with a token provider,
+  get a new token and resume at once from the position held ("re-authenticate, then
+  resume"); raise ``Unauthorized`` without one, or when the provider's new token is refused
+  before a hello accepted it;
+- with a token provider and ``refresh_in_band`` (the default), a WebSocket whose token is a
+  JWT refreshes before its ``exp``: the provider's new token goes in an ``auth`` frame, and
+  the stream goes on without a reconnection (``in_band_refreshes`` counts them); if that
+  fails, the expiry and the resume above still apply;
+- 4004, 4400, 4403, 4409, 4410 (and their HTTP twins for SSE): raise the matching
+  ``ServerError`` (``JobNotFound``, ``InvalidRequest``, ``Forbidden``, ``LogReset``,
+  ``JobDeleted``).
 
 A subclass names the URL and query (``_url``, ``_params``), turns each frame into the item
 to yield, or None for a control frame, after checking its place (``_accept``), and says
@@ -23,14 +31,17 @@ whether an item is the last (``_is_last``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 import aiohttp
 
 from .backoff import Backoff, parse_retry_after
-from .errors import ProtocolViolation, error_from_body, error_from_close
+from .credentials import refresh_delay, token_expiry
+from .errors import ProtocolViolation, Unauthorized, error_from_body, error_from_close
 from .sse import SSEParser
 
 if TYPE_CHECKING:
@@ -71,6 +82,9 @@ class ResumingStream(Generic[Item]):
         self.state = "connecting"
         self.hello: dict[str, Any] | None = None
         self.backoff = Backoff(client.retry)
+        self._renewal = client.credentials.renewal()
+        self._token: str | None = None  # the token the latest attempt sent
+        self.in_band_refreshes = 0  # tokens a WebSocket took without reconnecting
 
     # -- what a subclass says ------------------------------------------------------------
 
@@ -103,6 +117,7 @@ class ResumingStream(Generic[Item]):
         self.hello = hello
         self.state = "live"
         self.backoff.reset()
+        self._renewal.accepted()
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -129,6 +144,12 @@ class ResumingStream(Generic[Item]):
                 self.state = "waiting"
                 self.resumes += 1
                 await asyncio.sleep(self.backoff.next_delay(resume.retry_after))
+            except Unauthorized:
+                if not await self._renewal.renew(self._token):
+                    raise
+                # A new credential: resume at once from the position held (no backoff: the
+                # server did nothing wrong, and the stream's position is exact).
+                self.resumes += 1
             finally:
                 await attempt.aclose()
 
@@ -136,11 +157,12 @@ class ResumingStream(Generic[Item]):
         """One WebSocket subscription's frames; ends by raising ``Done``/``Resume`` or a
         ``ServerError``."""
         client = self._client
+        self._token, headers = await client.headers()
         try:
             ws = await client.session().ws_connect(
                 self._url(),
                 params=self._params(),
-                headers=client.headers(),
+                headers=headers,
                 # Protocol pings: a connection that went silent (a dead peer, a cut cable)
                 # is noticed within this long, and resumed.
                 heartbeat=client.stream_idle_timeout / 2,
@@ -154,6 +176,9 @@ class ResumingStream(Generic[Item]):
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise Resume(f"connect: {exc!r}") from exc
         error_frame: dict[str, Any] | None = None
+        refresher = None
+        if client.refresh_in_band and client.credentials.renewable:
+            refresher = asyncio.create_task(self._refresh_in_band(ws))
         try:
             async for message in ws:
                 if message.type != aiohttp.WSMsgType.TEXT:
@@ -164,6 +189,10 @@ class ResumingStream(Generic[Item]):
                     continue
                 yield frame
         finally:
+            if refresher is not None:
+                refresher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await refresher
             await ws.close()
         code = ws.close_code or 1006
         if code == 1000:
@@ -172,11 +201,35 @@ class ResumingStream(Generic[Item]):
             raise Resume(f"closed {code}")
         raise error_from_close(code, error_frame)
 
+    async def _refresh_in_band(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        """Before the token of this connection expires, send the provider's next one in an
+        ``auth`` frame (only the handler task reads; this one only sends, which aiohttp
+        allows). Gives up quietly, leaving the expiry to end the stream and the resume to
+        renew it, when the token has no readable ``exp``, the provider fails or hands back a
+        token that expires no later, or the send fails."""
+        credentials = self._client.credentials
+        token = self._token
+        try:
+            while (expires_at := token_expiry(token)) is not None:
+                await asyncio.sleep(refresh_delay(expires_at, time.time()))
+                await credentials.renew(token)
+                fresh = await credentials.current()
+                fresh_expiry = token_expiry(fresh)
+                if fresh is None or fresh_expiry is None or fresh_expiry <= expires_at:
+                    return
+                await ws.send_json({"type": "auth", "token": fresh})
+                self._token = token = fresh
+                self.in_band_refreshes += 1
+        except Exception:  # the expiry path asks the provider again, and raises its error
+            return
+
     async def _sse_attempt(self) -> AsyncGenerator[dict[str, Any]]:
         """One Server-Sent Events response's records as frames (hello, events, and the
         feed's heartbeats and snapshots); same outcomes as the WebSocket's."""
         client = self._client
-        headers = {**client.headers(), **self._sse_headers(), "Accept": "text/event-stream"}
+        self._token, headers = await client.headers()
+        headers.update(self._sse_headers())
+        headers["Accept"] = "text/event-stream"
         timeout = aiohttp.ClientTimeout(
             total=None, connect=client.timeout, sock_read=client.stream_idle_timeout
         )

@@ -21,6 +21,7 @@ from typing import Any, Literal, TypeVar
 
 from .backoff import RetryPolicy
 from .client import Appended, AsyncClient
+from .credentials import TokenProvider
 from .events import Event, Snapshot
 from .feed import AsyncFeed, FeedItem
 from .reporter import AsyncJob, ReporterStats
@@ -84,10 +85,12 @@ class Client:
         url: str | None = None,
         *,
         token: str | None = None,
+        token_provider: TokenProvider | None = None,
         timeout: float = 10.0,
         attempts: int = 5,
         retry: RetryPolicy | None = None,
         stream_idle_timeout: float = 60.0,
+        refresh_in_band: bool = True,
         flush_interval: float = 0.25,
         max_buffered: int = 10_000,
         when_full: Literal["block", "raise"] = "block",
@@ -97,10 +100,12 @@ class Client:
         self._async = AsyncClient(
             url,
             token=token,
+            token_provider=token_provider,
             timeout=timeout,
             attempts=attempts,
             retry=retry,
             stream_idle_timeout=stream_idle_timeout,
+            refresh_in_band=refresh_in_band,
             flush_interval=flush_interval,
             max_buffered=max_buffered,
             when_full=when_full,
@@ -377,6 +382,10 @@ class Watch:
         return self._watch.resumes
 
     @property
+    def in_band_refreshes(self) -> int:
+        return self._watch.in_band_refreshes
+
+    @property
     def state(self) -> str:
         return self._watch.state
 
@@ -398,6 +407,10 @@ class Feed:
     @property
     def resumes(self) -> int:
         return self._feed.resumes
+
+    @property
+    def in_band_refreshes(self) -> int:
+        return self._feed.in_band_refreshes
 
     @property
     def state(self) -> str:
