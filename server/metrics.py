@@ -69,6 +69,19 @@ class Histogram:
         yield f"{name}_count{braces} {self.count}"
 
 
+class FramesSent:
+    """Event frames handed to subscribers' sockets, by where they came from: the cache of
+    recent frames or a SQLite read (a replay), or pushed by the publisher to a subscriber at
+    the end of the log (live). Moved once per batch, not per frame."""
+
+    __slots__ = ("cache", "database", "push")
+
+    def __init__(self) -> None:
+        self.cache = 0
+        self.database = 0
+        self.push = 0
+
+
 # An append request's outcome: 201 (stored), 200 (all duplicates of stored keys), a 4xx
 # refusal, or a 5xx (storage fault, overload, shutdown).
 APPEND_OUTCOMES = ("created", "duplicate", "refused", "failed")
@@ -115,6 +128,8 @@ class Sources:
     job_cache_bytes: int
     frame_cache_bytes: int
     feed_cache_bytes: int
+    job_frames_sent: FramesSent
+    feed_frames_sent: FramesSent
     database_path: str
 
 
@@ -168,6 +183,16 @@ def render(metrics: Metrics, sources: Sources) -> str:
     closed_by_stream: dict[tuple[str, str], int] = {}
     for (transport, kind, _), count in metrics.streams_closed.items():
         closed_by_stream[transport, kind] = closed_by_stream.get((transport, kind), 0) + count
+    family(
+        "jobfeed_frames_sent_total",
+        "counter",
+        "Event frames handed to subscribers, by stream kind and source (cache, database: "
+        "replay; push: live).",
+    )
+    for kind, sent in (("job", sources.job_frames_sent), ("feed", sources.feed_frames_sent)):
+        for source in FramesSent.__slots__:
+            count = getattr(sent, source)
+            out.append(f'jobfeed_frames_sent_total{{kind="{kind}",source="{source}"}} {count}')
     family("jobfeed_streams_open", "gauge", "Open streams, by transport and kind.")
     for (transport, kind), opened in metrics.streams_opened.items():
         open_now = opened - closed_by_stream.get((transport, kind), 0)

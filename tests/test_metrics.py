@@ -26,7 +26,9 @@ from tests.streams import StuckSubscriber, read_sse, read_ws
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 METRICS_TOKEN = "metrics-token-0123456789-abcdefghijklmnop"
 # Every label and the values it may take: a closed set written in the code.
+SOURCES = ("cache", "database", "push")
 BOUNDED_LABELS = {
+    "source",
     "version",
     "outcome",
     "transport",
@@ -75,20 +77,27 @@ async def test_counters_move_by_exactly_what_was_done(client: TestClient[Any, An
     left = await read_ws(client, "/v1/jobs/m1/stream?after=0", drop_after=2)
     assert not left.ended
     await append(client, "m1", {"type": "completed"})
-    done = await read_sse(client, "/v1/jobs/m1/stream?after=0")
-    assert done.ended
-    assert len(done.events) == 7  # created, 5 progress, completed
     await read_ws(client, "/v1/feed?after=0", drop_after=1)
     async with client.get("/v1/feed?after=0", headers={"Accept": "text/event-stream"}) as feed:
         assert feed.status == 200
         await feed.content.readuntil(b"\n\n")  # its hello; then the client goes away
     closes = "jobfeed_stream_closes_total"
-    after = await scrape_when(
+    middle = await scrape_when(
         client,
         (closes, {"transport": "ws", "kind": "job", "outcome": "client_gone"}),
         (closes, {"transport": "ws", "kind": "feed", "outcome": "client_gone"}),
         (closes, {"transport": "sse", "kind": "feed", "outcome": "client_gone"}),
     )
+    # The only stream from here on: an SSE subscriber reads the whole, finished log.
+    done = await read_sse(client, "/v1/jobs/m1/stream?after=0")
+    assert done.ended
+    assert len(done.events) == 7  # created, 5 progress, completed
+    after = await scrape_when(
+        client, (closes, {"transport": "sse", "kind": "job", "outcome": "done"})
+    )
+    sent = "jobfeed_frames_sent_total"
+    assert sum(moved(middle, after, sent, kind="job", source=s) for s in SOURCES) == 7
+    assert sum(moved(before, after, sent, kind="feed", source=s) for s in SOURCES) >= 1
 
     def delta(name: str, **labels: str) -> float:
         return moved(before, after, name, **labels)

@@ -52,5 +52,7 @@ def _sources(app: web.Application) -> Sources:
         job_cache_bytes=writer.cache_bytes,
         frame_cache_bytes=hub.total_bytes,
         feed_cache_bytes=hub.feed.cached_bytes,
+        job_frames_sent=hub.frames_sent,
+        feed_frames_sent=hub.feed.frames_sent,
         database_path=store.path,
     )
