@@ -279,7 +279,8 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/readyz", health.readyz)
     app.router.add_get("/v1/openapi.json", openapi.openapi_json)
     app.router.add_get("/v1/frames.schema.json", frame_schema.frames_schema_json)
-    if app[CONFIG].metrics.enabled:
+    metrics = app[CONFIG].metrics
+    if metrics.enabled and not metrics.host:  # else on its own address (scrape.metrics_app)
         app.router.add_get("/metrics", scrape.metrics)
 
 

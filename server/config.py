@@ -190,6 +190,10 @@ class AuthConfig(_Section):
 
 class MetricsConfig(_Section):
     enabled: bool = True  # GET /metrics; false: the route does not exist (404)
+    # Serve /metrics on this address instead of server.host / port ("" : on the main one), so
+    # that it can stay on a private interface while the API is public.
+    host: str = ""
+    port: int = Field(9464, ge=0, le=65535)  # with host set; 0 picks a free port (logged)
     # With authentication on, a bearer token that may read /metrics only (a scraper need not
     # hold a jobs:admin JWT). "" : jobs:admin only. At least 32 characters, like auth.secrets.
     token: SecretStr = SecretStr("")

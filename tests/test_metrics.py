@@ -9,10 +9,12 @@ import re
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import (
+    SECRET,
     ClientFactory,
     ConfigFactory,
     append,
@@ -21,6 +23,7 @@ from tests.conftest import (
     create_job,
     token,
 )
+from tests.procs import launching
 from tests.streams import StuckSubscriber, read_sse, read_ws
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -228,3 +231,32 @@ async def test_dashboard_and_alerts_name_only_exported_metrics(
         named = set(re.findall(r"\bjobfeed_[a-z_]+[a-z]", (docs / doc).read_text()))
         assert named, doc
         assert named <= exported, (doc, named - exported)
+
+
+async def test_own_address_in_a_real_process(tmp_path: Path) -> None:
+    """``[metrics] host`` / ``port``: ``jobfeed serve`` answers /metrics on that address
+    (port 0: logged as ``metrics_listening``) and no longer on the API's, and with
+    authentication on the same credential rules hold there."""
+    with launching(tmp_path) as launcher:
+        server = await launcher.start(
+            metrics__host="127.0.0.1",
+            metrics__port=0,
+            auth__mode="jwt",
+            auth__secrets=f'["{SECRET}"]',
+            metrics__token=METRICS_TOKEN,
+        )
+        line = server.log.find("metrics_listening")
+        assert line is not None, server.describe()
+        metrics_url = f"http://127.0.0.1:{line['port']}/metrics"
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{server.url}/metrics") as on_api:
+                assert on_api.status == 404
+            async with session.get(metrics_url) as anonymous:
+                assert anonymous.status == 401
+                assert (await anonymous.json())["error"]["code"] == "unauthorized"
+            async with session.get(metrics_url, headers=bearer(METRICS_TOKEN)) as scraped:
+                assert scraped.status == 200
+                text = await scraped.text()
+    names = {family.name for family in text_string_to_metric_families(text)}
+    assert "jobfeed_build_info" in names
+    assert 'jobfeed_refusals_total{code="unauthorized"} 1' in text
