@@ -56,4 +56,6 @@ SUITE = (
     # Authentication on, against W1 and W7 of the same run (bench.targets).
     Workload("W1auth", workloads.w1_auth),
     Workload("W7auth", streams.w7_auth),
+    # /metrics scraped during W1, against W1 of the same run (bench.targets).
+    Workload("W1metrics", workloads.w1_metrics),
 )

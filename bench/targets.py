@@ -174,6 +174,17 @@ TARGETS = (
         against_measured=True,
     ),
     Target(
+        "W1metrics",
+        "≥ 0.95x W1 (/metrics not scraped) events/s",
+        starts("W1metrics durable append"),
+        "events/s",
+        True,
+        ratio=0.95,
+        comparator="W1, /metrics not scraped",
+        comparator_phase=both("W1 durable append:", "1 event/request, full"),
+        against_measured=True,
+    ),
+    Target(
         "W7auth",
         "≤ 1 KB more RSS per idle subscriber than W7 (authentication off)",
         both("W7auth", ": connect"),

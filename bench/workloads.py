@@ -10,7 +10,9 @@ Server CPU is read from /proc over the same window the generators measure their 
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
+import urllib.request
 from collections.abc import Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
@@ -117,7 +119,9 @@ def closed_loop_append(
     durability: str = "full",
     target: Target = "jobfeed",
     auth: bool = False,
+    scrape_seconds: float = 0.0,
 ) -> list[Phase]:
+    """``scrape_seconds``: GET /metrics this often while the producers run (0: never)."""
     with target_server(target, durability, auth) as process:
         job_ids = [f"producer-{i:02d}" for i in range(profile.producers)]
         # With authentication on, one token per producer, granted its own job only.
@@ -138,17 +142,53 @@ def closed_loop_append(
             )
             for share in split(job_ids, profile.generator_processes)
         ]
-        server_cpu, results = run_producers(process, profile, loadgen.append_closed_loop, specs)
+        with Scraper(process.base_url, scrape_seconds) as scraper:
+            server_cpu, results = run_producers(process, profile, loadgen.append_closed_loop, specs)
     metrics = append_metrics(results, profile)
-    return [
-        Phase(
-            name,
-            metrics,
-            server_cpu,
-            sum(r["cpu_s"] for r in results),
-            status_notes([r["statuses"] for r in results], name),
-        )
-    ]
+    notes = status_notes([r["statuses"] for r in results], name) + scraper.notes()
+    return [Phase(name, metrics, server_cpu, sum(r["cpu_s"] for r in results), notes)]
+
+
+class Scraper:
+    """GET ``/metrics`` every ``interval`` seconds from a thread, as Prometheus would (its
+    default is every 15 s); ``interval`` 0 does nothing."""
+
+    def __init__(self, base_url: str, interval: float) -> None:
+        self.url = f"{base_url}/metrics"
+        self.interval = interval
+        self.scrapes = self.failures = self.bytes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="scraper", daemon=True)
+
+    def __enter__(self) -> Scraper:
+        if self.interval > 0:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                with urllib.request.urlopen(self.url, timeout=10) as response:
+                    self.bytes = len(response.read())
+                self.scrapes += 1
+            except OSError:
+                self.failures += 1
+
+    def notes(self) -> list[str]:
+        if self.interval <= 0:
+            return []
+        notes = [
+            f"/metrics scraped {self.scrapes} times, every {self.interval:g} s "
+            f"({self.bytes:,} bytes each)"
+        ]
+        if self.failures or not self.scrapes:
+            notes.append(f"/metrics scrapes failed: {self.failures} (must be 0)")
+        return notes
 
 
 def w1_name(profile: Profile) -> str:
@@ -189,6 +229,30 @@ def w1_auth(profile: Profile) -> list[Phase]:
     """W1 with authentication on: every request carries its producer's bearer token."""
     return closed_loop_append(
         profile, w1_auth_name(profile), batch=1, depth=profile.depth, durability="full", auth=True
+    )
+
+
+def w1_metrics_name(profile: Profile) -> str:
+    return (
+        f"W1metrics durable append, /metrics scraped every {METRICS_SCRAPE_SECONDS:g} s: "
+        f"{profile.producers} producers x {profile.depth} in flight, 1 event/request, full"
+    )
+
+
+# 15 times Prometheus's default interval: the scrape's own cost shows, if it has one.
+METRICS_SCRAPE_SECONDS = 1.0
+
+
+def w1_metrics(profile: Profile) -> list[Phase]:
+    """W1 with /metrics scraped while it runs. The counters are moved in every run (they
+    are plain integers, with no switch); what this adds is the scrape itself."""
+    return closed_loop_append(
+        profile,
+        w1_metrics_name(profile),
+        batch=1,
+        depth=profile.depth,
+        durability="full",
+        scrape_seconds=METRICS_SCRAPE_SECONDS,
     )
 
 

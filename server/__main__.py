@@ -29,6 +29,7 @@ from .app import create_app
 from .auth import READ, Authenticator, mint_token
 from .config import Config, ConfigError, ensure_storage_dir, load_config
 from .dblock import DatabaseInUse, DatabaseLock
+from .handlers import scrape
 from .limits import ConnectionCappedRunner
 from .logs import configure_logging
 from .migrate import MigrationError, apply_migrations
@@ -215,6 +216,7 @@ async def _serve(config: Config, config_path: Path | None) -> None:
         keepalive_timeout=KEEPALIVE_SECONDS,
     )
     await runner.setup()
+    metrics_runner: web.AppRunner | None = None
     try:
         site = web.TCPSite(runner, config.server.host, config.server.port, backlog=1024)
         await site.start()
@@ -234,6 +236,14 @@ async def _serve(config: Config, config_path: Path | None) -> None:
                 max_connections=config.server.max_connections,
                 auth=config.auth.mode,
             )
+        if config.metrics.enabled and config.metrics.host:
+            metrics_runner = web.AppRunner(
+                scrape.metrics_app(app), access_log=None, handle_signals=False
+            )
+            await metrics_runner.setup()
+            await web.TCPSite(metrics_runner, config.metrics.host, config.metrics.port).start()
+            for host, port, *_ in metrics_runner.addresses:
+                log.info("metrics_listening", host=host, port=port)
         if config.server.max_connections > soft:
             # Past the fd limit accept() fails before the cap can answer 503 (docs/operations.md).
             log.warning(
@@ -248,6 +258,8 @@ async def _serve(config: Config, config_path: Path | None) -> None:
         await stop.wait()
         log.info("shutting_down", timeout=config.server.shutdown_timeout)
     finally:
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()
         await runner.cleanup()
     log.info("stopped")
 

@@ -27,7 +27,7 @@ from .errors import (
     Unauthorized,
     error_body,
 )
-from .handlers import feed, health, jobs, stream, tickets, ui
+from .handlers import feed, health, jobs, scrape, stream, tickets, ui
 from .handlers.eventsource import retryable_refusal, wants_event_stream
 from .handlers.guard import GuardClock, recheck_revocations
 from .handlers.ws import refuse_websocket
@@ -38,6 +38,7 @@ from .keys import (
     CONFIG_PATH,
     GUARDS,
     HUB,
+    METRICS,
     ORIGINS,
     RATE_LIMITER,
     REQUEST_ID,
@@ -45,6 +46,7 @@ from .keys import (
     STREAMS,
 )
 from .limits import RateLimiter
+from .metrics import Metrics
 from .store import Store
 from .streams import StreamRegistry
 
@@ -58,7 +60,8 @@ _id_counter = itertools.count(1)
 # Liveness and readiness probes come from the orchestrator's address; throttling them would
 # turn a busy server into a restarted one.
 _UNTHROTTLED_PATHS = frozenset({"/healthz", "/readyz"})
-# Probes and the API description need no credential (auth.md, "Model").
+# Probes and the API description need no credential (auth.md, "Model"); /metrics checks its
+# own (a jobs:admin token or metrics.token: server/handlers/scrape.py).
 _PUBLIC_PATHS = frozenset(
     {"/healthz", "/readyz", "/v1/openapi.json", "/v1/frames.schema.json", "/metrics"}
 )
@@ -100,6 +103,7 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
             if exc.status < 400:
                 raise
             response = _http_error_response(exc)
+            request.app[METRICS].refused(_HTTP_CODES.get(exc.status, "http_error"))
         except Exception as exc:
             response = _error_response(request, exc)
         status = response.status
@@ -179,6 +183,7 @@ def _http_error_response(exc: web.HTTPException) -> web.Response:
 def _error_response(request: web.Request, exc: Exception) -> web.Response:
     """A refusal (``ServiceError``) as its own response; anything else is a bug: 500."""
     if isinstance(exc, ServiceError):
+        request.app[METRICS].refused(exc.code)
         # A storage fault is logged by the writer, once per fault (storage_failed).
         if exc.status >= 500 and not isinstance(exc, StorageUnavailable):
             log.warning("request_refused", code=exc.code, message=exc.message)
@@ -233,6 +238,7 @@ def create_app(config: Config, config_path: Path | None = None) -> web.Applicati
         middlewares.append(rate_limit_middleware)
     app = web.Application(client_max_size=limits.max_body_bytes, middlewares=middlewares)
     app[CONFIG] = config
+    app[METRICS] = Metrics()
     app[HUB] = Hub(
         config.stream.cache_events_per_job,
         config.stream.cache_bytes,
@@ -275,6 +281,9 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/readyz", health.readyz)
     app.router.add_get("/v1/openapi.json", openapi.openapi_json)
     app.router.add_get("/v1/frames.schema.json", frame_schema.frames_schema_json)
+    metrics = app[CONFIG].metrics
+    if metrics.enabled and not metrics.host:  # else on its own address (scrape.metrics_app)
+        app.router.add_get("/metrics", scrape.metrics)
     ui.add_routes(app)  # /client/ (the ES module, <jobfeed-progress>), /ui/ (the dashboard)
 
 

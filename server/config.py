@@ -188,6 +188,24 @@ class AuthConfig(_Section):
         return self
 
 
+class MetricsConfig(_Section):
+    enabled: bool = True  # GET /metrics; false: the route does not exist (404)
+    # Serve /metrics on this address instead of server.host / port ("" : on the main one), so
+    # that it can stay on a private interface while the API is public.
+    host: str = ""
+    port: int = Field(9464, ge=0, le=65535)  # with host set; 0 picks a free port (logged)
+    # With authentication on, a bearer token that may read /metrics only (a scraper need not
+    # hold a jobs:admin JWT). "" : jobs:admin only. At least 32 characters, like auth.secrets.
+    token: SecretStr = SecretStr("")
+
+    @field_validator("token")
+    @classmethod
+    def _long_token(cls, token: SecretStr) -> SecretStr:
+        if token.get_secret_value() and len(token.get_secret_value()) < MIN_SECRET_CHARS:
+            raise ValueError(f"metrics.token is shorter than {MIN_SECRET_CHARS} characters")
+        return token
+
+
 class Config(_Section):
     server: ServerConfig = ServerConfig()
     storage: StorageConfig = StorageConfig()
@@ -196,6 +214,7 @@ class Config(_Section):
     log: LogConfig = LogConfig()
     http: HttpConfig = HttpConfig()
     auth: AuthConfig = AuthConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
     @model_validator(mode="after")
     def _wildcard_needs_auth(self) -> Config:

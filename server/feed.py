@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Protocol
 import structlog
 
 from .frames import Frame, within_bytes
+from .metrics import FramesSent
 
 if TYPE_CHECKING:
     from .store import Store
@@ -225,6 +226,7 @@ class FeedChannel:
         self.covers_after = 0
         self.frames: list[Frame] = []
         self.cached_bytes = 0
+        self.frames_sent = FramesSent()  # feed streams' (GET /metrics)
         self.closing = False
         self.subscribers = 0
         self._groups: dict[tuple[object, ...], FilterGroup] = {}
@@ -402,6 +404,7 @@ async def follow_feed(
     """
     group = feed.join(feed_filter)
     loop = asyncio.get_running_loop()
+    sent = feed.frames_sent
     last_sent = loop.time()
     try:
         while True:
@@ -416,11 +419,13 @@ async def follow_feed(
                         cursor.after, upper, feed_filter, page_events, page_bytes
                     )
                     frames = feed_filter.permitted(frames)
+                    sent.database += len(frames)
                 else:
                     frames, scanned = cached
                     within = within_bytes(frames, page_bytes)
                     if len(within) < len(frames):
                         frames, scanned = within, within[-1].event_id
+                    sent.cache += len(frames)
                 cursor.after = scanned
                 if frames:
                     cursor.sent += len(frames)
@@ -434,7 +439,9 @@ async def follow_feed(
                 raise FeedClosing()
             wait = max(0.0, last_sent + idle_seconds - loop.time())
             if cursor.after == high:
+                before = cursor.sent
                 readable, last_push = await _park(feed, group, cursor, push, wait, idle_seconds)
+                sent.push += cursor.sent - before
                 if last_push is not None:
                     last_sent = max(last_sent, last_push)
             else:

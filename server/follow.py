@@ -63,6 +63,7 @@ async def follow(
         cursor.done = True
         return
     channel = hub.attach(cursor.key, head.last_seq)
+    sent = hub.frames_sent
     # `head` may be stale: events committed after it was read, while no channel held this job,
     # are not in the channel's high-water mark. One read of SQLite after attaching covers
     # them; from then on every commit is published to this (now pinned) channel.
@@ -81,8 +82,10 @@ async def follow(
                 verified = verified or (
                     len(frames) < page_events and sum(len(f.json) for f in frames) < page_bytes
                 )
+                sent.database += len(frames)
             elif frames:
                 frames = within_bytes(frames, page_bytes)
+                sent.cache += len(frames)
             if frames:
                 cursor.after = frames[-1].seq
                 cursor.sent += len(frames)
@@ -94,7 +97,9 @@ async def follow(
             if hub.closing:  # checked again: close() may have run during the read above
                 raise StreamClosing()
             if push is not None:
+                before = cursor.sent
                 idle = not await _park(channel, cursor, push, idle_seconds)
+                sent.push += cursor.sent - before
             else:
                 idle = not await channel.wait_beyond(cursor.after, idle_seconds)
             if idle and not hub.closing:

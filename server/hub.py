@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 from .feed import FeedChannel
 from .frames import WRITE_PART_BYTES, Frame
+from .metrics import FramesSent
 from .tenancy import JobKey
 
 # Sends frames to a subscriber now, without blocking; False if it cannot (it then reads them).
@@ -205,6 +206,7 @@ class Hub:
         self.cache_bytes = cache_bytes
         self.feed = FeedChannel(feed_cache_events, feed_cache_bytes)
         self.closing = False
+        self.frames_sent = FramesSent()  # job streams' (GET /metrics)
         # Keyed by (tenant, job_id): two tenants' jobs of the same id never share a channel.
         self._channels: OrderedDict[JobKey, JobChannel] = OrderedDict()
         self._total_bytes = 0

@@ -12,6 +12,7 @@ from .config import Config
 from .cors import OriginPolicy
 from .hub import Hub
 from .limits import RateLimiter
+from .metrics import Metrics
 from .store import Store
 from .streams import StreamRegistry
 
@@ -35,3 +36,6 @@ ORIGINS = web.AppKey("origins", OriginPolicy)
 CONFIG_PATH = web.AppKey("config_path", Path)
 # Open streams' credentials by expiry: their timers, and the revocation sweep's list.
 GUARDS: web.AppKey[GuardClock] = web.AppKey("guards")
+# The counters behind GET /metrics (present with metrics.enabled = false too: moving them is
+# cheaper than asking whether to).
+METRICS = web.AppKey("metrics", Metrics)

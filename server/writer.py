@@ -47,6 +47,7 @@ from .errors import (
 from .frames import Frame
 from .hub import Hub
 from .job_states import JobCache
+from .metrics import GROUP_EVENTS_BUCKETS, Histogram
 from .models import EventIn, ProgressIn
 from .snapshot import CountsOutOfRange, JobState, apply_event, exact_bytes, progress_in_context
 from .tenancy import JobKey
@@ -189,6 +190,9 @@ class Writer:
         self._busy_timeout_ms = busy_timeout_ms
         self._queue: asyncio.Queue[_Op | None] = asyncio.Queue()
         self._pending_weight = 0
+        # For /metrics (server/metrics.py): moved in place, read when scraped.
+        self.group_events = Histogram(GROUP_EVENTS_BUCKETS)
+        self.faults = 0
         self._jobs = JobCache(job_cache_size, job_cache_bytes)
         self._next_id = 1
         self._last_ts = ""
@@ -344,6 +348,7 @@ class Writer:
     ) -> None:
         """Record a failed write; log it only when a fault starts or changes."""
         error = f"{type(exc).__name__}: {exc}"
+        self.faults += 1
         if self.healthy:
             self._fault_since = time.monotonic()
             self._fault_failures = self._fault_refused = 0
@@ -414,6 +419,7 @@ class Writer:
             self._last_ts = ts
             self.commits += 1
             self.events_written += len(group.event_rows)
+            self.group_events.observe(len(group.event_rows))
             self._recovered("commit")
             for key, state in group.touched.items():
                 self._remember(key, state)

@@ -33,7 +33,7 @@ from ..feed import (
     follow_feed,
 )
 from ..frames import WRITE_PART_BYTES, Frame, control_frame, parts_of
-from ..keys import AUTH, CONFIG, HUB, STORE, STREAMS
+from ..keys import AUTH, CONFIG, HUB, METRICS, STORE, STREAMS
 from ..limits import bound_send_buffer
 from ..logs import bind_request
 from ..streams import OpenStream
@@ -197,6 +197,8 @@ async def serve_feed_websocket(request: web.Request) -> web.WebSocketResponse:
     transport = request.transport
     streams = request.app[STREAMS]
     started = time.monotonic()
+    metrics = request.app[METRICS]
+    metrics.stream_opened("ws", "feed")
     cursor = FeedCursor(0)
     end = StreamEnd()
     after = None
@@ -223,6 +225,7 @@ async def serve_feed_websocket(request: web.Request) -> web.WebSocketResponse:
         await run_stream(request, ws, stream, end, sending, guard)
     except ServiceError as exc:
         end.outcome, end.close_code = "refused", close_code_for(exc)
+        metrics.refused(exc.code)
         await refuse(request, ws, end.close_code, exc.code, exc.message)
     except TimeoutError:  # the hello or the snapshots were not taken
         end.outcome, end.close_code = "send_timeout", WSClose.OVERLOADED
@@ -237,6 +240,7 @@ async def serve_feed_websocket(request: web.Request) -> web.WebSocketResponse:
         if stream is not None:
             streams.release(stream)
         drop_backlog(transport)
+        metrics.stream_closed("ws", "feed", end.outcome or "client_gone")
         log.info(
             "stream_closed",
             transport="ws",
@@ -288,6 +292,8 @@ async def _feed_sse(
     cursor = FeedCursor(start.after)
     started = time.monotonic()
     outcome = "client_gone"
+    metrics = request.app[METRICS]
+    metrics.stream_opened("sse", "feed")
     unhook = stream.cancel_when_lost(request)  # an idle feed notices a closed client at once
     # Within the credential's lifetime (with authentication on); then `event: error`.
     lifetime = guard if guard is not None else contextlib.nullcontext()
@@ -323,6 +329,7 @@ async def _feed_sse(
         outcome = "shutdown" if stream.dropped else "client_gone"
     finally:
         unhook()
+        metrics.stream_closed("sse", "feed", outcome)
         log.info(
             "stream_closed",
             transport="sse",

@@ -26,9 +26,10 @@ from ..errors import (
     InvalidJson,
     InvalidParameter,
     JobNotFound,
+    ServiceError,
     ValidationFailed,
 )
-from ..keys import CONFIG, STORE
+from ..keys import CONFIG, METRICS, STORE
 from ..logs import bind_request
 from ..models import (
     JOB_STATUSES,
@@ -152,6 +153,20 @@ async def get_job(request: web.Request) -> web.StreamResponse:
 
 
 async def append_events(request: web.Request) -> web.Response:
+    counts = request.app[METRICS].append_requests
+    try:
+        response = await _append_events(request)
+    except ServiceError as exc:
+        counts["refused" if exc.status < 500 else "failed"] += 1
+        raise
+    except Exception:  # a bug: answered 500 by the middleware
+        counts["failed"] += 1
+        raise
+    counts["created" if response.status == 201 else "duplicate"] += 1
+    return response
+
+
+async def _append_events(request: web.Request) -> web.Response:
     key = _job_key(request, WRITE)
     job_id = key.job_id
     config = request.app[CONFIG]
@@ -162,7 +177,10 @@ async def append_events(request: web.Request) -> web.Response:
     if errors:
         _refuse_oversize(job_id, body, config.limits.max_event_bytes)
         raise ValidationFailed("the events are not valid", errors)
+    # From the queue to the answer: what a producer waits for beyond its own request.
+    started = time.perf_counter()
     result = await request.app[STORE].writer.append(key, events)
+    request.app[METRICS].append_ack_seconds.observe(time.perf_counter() - started)
     payload = {
         "job_id": result.job_id,
         "last_seq": result.last_seq,

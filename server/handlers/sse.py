@@ -19,7 +19,7 @@ from aiohttp import web
 from ..auth import PRINCIPAL
 from ..follow import Cursor, StreamClosing
 from ..frames import WRITE_PART_BYTES, control_frame, parts_of
-from ..keys import CONFIG
+from ..keys import CONFIG, METRICS
 from ..limits import bound_send_buffer
 from ..models import TERMINAL_TYPES
 from .eventsource import SSE_HEADERS, retry_field
@@ -56,6 +56,8 @@ async def _stream(
     cursor = Cursor(key, after)
     started = time.monotonic()
     outcome = "client_gone"
+    metrics = request.app[METRICS]
+    metrics.stream_opened("sse", "job")
     # An idle stream writes nothing until its next heartbeat: without this, a client that
     # went away would keep its stream slot until then.
     unhook = stream.cancel_when_lost(request)
@@ -113,6 +115,7 @@ async def _stream(
         outcome = "shutdown" if stream.dropped else "client_gone"
     finally:
         unhook()
+        metrics.stream_closed("sse", "job", outcome)
         log.info(
             "stream_closed",
             transport="sse",

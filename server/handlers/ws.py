@@ -29,7 +29,7 @@ from ..errors import ServiceError, WSClose
 from ..feed import FeedClosing
 from ..follow import Cursor, StreamClosing
 from ..frames import WRITE_PART_BYTES, Frame, control_frame, parts_of, ws_text_header
-from ..keys import CONFIG
+from ..keys import CONFIG, METRICS
 from ..limits import RateLimiter, bound_send_buffer
 from ..streams import OpenStream
 from ..tenancy import DEFAULT_TENANT, JobKey
@@ -69,6 +69,7 @@ async def refuse_websocket(request: web.Request, error: ServiceError) -> web.Web
     ws = await open_socket(request)
     code = close_code_for(error)
     await refuse(request, ws, code, error.code, error.message)
+    request.app[METRICS].refused(error.code)
     log.info("stream_closed", transport="ws", outcome=error.code, close_code=code)
     return ws
 
@@ -78,6 +79,8 @@ async def serve_websocket(request: web.Request, job_id: str) -> web.WebSocketRes
     ws = await open_socket(request)
     transport = request.transport
     started = time.monotonic()
+    metrics = request.app[METRICS]
+    metrics.stream_opened("ws", "job")
     cursor = Cursor(JobKey(DEFAULT_TENANT, job_id), 0)
     end = StreamEnd()
     after = None
@@ -98,6 +101,7 @@ async def serve_websocket(request: web.Request, job_id: str) -> web.WebSocketRes
             await run_stream(request, ws, subscription.stream, end, sending, guard)
     except ServiceError as exc:
         end.outcome, end.close_code = "refused", close_code_for(exc)
+        metrics.refused(exc.code)
         await refuse(request, ws, end.close_code, exc.code, exc.message)
     except ConnectionError:
         end.outcome, end.close_code = "client_gone", ws.close_code or ABNORMAL_CLOSE
@@ -107,6 +111,7 @@ async def serve_websocket(request: web.Request, job_id: str) -> web.WebSocketRes
         await close_socket(request, ws, WSClose.INTERNAL, b"internal error")
     finally:
         drop_backlog(transport)
+        metrics.stream_closed("ws", "job", end.outcome or "client_gone")
         log.info(
             "stream_closed",
             transport="ws",
