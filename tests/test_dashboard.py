@@ -186,20 +186,40 @@ async def test_filters_are_urls_and_pages_walk_the_list(served: Served, page: An
         f"#counts [data-status=all] .chip-count:text-is('{len(shown)}')", timeout=WAIT_MS
     )
 
-    await page.goto(f"{served.url}/ui/?prefix=bulk-099")  # 100 jobs: two pages
-    await page.wait_for_selector("#jobs tbody tr[data-job=bulk-09999]", timeout=WAIT_MS)
+    # 100 jobs: two pages, in the list's order (newest first; the bulk jobs were created 32
+    # at a time, so that is not the order of their names): the pages the API gives.
+    newer, older = await api_pages(served, "bulk-099")
+    assert sorted(newer + older) == [f"bulk-0{n}" for n in range(9900, 10000)]
+    await page.goto(f"{served.url}/ui/?prefix=bulk-099")
+    await page.wait_for_selector(f"#jobs tbody tr[data-job={newer[-1]}]", timeout=WAIT_MS)
     assert await page.input_value("#filters input[name=prefix]") == "bulk-099"
-    assert await rows(page) == [f"bulk-0{n}" for n in range(9999, 9949, -1)]
+    assert await rows(page) == newer
     assert await page.locator("#newer").is_disabled()
     await page.click("#older")
-    await page.wait_for_selector("#jobs tbody tr[data-job=bulk-09949]", timeout=WAIT_MS)
-    assert await rows(page) == [f"bulk-0{n}" for n in range(9949, 9899, -1)]
+    await page.wait_for_selector(f"#jobs tbody tr[data-job={older[-1]}]", timeout=WAIT_MS)
+    assert await rows(page) == older
     assert await page.locator("#older").is_disabled()
     await page.click("#newer")
-    await page.wait_for_selector("#jobs tbody tr[data-job=bulk-09999]", timeout=WAIT_MS)
+    await page.wait_for_selector(f"#jobs tbody tr[data-job={newer[-1]}]", timeout=WAIT_MS)
     assert await page.locator("#newer").is_disabled()
     await page.go_back()  # the browser's own history walks the pages too
-    await page.wait_for_selector("#jobs tbody tr[data-job=bulk-09949]", timeout=WAIT_MS)
+    await page.wait_for_selector(f"#jobs tbody tr[data-job={older[-1]}]", timeout=WAIT_MS)
+
+
+async def api_pages(served: Served, prefix: str) -> tuple[list[str], list[str]]:
+    """The first two pages of 50 that GET /v1/jobs lists for ``prefix`` (job ids)."""
+    pages: list[list[str]] = []
+    cursor: str | None = None
+    async with aiohttp.ClientSession(served.url) as session:
+        for _ in range(2):
+            params = {"prefix": prefix, "limit": "50", **({"cursor": cursor} if cursor else {})}
+            async with session.get("/v1/jobs", params=params) as response:
+                assert response.status == 200, await response.text()
+                body = await response.json()
+            pages.append([job["job_id"] for job in body["jobs"]])
+            cursor = body["next_cursor"]
+    assert cursor is None
+    return pages[0], pages[1]
 
 
 async def test_job_page_timeline_follows_the_job(served: Served, page: Any) -> None:
