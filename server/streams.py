@@ -42,6 +42,19 @@ class OpenStream:
         self.dropped = False  # shutdown aborted the connection: the stream ended by SIGTERM
         self.lost = False  # the connection closed under the stream (see cancel_when_lost)
 
+    @property
+    def gone(self) -> str:
+        """The outcome of a stream whose connection went away: dropped by shutdown, or left."""
+        return "shutdown" if self.dropped else "client_gone"
+
+    def end_lost(self) -> str:
+        """After ``cancel_when_lost`` cancelled the stream's task: un-cancel it (an ending,
+        not a cancellation from outside) and say how the stream ended."""
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        return self.gone
+
     def drop(self) -> None:
         """Abort the connection: its peer did not take the stream's end in time."""
         self.dropped = True

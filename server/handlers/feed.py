@@ -312,7 +312,7 @@ async def _feed_sse(
                 if request.transport is not None:
                     request.transport.abort()
         except ConnectionError:
-            outcome = "shutdown" if stream.dropped else "client_gone"
+            outcome = stream.gone
         except Exception:
             log.exception("stream_failed", last_id=cursor.after)
             outcome = "error"
@@ -321,12 +321,7 @@ async def _feed_sse(
     except asyncio.CancelledError:
         if not stream.lost:
             raise
-        # The connection closed under an idle feed (cancel_when_lost): an ending, not a
-        # cancellation of this task from outside.
-        task = asyncio.current_task()
-        if task is not None:
-            task.uncancel()
-        outcome = "shutdown" if stream.dropped else "client_gone"
+        outcome = stream.end_lost()  # the connection closed under an idle stream
     finally:
         unhook()
         metrics.stream_closed("sse", "feed", outcome)
