@@ -123,6 +123,32 @@ def _marks(count: int) -> str:
     return ",".join("?" * count)
 
 
+def _job_clauses(
+    feed_filter: FeedFilter, *, tenant: str, job_id: str, kind: str
+) -> tuple[list[str], list[str | int]]:
+    """The parts of ``feed_filter`` that select jobs (the credential's grant, ids, prefix,
+    kinds) as SQL on the given column expressions, with their parameters in order: the
+    feed's replay (``+``-prefixed, so the id range stays the plan) and ``snapshots=1``
+    (plain columns of ``jobs``) differ only in those."""
+    clauses: list[str] = []
+    params: list[str | int] = []
+    grant = feed_filter.grant
+    if isinstance(grant, TenantGrant):
+        clause, grant_params = grant.sql_filter(tenant, job_id)
+        clauses.append(clause)
+        params.extend(grant_params)
+    if feed_filter.jobs:
+        clauses.append(f"{job_id} IN ({_marks(len(feed_filter.jobs))})")
+        params.extend(sorted(feed_filter.jobs))
+    if feed_filter.prefix is not None:
+        clauses.append(f"substr({job_id}, 1, ?) = ?")
+        params.extend([len(feed_filter.prefix), feed_filter.prefix])
+    if feed_filter.kinds:
+        clauses.append(f"{kind} IN ({_marks(len(feed_filter.kinds))})")
+        params.extend(sorted(feed_filter.kinds))
+    return clauses, params
+
+
 def feed_query(feed_filter: FeedFilter) -> tuple[str, list[str | int]]:
     """The SQL of one feed replay step (parameters: after, upper, ``params``, limit).
 
@@ -136,25 +162,13 @@ def feed_query(feed_filter: FeedFilter) -> tuple[str, list[str | int]]:
     each row too (``+``: the range stays the plan); ``FeedFilter.permitted`` checks it again
     on what the step returns.
     """
-    clauses: list[str] = []
-    params: list[str | int] = []
-    grant = feed_filter.grant
-    if isinstance(grant, TenantGrant):
-        clause, grant_params = grant.sql_filter("+e.tenant", "+e.job_id")
-        clauses.append(clause)
-        params.extend(grant_params)
-    if feed_filter.jobs:
-        clauses.append(f"+e.job_id IN ({_marks(len(feed_filter.jobs))})")
-        params.extend(sorted(feed_filter.jobs))
-    if feed_filter.prefix is not None:
-        clauses.append("substr(e.job_id, 1, ?) = ?")
-        params.extend([len(feed_filter.prefix), feed_filter.prefix])
+    clauses, params = _job_clauses(
+        feed_filter, tenant="+e.tenant", job_id="+e.job_id", kind="j.kind"
+    )
     if feed_filter.types:
         clauses.append(f"+e.type IN ({_marks(len(feed_filter.types))})")
         params.extend(sorted(feed_filter.types))
     if feed_filter.kinds:
-        clauses.append(f"j.kind IN ({_marks(len(feed_filter.kinds))})")
-        params.extend(sorted(feed_filter.kinds))
         source = "events AS e CROSS JOIN jobs AS j ON j.tenant = e.tenant AND j.job_id = e.job_id"
         kind = "j.kind"
     else:
@@ -427,22 +441,8 @@ class Store:
         """The log's last event id and the snapshots of the unfinished jobs that
         ``feed_filter`` selects (at most ``max_jobs + 1``), read in one statement: each
         snapshot is consistent with that id (feed.md, ``snapshots=1``)."""
-        clauses = ["status NOT IN ('completed', 'failed', 'cancelled')"]
-        params: list[str | int] = []
-        grant = feed_filter.grant
-        if isinstance(grant, TenantGrant):
-            clause, grant_params = grant.sql_filter("tenant", "job_id")
-            clauses.append(clause)
-            params.extend(grant_params)
-        if feed_filter.jobs:
-            clauses.append(f"job_id IN ({_marks(len(feed_filter.jobs))})")
-            params.extend(sorted(feed_filter.jobs))
-        if feed_filter.prefix is not None:
-            clauses.append("substr(job_id, 1, ?) = ?")
-            params.extend([len(feed_filter.prefix), feed_filter.prefix])
-        if feed_filter.kinds:
-            clauses.append(f"kind IN ({_marks(len(feed_filter.kinds))})")
-            params.extend(sorted(feed_filter.kinds))
+        clauses, params = _job_clauses(feed_filter, tenant="tenant", job_id="job_id", kind="kind")
+        clauses.insert(0, "status NOT IN ('completed', 'failed', 'cancelled')")
         query = (
             f"{_LAST_ID_CTE} SELECT head.last_id, page.job_no, page.snapshot FROM head "
             f"LEFT JOIN (SELECT job_no, snapshot FROM jobs WHERE {' AND '.join(clauses)} "
