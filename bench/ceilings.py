@@ -77,8 +77,8 @@ def _group_commits(
     job_ids = [f"producer-{i:02d}" for i in range(jobs)]
     ts = datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
     conn.executemany(
-        "INSERT INTO jobs (job_id, kind, status, last_seq, created_at, updated_at, snapshot) "
-        "VALUES (?, 'bench', 'running', 0, ?, ?, ?)",
+        "INSERT INTO jobs (tenant, job_id, kind, status, last_seq, created_at, updated_at, "
+        "snapshot) VALUES ('default', ?, 'bench', 'running', 0, ?, ?, ?)",
         [(job_id, ts, ts, _snapshot(job_id, 0, ts)) for job_id in job_ids],
     )
     seqs = dict.fromkeys(job_ids, 0)
@@ -98,12 +98,13 @@ def _group_commits(
         touched = job_ids[: min(batch, jobs)]
         conn.execute("BEGIN IMMEDIATE")
         conn.executemany(
-            "INSERT INTO events (id, job_id, seq, type, ts, key, body) VALUES (?,?,?,?,?,?,?)",
+            "INSERT INTO events (id, tenant, job_id, seq, type, ts, key, body) "
+            "VALUES (?,'default',?,?,?,?,?,?)",
             rows,
         )
         conn.executemany(
             "UPDATE jobs SET status = 'running', last_seq = ?, updated_at = ?, snapshot = ? "
-            "WHERE job_id = ?",
+            "WHERE tenant = 'default' AND job_id = ?",
             [(seqs[j], ts, _snapshot(j, seqs[j], ts), j) for j in touched],
         )
         conn.execute("COMMIT")
