@@ -29,6 +29,7 @@ from .config import Config
 from .dblock import DatabaseLock
 from .feed import FeedFilter
 from .frames import Frame
+from .generation import Generation, read_generation
 from .grants import JobGrants
 from .hub import Hub
 from .tenancy import JobKey
@@ -204,6 +205,7 @@ class Store:
         self._lock = DatabaseLock(config.storage.path)
         self.wal = WalBound(config.storage.path, config.storage.wal_max_bytes)
         self.schema_version = 0
+        self.generation = Generation(0, "")  # read from the file at open
 
     @property
     def path(self) -> str:
@@ -231,7 +233,8 @@ class Store:
         applied = await asyncio.to_thread(migrate.apply_migrations, storage.path)
         if applied:
             log.info("migrations_applied", names=applied, path=self.path)
-        self.schema_version = len(migrate.bundled_migrations())
+        self.schema_version = max(m.version for m in migrate.bundled_migrations())
+        self.generation = await asyncio.to_thread(_read_generation, storage.path)
         self._writer_conn = await self._connect()
         self._checkpoint_conn = await self._connect()
         for _ in range(storage.read_connections):
@@ -248,6 +251,7 @@ class Store:
             probe_seconds=storage.probe_seconds,
             wal=self.wal,
             busy_timeout_ms=storage.busy_timeout_ms,
+            epoch_suffix=self.generation.job_epoch_suffix,
         )
         await self._writer.start()
         self._checkpoint_task = asyncio.create_task(self._checkpoint_loop(), name="checkpoint")
@@ -520,6 +524,11 @@ class Store:
 # Job ids are ASCII from [A-Za-z0-9._:-] (all below 0x7f): the ids that start with a prefix
 # are exactly the range [prefix, prefix + "\x7f") (LIKE would match case-insensitively).
 _PREFIX_RANGE = "job_id >= ? AND job_id < ?"
+
+
+def _read_generation(db_path: Path) -> Generation:
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:
+        return read_generation(conn)
 
 
 def prefix_range(prefix: str) -> tuple[str, str]:

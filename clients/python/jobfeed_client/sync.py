@@ -170,6 +170,7 @@ class Client:
         kind: str | Iterable[str] | None = None,
         type: str | Iterable[str] | None = None,
         snapshots: bool = False,
+        epoch: str | None = None,
         transport: Transport = "websocket",
     ) -> Feed:
         """``for item in client.feed(prefix="build-"):`` (see ``AsyncClient.feed``)."""
@@ -182,6 +183,7 @@ class Client:
                 kind=kind,
                 type=type,
                 snapshots=snapshots,
+                epoch=epoch,
                 transport=transport,
             ),
         )
