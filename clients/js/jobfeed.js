@@ -410,6 +410,9 @@ class Watch {
     }
     if (this.snapshot || (frame.type === "created" && this.after === 0)) {
       this.snapshot = applyEvent(this.snapshot, frame);
+      // The hello's epoch: after a restore it carries the database's generation, which the
+      // created event alone does not (docs/protocol.md, the log's epoch).
+      if (frame.type === "created" && this.epoch) this.snapshot.epoch = this.epoch;
     }
     this.after = seq;
     this.#save();

@@ -5,7 +5,9 @@ instead of handing out other events under ids it has seen (as a job watch does).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
+import sqlite3
 from typing import Any
 
 import pytest
@@ -19,6 +21,12 @@ pytestmark = pytest.mark.process
 
 FAST_RETRY = RetryPolicy(base=0.02, cap=0.2)
 WAIT = 60.0
+
+
+def generation_suffix(launcher: Launcher) -> str:
+    with contextlib.closing(sqlite3.connect(launcher.db_path)) as conn:
+        number, tag = conn.execute("SELECT number, tag FROM generation").fetchone()
+    return f"-g{number}-{tag}"
 
 
 async def drain(feed: AsyncFeed, ids: list[int] | None = None) -> None:
@@ -59,6 +67,16 @@ async def test_a_feed_from_before_a_restore_is_log_reset(
             resumed = client.feed(after=after, epoch=feed.epoch, transport=transport)
             with pytest.raises(LogReset):
                 await asyncio.wait_for(drain(resumed), WAIT)
+        # A job watch folds its snapshot from the log; its epoch is the hello's (generation 1).
+        watch = client.watch("e-1", transport=transport)
+        async with asyncio.timeout(WAIT):
+            async for _ in watch:
+                break
+        stored = await client.get_job("e-1")
+        assert stored.epoch is not None
+        assert stored.epoch.endswith(generation_suffix(launcher))
+        assert watch.snapshot is not None
+        assert watch.snapshot.epoch == stored.epoch
 
 
 async def test_a_feed_resumes_with_the_epoch_of_its_hello(aiohttp_server: Any) -> None:
