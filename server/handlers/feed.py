@@ -236,6 +236,7 @@ async def serve_feed_websocket(request: web.Request) -> web.WebSocketResponse:
         stream = streams.admit(request, None)
         start = await start_feed(request, feed_filter, request.query.get("after") or None)
         after = cursor.after = start.after
+        stream.cursor = cursor  # for the lag metric
         opening = [start.hello(), *_snapshot_frames(start.snapshots)]
         for index in range(0, len(opening), _SNAPSHOT_CHUNK):
             async with asyncio.timeout(config.send_timeout):
@@ -315,6 +316,7 @@ async def _feed_sse(
     # From here on every ending is the end of the body or a dropped connection.
     bound_send_buffer(request, config.send_buffer_bytes)
     cursor = FeedCursor(start.after)
+    stream.cursor = cursor  # for the lag metric
     started = time.monotonic()
     outcome = "client_gone"
     metrics = request.app[METRICS]

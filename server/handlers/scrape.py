@@ -15,7 +15,7 @@ from aiohttp.typedefs import Handler
 
 from ..auth import ADMIN, authenticate, bearer_token
 from ..errors import Forbidden, ServiceError
-from ..keys import AUTH, CONFIG, HUB, METRICS, STORE
+from ..keys import AUTH, CONFIG, HUB, METRICS, STORE, STREAMS
 from ..metrics import Sources, render
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -81,4 +81,5 @@ def _sources(app: web.Application) -> Sources:
         job_frames_sent=hub.frames_sent,
         feed_frames_sent=hub.feed.frames_sent,
         database_path=store.path,
+        subscriber_lag=app[STREAMS].lag(hub.high_water, hub.feed.high_water),
     )
