@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -233,12 +233,24 @@ def bench_token(tenant: str = "bench", scope: str = "jobs:read jobs:write", **cl
     return mint_token(BENCH_SECRET, tenant=tenant, scope=scope, ttl_seconds=24 * 3600, **claims)
 
 
-@contextlib.contextmanager
-def jobfeed(durability: str = "full", **settings: str) -> Iterator[ServerProcess]:
+def jobfeed(
+    durability: str = "full", **settings: str
+) -> contextlib.AbstractContextManager[ServerProcess]:
     """jobfeed on a fresh database in a temporary directory; ``settings`` are extra
     ``SECTION__KEY`` overrides (e.g. ``STREAM__MAX_SUBSCRIBERS="20000"``)."""
+    return jobfeed_prepared(None, durability, **settings)
+
+
+@contextlib.contextmanager
+def jobfeed_prepared(
+    prepare: Callable[[Path], None] | None, durability: str = "full", **settings: str
+) -> Iterator[ServerProcess]:
+    """``jobfeed``, with ``prepare`` called on the database's path before the server starts
+    (to build a database in SQL: bench.backup)."""
     with tempfile.TemporaryDirectory(prefix="jobfeed-bench-") as tmp:
         workdir = Path(tmp)
+        if prepare is not None:
+            prepare(workdir / "jobfeed.db")
         env = {
             "JOBFEED_SERVER__HOST": HOST,
             "JOBFEED_SERVER__PORT": "0",

@@ -51,6 +51,7 @@ KEEPALIVE_SECONDS = 75.0
 
 
 CLIENT_COMMANDS = ("tail", "feed", "jobs", "export")
+BACKUP_NICENESS = 10  # added to `jobfeed backup`'s CPU niceness
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,6 +153,10 @@ def _backup_command(config: Config, args: argparse.Namespace) -> int:
     db_path = config.storage.path
     try:
         if args.command == "backup":
+            # Background work beside a server that may share its cores: the copy and its
+            # check take a core for seconds; at nice 0 on 2 cores that doubled the appends'
+            # ack p99 (docs/performance.md, W1backup).
+            os.nice(BACKUP_NICENESS)
             contents = backup(db_path, args.dest, force=args.force)
             sys.stdout.write(
                 f"jobfeed: backed up {db_path} to {args.dest} in {timed(started)}: "

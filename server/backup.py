@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .dblock import DatabaseLock
+from .dblock import BackupMarker, DatabaseLock
 from .generation import Generation, read_generation, start_next_generation
 from .migrate import MigrationError, apply_migrations, schema_version
 
@@ -72,12 +72,14 @@ def backup(db_path: Path, dest: Path, *, force: bool = False) -> Contents:
     temp = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
     _remove(temp)
     try:
-        source = sqlite3.connect(db_path, isolation_level=None)
-        try:
-            source.execute("PRAGMA busy_timeout = 5000")
-            source.execute("VACUUM INTO ?", (str(temp),))
-        finally:
-            source.close()
+        # The marker tells the server's writer not to wait for this read (server.wal).
+        with BackupMarker(db_path):
+            source = sqlite3.connect(db_path, isolation_level=None)
+            try:
+                source.execute("PRAGMA busy_timeout = 5000")
+                source.execute("VACUUM INTO ?", (str(temp),))
+            finally:
+                source.close()
         contents = _check_copy(temp)
         _fsync(temp)
         os.replace(temp, dest)
