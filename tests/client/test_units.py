@@ -139,7 +139,7 @@ def test_refresh_delay_is_before_the_expiry_and_at_most_30_s_ahead(left: float) 
 
 
 def test_tail_shows_the_servers_estimate_of_a_running_job() -> None:
-    """``jobfeed tail``'s bar and ``jobfeed jobs`` show eta_seconds and rate as the browser
+    """``jobfeed tail``'s bar shows eta_seconds and rate as the browser
     card does ("0:42 left · 10/s"), slow rates per minute or hour, nothing when the job is
     not running or the server has no estimate."""
     from jobfeed_client import Snapshot

@@ -191,7 +191,7 @@ async def _jobs(client: AsyncClient, args: argparse.Namespace) -> int:
     from rich.table import Table
 
     table = Table(box=None, header_style="bold")
-    for column in ("JOB", "KIND", "STATUS", "PROGRESS", "ETA", "PHASE", "UPDATED"):
+    for column in ("JOB", "KIND", "STATUS", "PROGRESS", "PHASE", "UPDATED"):
         table.add_column(column, no_wrap=True)  # ids and times are read whole or not at all
     table.add_column("MESSAGE", overflow="fold")
     for s in found:
@@ -200,7 +200,6 @@ async def _jobs(client: AsyncClient, args: argparse.Namespace) -> int:
             s.kind or "",
             f"[{_status_style(s.status)}]{s.status}[/]",
             "" if s.progress is None else f"{s.progress:.0f}%",
-            "" if s.eta_seconds is None or s.finished else format_eta(s.eta_seconds),
             s.phase or "",
             s.updated_at[:19].replace("T", " "),
             s.message or "",
