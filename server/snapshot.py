@@ -87,6 +87,11 @@ class JobState:
 
     def to_dict(self) -> dict[str, Any]:
         """The protocol's snapshot: a fixed shape, ``null`` where there is no value."""
+        window = None
+        rate = eta = None
+        if self.window_seconds is not None:  # else no estimate: skip the arithmetic
+            window = {"advance": self.window_advance, "seconds": self.window_seconds}
+            rate, eta = self.rate, self.eta_seconds
         return {
             "job_id": self.job_id,
             "kind": self.kind,
@@ -105,11 +110,9 @@ class JobState:
             "error": self.error,
             "epoch": self.epoch,
             "started_at": self.started_at,
-            "rate": self.rate,
-            "eta_seconds": self.eta_seconds,
-            "rate_window": None
-            if self.window_seconds is None
-            else {"advance": self.window_advance, "seconds": self.window_seconds},
+            "rate": rate,
+            "eta_seconds": eta,
+            "rate_window": window,
         }
 
     def to_json(self) -> bytes:
