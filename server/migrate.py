@@ -42,10 +42,20 @@ def bundled_migrations() -> list[Migration]:
         if match:
             found.append(Migration(int(match[1]), entry.name, entry.read_text(encoding="utf-8")))
     found.sort(key=lambda m: m.version)
-    versions = [m.version for m in found]
-    if versions != list(range(1, len(found) + 1)):
-        raise MigrationError(f"migrations must be numbered 1..N without gaps, found {versions}")
+    check_versions([m.version for m in found])
     return found
+
+
+def check_versions(versions: list[int]) -> None:
+    """Refuse two migrations with one number. Gaps are allowed: numbers are handed out to
+    branches ahead of time so that they merge in any order (0007 may land before 0005)."""
+    if len(set(versions)) != len(versions) or any(version < 1 for version in versions):
+        raise MigrationError(f"migrations must have distinct numbers from 1, found {versions}")
+
+
+def latest_version(migrations: list[Migration]) -> int:
+    """The schema version a database has once ``migrations`` are applied."""
+    return max((m.version for m in migrations), default=0)
 
 
 _RECORD_TABLE = """

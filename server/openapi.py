@@ -109,6 +109,27 @@ def _response_schemas() -> dict[str, Schema]:
             "error": _nullable({"type": "object"}),
         },
     }
+    # Rate and ETA (server.snapshot, docs/protocol.md "Rate and ETA"): null when unknown.
+    snapshot["properties"].update(
+        {
+            "started_at": _nullable(timestamp),
+            "rate": _nullable({"type": "number", "minimum": 0}),
+            "eta_seconds": _nullable({"type": "number", "minimum": 0}),
+            "rate_window": _nullable(
+                {
+                    "type": "object",
+                    "description": "the estimator's state, for clients that fold events "
+                    "onto this snapshot; opaque otherwise",
+                    "properties": {
+                        "advance": {"type": "number", "minimum": 0},
+                        "seconds": {"type": "number", "minimum": 0},
+                    },
+                    "required": ["advance", "seconds"],
+                    "additionalProperties": False,
+                }
+            ),
+        }
+    )
     snapshot["required"] = list(snapshot["properties"])
     # The log's identity: changes when a job_id's log is replaced (see server.snapshot).
     snapshot["properties"]["epoch"] = _nullable({"type": "string"})

@@ -231,7 +231,7 @@ class Store:
         applied = await asyncio.to_thread(migrate.apply_migrations, storage.path)
         if applied:
             log.info("migrations_applied", names=applied, path=self.path)
-        self.schema_version = len(migrate.bundled_migrations())
+        self.schema_version = migrate.latest_version(migrate.bundled_migrations())
         self._writer_conn = await self._connect()
         self._checkpoint_conn = await self._connect()
         for _ in range(storage.read_connections):

@@ -40,6 +40,10 @@ SNAPSHOT_FIELDS = {
     "result",
     "error",
     "epoch",
+    "started_at",
+    "rate",
+    "eta_seconds",
+    "rate_window",
 }
 
 
@@ -133,6 +137,8 @@ async def test_create_returns_queued_snapshot(client: Client) -> None:
     assert TS_RE.match(snapshot["created_at"])
     assert snapshot["updated_at"] == snapshot["created_at"]
     for name in ("progress", "phase", "message", "current", "total", "finished_at"):
+        assert snapshot[name] is None, name
+    for name in ("started_at", "rate", "eta_seconds", "rate_window"):
         assert snapshot[name] is None, name
     assert snapshot["result"] is None
     assert snapshot["error"] is None

@@ -226,7 +226,9 @@ async def test_watches_resume_across_a_sigkill_and_stop_at_the_end(
 
 async def test_the_module_fold_reproduces_the_server_vectors(served: Served, browser: Any) -> None:
     """applyEvent, run in Chromium on every case of server.fold_vectors, gives the server's
-    snapshot after every event (timestamps' microseconds and epochs included)."""
+    snapshot after every event (timestamps' microseconds, epochs, rate and eta included);
+    and folding on from any of the server's snapshots (as a watch given a snapshot does)
+    reaches the same last snapshot: the rate_window a snapshot carries is all it needs."""
     cases = vectors()["cases"]
     page = await open_page(browser, served)
     folded = await page.evaluate(
@@ -234,15 +236,19 @@ async def test_the_module_fold_reproduces_the_server_vectors(served: Served, bro
           const m = await import("/client/jobfeed.js");
           return cases.map((c) => {
             let state = null;
-            return c.events.map((event) => (state = m.applyEvent(state, event)));
+            const steps = c.events.map((event) => (state = m.applyEvent(state, event)));
+            const resumed = c.snapshots.map((snapshot, i) => m.fold(c.events.slice(i + 1),
+              structuredClone(snapshot)));
+            return {steps, resumed};
           });
         }""",
         cases,
     )
     await page.close()
     assert len(folded) == len(cases) > 10
-    for case, snapshots in zip(cases, folded, strict=True):
-        assert snapshots == case["snapshots"], case["name"]
+    for case, got in zip(cases, folded, strict=True):
+        assert got["steps"] == case["snapshots"], case["name"]
+        assert got["resumed"] == [case["snapshots"][-1]] * len(case["snapshots"]), case["name"]
 
 
 async def test_log_reset_starts_over_and_a_reload_resumes(served: Served, browser: Any) -> None:
