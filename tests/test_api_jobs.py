@@ -1168,7 +1168,7 @@ async def test_unknown_route_is_404_in_error_shape(client: Client, path: str) ->
 
 @pytest.mark.parametrize(
     ("method", "path"),
-    [("PUT", "/v1/jobs"), ("DELETE", "/v1/jobs/x"), ("PATCH", "/v1/jobs/x/events"),
+    [("PUT", "/v1/jobs"), ("DELETE", "/v1/jobs/x/events"), ("PATCH", "/v1/jobs/x/events"),
      ("POST", "/healthz")],
 )  # fmt: skip
 async def test_wrong_method_is_405_in_error_shape(client: Client, method: str, path: str) -> None:
