@@ -482,6 +482,11 @@ class Writer:
         except sqlite3.Error as exc:
             self._fail(ops, exc, "read")
             return
+        except ServiceError as exc:  # purge_leftovers could not write (logged by it)
+            for op in ops:
+                if not op.future.done():
+                    op.future.set_exception(exc)
+            return
         # Statuses before this group (planning writes into ``states``): for jobs_by_status.
         before = {key: state.status for key, state in states.items() if state is not None}
         group = _Group(states=states)

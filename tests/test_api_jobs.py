@@ -1228,7 +1228,7 @@ async def test_every_json_body_ends_with_a_newline(client: Client) -> None:
         await client.get("/v1/jobs/nope"),
         await client.get("/v1/jobs?limit=0"),
         await client.get("/nowhere"),
-        await client.delete("/v1/jobs/nl"),
+        await client.delete("/v1/jobs/nl/events"),
         await client.post("/v1/jobs", json={"job_id": "nl"}),
         await client.post("/v1/jobs/nl/events", json={"type": "log"}),
         await client.get("/v1/jobs/nl/stream"),
