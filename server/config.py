@@ -221,7 +221,7 @@ class RetentionConfig(_Section):
     unfinished_days: float = Field(0.0, ge=0)
     interval_seconds: float = Field(600.0, gt=0)  # how often the sweep runs
     # Most events one sweep transaction deletes: each holds the writer for a few ms at most.
-    batch_events: int = Field(2_000, ge=1)
+    batch_events: int = Field(1_000, ge=1)
     # Pages one incremental-vacuum step gives back to the file system (4 KiB each).
     vacuum_pages: int = Field(256, ge=1)
     kinds: dict[str, RetentionKindConfig] = {}

@@ -35,6 +35,11 @@ from .writer import Writer
 
 log = structlog.get_logger("jobfeed.retention")
 
+# After each of its transactions the sweep rests this many times as long as the transaction
+# took: the writer spends at most half its time purging, and the event loop (fan-out) and the
+# SQLite thread do not compete for the CPU the whole time a big purge lasts.
+REST_RATIO = 1.0
+
 # Candidates read per query page (on a reader; they are then deleted batch by batch).
 PAGE_JOBS = 1_000
 
@@ -241,12 +246,15 @@ class RetentionSweep:
         while candidates:
             outcome = await self._deleter.delete_expired(candidates, batch, policy.expired)
             report.add(outcome)
+            await _rest(outcome.seconds)
             candidates = candidates[outcome.handled :]
             await self._purge(report)
 
     async def _purge(self, report: SweepReport) -> None:
         while self._deleter.purging:
-            report.add(await self._deleter.purge_step(self._config.batch_events))
+            outcome = await self._deleter.purge_step(self._config.batch_events)
+            report.add(outcome)
+            await _rest(outcome.seconds)
 
     async def _vacuum(self, report: SweepReport) -> None:
         """Give free pages back, ``vacuum_pages`` per step, each step through the writer."""
@@ -268,6 +276,7 @@ class RetentionSweep:
                 return
             report.vacuum_pages += freed
             report.longest_transaction = max(report.longest_transaction, seconds)
+            await _rest(seconds)
 
     async def _is_incremental(self) -> bool:
         rows = list(await self._writer.connection.execute_fetchall("PRAGMA auto_vacuum"))
@@ -285,3 +294,7 @@ class RetentionSweep:
         # statement without result rows once: executescript steps it to the end.
         await conn.executescript(f"PRAGMA incremental_vacuum({pages})")
         return pages, time.perf_counter() - started
+
+
+async def _rest(seconds: float) -> None:
+    await asyncio.sleep(seconds * REST_RATIO)
