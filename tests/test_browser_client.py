@@ -651,9 +651,11 @@ async def test_a_deleted_job_ends_the_watch_for_good(served: Served, browser: An
     await page.wait_for_function(
         "runs.websocket.watch.state === 'live' && runs.sse.watch.state === 'live'", timeout=WAIT_MS
     )
-    async with aiohttp.ClientSession(served.url) as session:
-        async with session.delete(f"/v1/jobs/{job}") as response:
-            assert response.status == 204
+    async with (
+        aiohttp.ClientSession(served.url) as session,
+        session.delete(f"/v1/jobs/{job}") as response,
+    ):
+        assert response.status == 204
     await page.wait_for_function(
         "runs.websocket.watch.state === 'failed' && runs.sse.watch.state === 'failed'",
         timeout=WAIT_MS,
