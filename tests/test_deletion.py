@@ -12,10 +12,16 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp import WSMsgType
 from aiohttp.test_utils import TestClient
 
+from server.errors import JobDeleted
+from server.follow import Cursor, follow
+from server.keys import HUB, STORE
+from server.tenancy import DEFAULT_TENANT, JobKey
 from tests.conftest import (
+    AUTH_TENANT,
     ClientFactory,
     ConfigFactory,
     append,
@@ -247,3 +253,31 @@ async def test_feed_replay_forgets_deleted_job(
         assert f"drop{suffix}" not in ids
         assert f"keep{suffix}" in ids
         await client.close()
+
+
+async def test_subscriber_attaching_after_the_deletion_is_told(
+    client: Client, auth_mode: str
+) -> None:
+    """A subscriber that read the job's head before the deletion and attaches to the hub
+    after it (the await between hello and attach) ends with JobDeleted at once, instead of
+    parking on a log that is gone (and, re-created, is another log)."""
+    hub, store = client.app[HUB], client.app[STORE]
+    key = JobKey(AUTH_TENANT if auth_mode == "on" else DEFAULT_TENANT, "racy")
+    await create_job(client, job_id="racy")
+    mark = hub.deletions
+    head = await store.job_head(key)
+    assert head is not None
+    assert (await client.delete("/v1/jobs/racy")).status == 204
+    await create_job(client, job_id="racy")  # and created again: another log
+    batches = follow(
+        store,
+        hub,
+        Cursor(key, 0),
+        head,
+        page_events=10,
+        page_bytes=1 << 20,
+        idle_seconds=WAIT,
+        deletion_mark=mark,
+    )
+    with pytest.raises(JobDeleted):
+        await asyncio.wait_for(anext(batches), WAIT)
