@@ -21,10 +21,17 @@ from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.olddata import fill_old_jobs
-from server.deletion import _DELETE_EVENTS_SQL, _DELETE_SOME_EVENTS_SQL, _JOB_SQL, _NEWEST_ID_SQL
+from server.deletion import (
+    _DELETE_EVENTS_SQL,
+    _DELETE_SOME_EVENTS_SQL,
+    _JOB_SQL,
+    _NEWEST_ID_SQL,
+    Candidate,
+)
 from server.keys import STORE
 from server.migrate import apply_migrations, bundled_migrations, vacuum_incremental
 from server.retention import FINISHED_KIND_SQL, FINISHED_SQL, UNFINISHED_SQL
+from server.tenancy import JobKey
 from tests.conftest import ClientFactory, ConfigFactory, append, create_job
 from tests.test_tenancy_schema import assert_searches, make_v3_database, plan
 
@@ -294,3 +301,36 @@ def test_retention_queries_search_indexes(analyzed: sqlite3.Connection) -> None:
     ]
     for query, params in statements:
         assert_searches(plan(analyzed, query, params), query)
+
+
+async def test_a_log_purged_in_pieces_is_hidden_and_its_id_free(
+    make_client: ClientFactory, make_config: ConfigFactory
+) -> None:
+    """A job whose log is longer than one transaction loses its row first (404) and its
+    events in later transactions: meanwhile a feed replay from SQLite shows none of them,
+    and creating the same id again removes the rest first (its seq 1 is free)."""
+    config = make_config(stream__feed_cache_events=0)  # the feed replays from SQLite
+    client = await make_client(config)
+    store = client.app[STORE]
+    await create_job(client, job_id="longlog")
+    await append(client, "longlog", *({"type": "log", "message": str(n)} for n in range(49)))
+    await append(client, "longlog", {"type": "completed"})
+    key = JobKey("default", "longlog")
+    job_no = count(config.storage.path, "SELECT job_no FROM jobs WHERE job_id = 'longlog'")
+    outcome = await store.deleter.delete_expired([Candidate(key, job_no, 51)], 10, lambda _: True)
+    assert (outcome.jobs, outcome.events) == (1, 10)
+    assert store.deleter.purging == {key}
+    assert (await client.get("/v1/jobs/longlog")).status == 404
+    await create_job(client, job_id="marker")
+    seen: list[str] = []
+    async with client.ws_connect("/v1/feed?after=0") as ws, asyncio.timeout(WAIT):
+        while "marker" not in seen:
+            frame = json.loads((await ws.receive()).data)
+            if "seq" in frame:
+                seen.append(frame["job_id"])
+    assert seen == ["marker"]
+    again = await create_job(client, job_id="longlog")
+    assert again["last_seq"] == 1
+    assert store.deleter.purging == set()
+    assert count(config.storage.path, "SELECT count(*) FROM events WHERE job_id = 'longlog'") == 1
+    assert count(config.storage.path, "SELECT count(*) FROM purging") == 0
