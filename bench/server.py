@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -237,8 +237,20 @@ def bench_token(tenant: str = "bench", scope: str = "jobs:read jobs:write", **cl
 def jobfeed(durability: str = "full", **settings: str) -> Iterator[ServerProcess]:
     """jobfeed on a fresh database in a temporary directory; ``settings`` are extra
     ``SECTION__KEY`` overrides (e.g. ``STREAM__MAX_SUBSCRIBERS="20000"``)."""
+    with jobfeed_prepared(None, durability, **settings) as process:
+        yield process
+
+
+@contextlib.contextmanager
+def jobfeed_prepared(
+    prepare: Callable[[Path], object] | None, durability: str = "full", **settings: str
+) -> Iterator[ServerProcess]:
+    """``jobfeed``, with ``prepare`` given the database's path to fill before the server
+    starts (``bench.olddata``)."""
     with tempfile.TemporaryDirectory(prefix="jobfeed-bench-") as tmp:
         workdir = Path(tmp)
+        if prepare is not None:
+            prepare(workdir / "jobfeed.db")
         env = {
             "JOBFEED_SERVER__HOST": HOST,
             "JOBFEED_SERVER__PORT": "0",

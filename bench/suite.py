@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import ceilings, feed, manyjobs, streams, workloads
+from . import ceilings, feed, manyjobs, retention, streams, workloads
 from .peers import nats, redis
 from .profiles import Profile
 from .stats import Phase
@@ -58,4 +58,6 @@ SUITE = (
     Workload("W7auth", streams.w7_auth),
     # /metrics scraped during W1, against W1 of the same run (bench.targets).
     Workload("W1metrics", workloads.w1_metrics),
+    # W3 while retention purges 1,000,000 events, against W3 beside them (bench.retention).
+    Workload("W3retention", retention.w3_retention),
 )

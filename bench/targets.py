@@ -195,6 +195,17 @@ TARGETS = (
         margin=1.0,
         against_measured=True,
     ),
+    Target(
+        "W3retention",
+        "p99 ≤ 1.2x W3 without the purge (same run) while retention purges 1,000,000 events",
+        starts("W3retention purge"),
+        "latency p99 ms",
+        False,
+        ratio=1.2,
+        comparator="W3retention baseline",
+        comparator_phase=starts("W3retention baseline"),
+        against_measured=True,
+    ),
 )
 
 

@@ -271,6 +271,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/jobs", jobs.create_job)
     app.router.add_get("/v1/jobs", jobs.list_jobs)
     app.router.add_get("/v1/jobs/{job_id}", jobs.get_job)
+    app.router.add_delete("/v1/jobs/{job_id}", jobs.delete_job)
     app.router.add_post("/v1/jobs/{job_id}/events", jobs.append_events)
     app.router.add_get("/v1/jobs/{job_id}/events", jobs.read_events)
     # No HEAD: a stream has no headers-only form, and HEAD must never upgrade (405 instead).

@@ -99,6 +99,10 @@ def apply_migrations(db_path: Path, migrations: list[Migration] | None = None) -
     migrations = bundled_migrations() if migrations is None else migrations
     conn = sqlite3.connect(db_path, isolation_level=None)
     try:
+        if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0:
+            # Only possible before the first table: deleted pages can then be given back to
+            # the file system in small steps (server/retention.py). Older files: `vacuum`.
+            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA busy_timeout=5000")
         pending = check_applied(applied_versions(conn), migrations)
@@ -141,6 +145,28 @@ def _statements(sql: str) -> list[str]:
     if current.strip() and not current.strip().startswith("--"):
         raise MigrationError(f"incomplete SQL statement at the end of a migration: {current!r}")
     return [s for s in statements if s]
+
+
+def vacuum_incremental(db_path: Path) -> tuple[int, int]:
+    """Rebuild the database with ``auto_vacuum = INCREMENTAL`` (``jobfeed vacuum``): for a
+    file made before jobfeed set it at creation. A full VACUUM: it rewrites the whole file
+    (needs as much free disk again, and the server stopped), outside any transaction, which
+    is why no migration can do it. Returns the file's size before and after, in bytes."""
+    before = db_path.stat().st_size
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        conn.execute("VACUUM")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        mode = conn.execute("PRAGMA auto_vacuum").fetchone()[0]
+    except sqlite3.DatabaseError as exc:
+        raise MigrationError(f"{db_path}: {exc}") from exc
+    finally:
+        conn.close()
+    if mode != 2:
+        raise MigrationError(f"{db_path}: auto_vacuum is {mode} after VACUUM, not 2 (incremental)")
+    return before, db_path.stat().st_size
 
 
 def schema_version(conn: sqlite3.Connection) -> int:

@@ -408,6 +408,18 @@ def build_openapi(config: Config) -> dict[str, Any]:
                     **_error_responses(404, 405, *common),
                 },
             },
+            "delete": {
+                "operationId": "deleteJob",
+                "summary": "Delete the job, its log and its idempotency keys, in one "
+                "transaction (scope jobs:admin).",
+                "description": "Open streams of the job get an error frame job_deleted and "
+                "close 4410 (SSE: event: error, then the end). Afterwards the id is 404 and "
+                "may be created again, with a new epoch.",
+                "responses": {
+                    "204": {"description": "deleted"},
+                    **_error_responses(404, 405, *common),
+                },
+            },
         },
         "/v1/jobs/{job_id}/events": {
             "parameters": [job_id_param],

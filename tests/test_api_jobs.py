@@ -1174,7 +1174,7 @@ async def test_unknown_route_is_404_in_error_shape(client: Client, path: str) ->
 
 @pytest.mark.parametrize(
     ("method", "path"),
-    [("PUT", "/v1/jobs"), ("DELETE", "/v1/jobs/x"), ("PATCH", "/v1/jobs/x/events"),
+    [("PUT", "/v1/jobs"), ("DELETE", "/v1/jobs/x/events"), ("PATCH", "/v1/jobs/x/events"),
      ("POST", "/healthz")],
 )  # fmt: skip
 async def test_wrong_method_is_405_in_error_shape(client: Client, method: str, path: str) -> None:
@@ -1234,7 +1234,7 @@ async def test_every_json_body_ends_with_a_newline(client: Client) -> None:
         await client.get("/v1/jobs/nope"),
         await client.get("/v1/jobs?limit=0"),
         await client.get("/nowhere"),
-        await client.delete("/v1/jobs/nl"),
+        await client.delete("/v1/jobs/nl/events"),
         await client.post("/v1/jobs", json={"job_id": "nl"}),
         await client.post("/v1/jobs/nl/events", json={"type": "log"}),
         await client.get("/v1/jobs/nl/stream"),

@@ -629,3 +629,48 @@ async def test_with_authentication_a_ticket_is_renewed_after_4401(
         await page.wait_for_selector("#counts [data-status=completed] .chip-count:text-is('1')")
         assert page.errors == []
         await page.close()
+
+
+async def test_a_deleted_job_ends_the_watch_for_good(served: Served, browser: Any) -> None:
+    """DELETE while a job is watched: over WebSocket (4410) and SSE (event: error
+    job_deleted) the watch reports job_deleted as final and does not reconnect."""
+    job = "mod-deleted"
+    async with aiohttp.ClientSession(served.url) as session:
+        await create(session, job)
+        await append(session, job, {"type": "progress", "progress": 10})
+    page = await open_page(browser, served)
+    await page.evaluate(
+        """async ({job, backoff}) => {
+          const m = await import("/client/jobfeed.js");
+          window.runs = {};
+          for (const transport of ["websocket", "sse"]) {
+            const got = window.runs[transport] = {events: [], errors: []};
+            got.watch = m.watchJob(m.jobStreamUrl(job), {
+              transport, backoff,
+              onEvent: (event) => got.events.push(event.seq),
+              onError: (error) => got.errors.push([error.code, error.final]),
+            });
+          }
+        }""",
+        {"job": job, "backoff": BACKOFF},
+    )
+    await page.wait_for_function(
+        "runs.websocket.watch.state === 'live' && runs.sse.watch.state === 'live'", timeout=WAIT_MS
+    )
+    async with (
+        aiohttp.ClientSession(served.url) as session,
+        session.delete(f"/v1/jobs/{job}") as response,
+    ):
+        assert response.status == 204
+    await page.wait_for_function(
+        "runs.websocket.watch.state === 'failed' && runs.sse.watch.state === 'failed'",
+        timeout=WAIT_MS,
+    )
+    for transport in ("websocket", "sse"):
+        got = await page.evaluate(
+            f"({{events: runs.{transport}.events, errors: runs.{transport}.errors,"
+            f" resumes: runs.{transport}.watch.resumes}})"
+        )
+        assert got == {"events": [1, 2], "errors": [["job_deleted", True]], "resumes": 0}
+    assert page.errors == []
+    await page.close()

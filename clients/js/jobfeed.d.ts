@@ -153,7 +153,7 @@ export type WatchState = "connecting" | "live" | "waiting" | "done" | "failed" |
 export type Transport = "websocket" | "sse";
 
 export class JobfeedError extends Error {
-  /** The protocol's error code: job_not_found, invalid_parameter, log_reset, unauthorized, ... */
+  /** The protocol's error code: job_not_found, invalid_parameter, log_reset, job_deleted (4410, final), unauthorized, ... */
   code: string;
   /** The HTTP status of an SSE refusal, else null. */
   status: number | null;

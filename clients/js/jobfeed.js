@@ -166,6 +166,7 @@ const CLOSE_ERROR_CODES = {
   4401: "unauthorized",
   4403: "forbidden",
   4409: "log_reset",
+  4410: "job_deleted",
 };
 
 // -- Watching -------------------------------------------------------------------------------
@@ -415,7 +416,7 @@ class Watch {
       const code = String(frame.code ?? "error");
       const error = new JobfeedError(code, frame.message ?? code);
       if (code === "token_expired" || code === "unauthorized") return { kind: "reauth", error };
-      if (code === "forbidden") return { kind: "fatal", error };
+      if (code === "forbidden" || code === "job_deleted") return { kind: "fatal", error };
       return { kind: "retry", reason: `SSE error ${code}`, retryAfter: retryHint, opened: true };
     }
     if (!record.data) return null;

@@ -16,10 +16,11 @@ from collections.abc import AsyncGenerator
 from typing import Any
 
 import orjson
+import structlog
 from aiohttp import web
 from pydantic import ValidationError
 
-from ..auth import READ, WRITE, require
+from ..auth import ADMIN, READ, WRITE, require
 from ..errors import (
     EventTooLarge,
     Forbidden,
@@ -44,6 +45,8 @@ from ..tenancy import JobKey
 from .request import JSON_TYPE, json_response, parse_int, query_int, read_json
 from .sending import send_bounded
 from .subscription import check_offset
+
+log = structlog.get_logger("jobfeed.jobs")
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _last_ulid = 0
@@ -150,6 +153,24 @@ async def get_job(request: web.Request) -> web.StreamResponse:
         raise JobNotFound(key.job_id)
     # Up to ~1.2 MiB (metadata, result, error): sent as the pages are.
     return await send_bounded(request, _json_stream(), _only(snapshot + b"\n"))
+
+
+async def delete_job(request: web.Request) -> web.Response:
+    """``DELETE /v1/jobs/{job_id}`` (``jobs:admin``): the job, its log and its keys, in one
+    transaction through the writer; 204, or 404 for a job that does not exist (or not in
+    the caller's tenant and grants). Its open streams end with 4410 (server/deletion.py)."""
+    key = _job_key(request, ADMIN)
+    started = time.perf_counter()
+    removed = await request.app[STORE].deleter.delete_job(key)
+    log.info(
+        "job_deleted",
+        job_id=key.job_id,
+        tenant=key.tenant,
+        events=removed,
+        reason="api",
+        ms=round((time.perf_counter() - started) * 1000, 3),
+    )
+    return web.Response(status=204)
 
 
 async def append_events(request: web.Request) -> web.Response:

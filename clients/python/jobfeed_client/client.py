@@ -236,6 +236,12 @@ class AsyncClient:
         _, answer = await self.request("GET", f"/v1/jobs/{_quoted(job_id)}")
         return Snapshot.from_dict(answer)
 
+    async def delete_job(self, job_id: str) -> None:
+        """``DELETE /v1/jobs/{id}`` (scope ``jobs:admin``): the job, its log and its keys.
+        Raises ``JobNotFound`` if there is no such job, which includes a retry after the
+        answer to this very deletion was lost. Watchers of the job end with ``JobDeleted``."""
+        await self.request("DELETE", f"/v1/jobs/{_quoted(job_id)}")
+
     async def jobs(
         self,
         *,

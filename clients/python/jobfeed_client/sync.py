@@ -198,6 +198,10 @@ class Client:
     def get_job(self, job_id: str) -> Snapshot:
         return self._portal.call(self._async.get_job(job_id))
 
+    def delete_job(self, job_id: str) -> None:
+        """``DELETE /v1/jobs/{id}`` (``jobs:admin``); ``JobNotFound`` if there is none."""
+        self._portal.call(self._async.delete_job(job_id))
+
     def jobs(
         self,
         *,
