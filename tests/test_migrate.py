@@ -146,7 +146,9 @@ def test_failing_migration_leaves_neither_its_changes_nor_its_record(tmp_path: P
     db = tmp_path / "broken.db"
     shipped = bundled_migrations()
     broken = Migration(
-        len(shipped) + 1, "9999_broken.sql", "CREATE TABLE half (a INTEGER);\nNOT SQL AT ALL;\n"
+        latest_version(shipped) + 1,
+        "9999_broken.sql",
+        "CREATE TABLE half (a INTEGER);\nNOT SQL AT ALL;\n",
     )
     with pytest.raises(MigrationError):
         apply_migrations(db, [*shipped, broken])
