@@ -206,6 +206,16 @@ class MetricsConfig(_Section):
         return token
 
 
+class IngestConfig(_Section):
+    """The producer stream, GET /v1/ingest (docs/protocol.md, "Producer stream")."""
+
+    # Unanswered requests one connection may have; past it the server stops reading that
+    # socket until answers drain (TCP backpressure), so it never buffers without bound.
+    max_in_flight: int = Field(1_000, ge=1)
+    # Open producer streams; past it a new one is refused (error overloaded, close 1013).
+    max_connections: int = Field(1_000, ge=1)
+
+
 class Config(_Section):
     server: ServerConfig = ServerConfig()
     storage: StorageConfig = StorageConfig()
@@ -215,6 +225,7 @@ class Config(_Section):
     http: HttpConfig = HttpConfig()
     auth: AuthConfig = AuthConfig()
     metrics: MetricsConfig = MetricsConfig()
+    ingest: IngestConfig = IngestConfig()
 
     @model_validator(mode="after")
     def _wildcard_needs_auth(self) -> Config:
