@@ -35,6 +35,7 @@ from aiohttp import WSMsgType, web
 from ..appends import append_ack, append_outcome, parse_append, parse_create
 from ..auth import WRITE, Principal, require
 from ..config import Config
+from ..cors import is_websocket_upgrade
 from ..errors import (
     BadRequest,
     InvalidJson,
@@ -79,6 +80,8 @@ class _Stats:
 
 
 async def ingest(request: web.Request) -> web.WebSocketResponse:
+    if not is_websocket_upgrade(request):
+        raise BadRequest("the producer stream needs a WebSocket upgrade")
     config = request.app[CONFIG]
     ws: web.WebSocketResponse = web.WebSocketResponse(
         heartbeat=config.stream.ping_seconds,
