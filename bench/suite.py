@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import ceilings, feed, manyjobs, streams, workloads
+from . import ceilings, feed, ingest, manyjobs, streams, workloads
 from .peers import nats, redis
 from .profiles import Profile
 from .stats import Phase
@@ -58,4 +58,7 @@ SUITE = (
     Workload("W7auth", streams.w7_auth),
     # /metrics scraped during W1, against W1 of the same run (bench.targets).
     Workload("W1metrics", workloads.w1_metrics),
+    # Pipelined over the producer stream (GET /v1/ingest), beside the peers pipelining theirs.
+    Workload("W1i", ingest.w1i, peers=(redis.w1i,)),
+    Workload("W2i", ingest.w2i, peers=(nats.w2i,)),
 )

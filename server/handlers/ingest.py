@@ -56,6 +56,7 @@ log = structlog.get_logger("jobfeed.ingest")
 
 _APPEND_FIELDS = frozenset({"type", "ref", "job_id", "events", "event"})
 _FRAME_FIELDS = ("type", "ref")
+_YIELD_EVERY = 64  # frames read in a row before the reader lets other tasks run
 
 
 @dataclass(slots=True)
@@ -214,9 +215,15 @@ class IngestConnection:
     async def _read(self) -> None:
         """Read and submit requests until the socket closes or ``stop`` is called."""
         ws, slot, pending = self._ws, self._slot, self._pending
+        read = 0
         while slot.stopped is None:
             slot.parked = True
             try:
+                read += 1
+                if read % _YIELD_EVERY == 0:
+                    # receive() does not suspend while frames are buffered: a producer's burst
+                    # would hold the loop, and the commits' answers, until it is all read.
+                    await asyncio.sleep(0)
                 while len(pending) >= self._max_in_flight:
                     # Not reading is the backpressure: the producer's writes block in TCP.
                     self._room.clear()
