@@ -14,6 +14,7 @@ import os
 import time
 from typing import Any
 
+import orjson
 from pydantic import ValidationError
 
 from .auth import Principal
@@ -99,14 +100,23 @@ def refuse_oversize(job_id: str, body: dict[str, Any], limit: int) -> None:
             )
 
 
-def append_ack(result: AppendResult) -> dict[str, Any]:
-    """The acknowledgement of an append: the HTTP 201/200 body, and the fields of the
-    ingest stream's ``ack`` frame besides ``type`` and ``ref``."""
-    return {
-        "job_id": result.job_id,
-        "last_seq": result.last_seq,
-        "events": [event.to_dict() for event in result.events],
-    }
+def append_ack(result: AppendResult) -> bytes:
+    """The acknowledgement of an append as JSON: the HTTP 201/200 body, and the producer
+    stream's ``ack`` frame once ``ack_frame`` puts ``type`` and ``ref`` in front. Serialized
+    once, here, for both."""
+    return orjson.dumps(
+        {
+            "job_id": result.job_id,
+            "last_seq": result.last_seq,
+            "events": [event.to_dict() for event in result.events],
+        }
+    )
+
+
+def ack_frame(ref: int, body: bytes) -> bytes:
+    """A producer-stream ``ack``: ``body`` (a JSON object: ``append_ack``'s, or
+    ``{"job": <snapshot>}``) with ``type`` and ``ref`` first."""
+    return b'{"type":"ack","ref":%d,%b' % (ref, body[1:])
 
 
 def append_status(result: AppendResult) -> int:

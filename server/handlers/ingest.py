@@ -32,7 +32,7 @@ import orjson
 import structlog
 from aiohttp import WSMsgType, web
 
-from ..appends import append_ack, append_outcome, parse_append, parse_create
+from ..appends import ack_frame, append_ack, append_outcome, parse_append, parse_create
 from ..auth import WRITE, Principal, require
 from ..config import Config
 from ..cors import is_websocket_upgrade
@@ -343,12 +343,13 @@ class IngestConnection:
                 counts[append_outcome(None, result)] += 1
                 self._metrics.append_ack_seconds.observe(time.perf_counter() - item.started)
                 self._stats.events += len(result.events)
-                return orjson.dumps({"type": "ack", "ref": item.ref, **append_ack(result)})
+                assert item.ref is not None  # a request without a ref never reaches the writer
+                return ack_frame(item.ref, append_ack(result))
             counts[append_outcome(error)] += 1
         elif error is None:
             snapshot: bytes = future.result().to_json()
-            assert item.ref is not None  # a request without a ref never reaches the writer
-            return b'{"type":"ack","ref":%d,"job":%b}' % (item.ref, snapshot)
+            assert item.ref is not None
+            return ack_frame(item.ref, b'{"job":%b}' % snapshot)
         if isinstance(error, ServiceError):
             return self._error(item.ref, error)
         log.error("ingest_request_failed", ref=item.ref, error=repr(error))

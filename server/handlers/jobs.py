@@ -126,7 +126,7 @@ async def _append_events(request: web.Request) -> web.Response:
     started = time.perf_counter()
     result = await request.app[STORE].writer.append(key, events)
     request.app[METRICS].append_ack_seconds.observe(time.perf_counter() - started)
-    return json_response(orjson.dumps(append_ack(result)), status=append_status(result))
+    return json_response(append_ack(result), status=append_status(result))
 
 
 async def read_events(request: web.Request) -> web.StreamResponse:

@@ -52,6 +52,11 @@ class IngestUnsupported(JobfeedError):
     """The server has no producer stream: use HTTP."""
 
 
+class CredentialRenewed(Unavailable):
+    """The stream ended for its token (4401) and a newer one is held now: send the request
+    again at once (not a failed attempt: the server did nothing wrong)."""
+
+
 @dataclass(slots=True)
 class _Connection:
     ws: aiohttp.ClientWebSocketResponse
@@ -71,6 +76,9 @@ class IngestChannel:
         self._lock: asyncio.Lock | None = None
         self.supported: bool | None = None  # None: not asked yet
         self.connects = 0  # connections opened, for tests and stats
+        # The provider is asked at most once between two answers the server accepted, so
+        # that a provider whose tokens are refused too ends in Unauthorized, not a loop.
+        self._renewal = client.credentials.renewal()
 
     async def request(self, frame: dict[str, Any]) -> dict[str, Any]:
         """Send ``frame`` (``{"type": "append" | "create", ...}``) and return its ``ack``
@@ -158,6 +166,7 @@ class IngestChannel:
                 if future is None or future.done():
                     continue
                 if answer.get("type") == "ack":
+                    self._renewal.accepted()
                     future.set_result(answer)
                 else:
                     future.set_exception(_request_error(answer))
@@ -179,11 +188,19 @@ class IngestChannel:
         self, connection: _Connection, code: int, refusal: dict[str, Any] | None
     ) -> Exception:
         """What the requests left unanswered by a close with ``code`` fail with."""
-        if code == 4401 and await self._client.credentials.renew(connection.token):
-            return Unavailable(f"{PATH}: the credential was renewed; send again")
+        if code == 4401 and await self._renewed(connection.token):
+            return CredentialRenewed(f"{PATH}: the credential was renewed; send again")
         if code >= _FINAL_CLOSE:
             return error_from_close(code, refusal)
         return Unavailable(f"{PATH}: the connection closed ({code}) before the answer")
+
+    async def _renewed(self, refused: str | None) -> bool:
+        """After a 4401: is there a newer token to try? Another connection or an HTTP call
+        may have renewed it already; else the provider is asked (once, see ``_renewal``)."""
+        credentials = self._client.credentials
+        if not credentials.renewable:
+            return False
+        return await credentials.current() != refused or await self._renewal.renew(refused)
 
 
 def _request_error(answer: dict[str, Any]) -> Exception:

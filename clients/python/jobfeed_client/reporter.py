@@ -59,7 +59,7 @@ from .errors import (
     ReporterError,
     Unavailable,
 )
-from .ingest import IngestUnsupported
+from .ingest import CredentialRenewed, IngestUnsupported
 from .outbox import Outbox
 
 if TYPE_CHECKING:
@@ -542,6 +542,8 @@ class AsyncJob:
         while True:
             try:
                 return await attempt()
+            except CredentialRenewed:
+                continue  # the stream ended for its token; a new one is held: at once
             except Unavailable as exc:
                 # The batch stays in flight, frozen, and goes again as it was: its keys make
                 # a copy the server did commit (answer lost) a duplicate, not a second event.
