@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -355,3 +357,25 @@ async def test_an_expiring_token_answers_what_was_read_then_closes_4401(
         error = await receive_json(ws)
         await expect_close(ws, 4401)
     assert error["code"] == "token_expired"
+
+
+async def test_a_revoked_token_answers_what_was_read_then_closes_4403(
+    make_config: ConfigFactory, make_client: ClientFactory, tmp_path: Path
+) -> None:
+    """auth.not_before written into the running server's config file ends a producer stream
+    of an earlier token within recheck_seconds: forbidden and 4403, as subscribers' streams
+    end; what it sent before was answered."""
+    config_path = tmp_path / "jobfeed.toml"
+    config_path.write_text('[auth]\nnot_before = ""\n', encoding="utf-8")
+    config = make_config(**auth_settings(auth__recheck_seconds=0.2))
+    client = await make_client(config, None, config_path=config_path)
+    await client.post("/v1/jobs", json={"job_id": "rev"}, headers=bearer(token()))
+    old = bearer(token(now=time.time() - 60))
+    async with client.ws_connect("/v1/ingest", headers=old) as ws:
+        await ws.send_json({"type": "append", "ref": 1, "job_id": "rev", "event": log_event(1)})
+        assert (await receive_json(ws))["type"] == "ack"
+        cutoff = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 30))
+        config_path.write_text(f'[auth]\nnot_before = "{cutoff}"\n', encoding="utf-8")
+        error = await receive_json(ws)
+        await expect_close(ws, 4403)
+    assert error["code"] == "forbidden"
