@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import ceilings, feed, manyjobs, retention, streams, workloads
+from . import ceilings, feed, ingest, manyjobs, retention, streams, workloads
 from .peers import nats, redis
 from .profiles import Profile
 from .stats import Phase
@@ -60,4 +60,7 @@ SUITE = (
     Workload("W1metrics", workloads.w1_metrics),
     # W3 while retention purges 1,000,000 events, against W3 beside them (bench.retention).
     Workload("W3retention", retention.w3_retention),
+    # Pipelined over the producer stream (GET /v1/ingest), beside the peers pipelining theirs.
+    Workload("W1i", ingest.w1i, peers=(redis.w1i,)),
+    Workload("W2i", ingest.w2i, peers=(nats.w2i,)),
 )

@@ -234,6 +234,16 @@ class RetentionConfig(_Section):
         return any(age > 0 for age in ages)
 
 
+class IngestConfig(_Section):
+    """The producer stream, GET /v1/ingest (docs/protocol.md, "Producer stream")."""
+
+    # Unanswered requests one connection may have; past it the server stops reading that
+    # socket until answers drain (TCP backpressure), so it never buffers without bound.
+    max_in_flight: int = Field(1_000, ge=1)
+    # Open producer streams; past it a new one is refused (error overloaded, close 1013).
+    max_connections: int = Field(1_000, ge=1)
+
+
 class Config(_Section):
     server: ServerConfig = ServerConfig()
     storage: StorageConfig = StorageConfig()
@@ -244,6 +254,7 @@ class Config(_Section):
     auth: AuthConfig = AuthConfig()
     metrics: MetricsConfig = MetricsConfig()
     retention: RetentionConfig = RetentionConfig()
+    ingest: IngestConfig = IngestConfig()
 
     @model_validator(mode="after")
     def _wildcard_needs_auth(self) -> Config:

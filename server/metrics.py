@@ -104,6 +104,9 @@ class Metrics:
         self.streams_closed: dict[tuple[str, str, str], int] = {}
         # Error code -> refusals answered (HTTP error responses, WebSocket refusals).
         self.refusals: dict[str, int] = {}
+        # Producer streams (GET /v1/ingest) admitted and ended: their difference is open.
+        self.ingest_opened = 0
+        self.ingest_closed = 0
 
     def stream_opened(self, transport: str, kind: str) -> None:
         self.streams_opened[transport, kind] += 1
@@ -221,6 +224,8 @@ def render(metrics: Metrics, sources: Sources) -> str:
     for (transport, kind, outcome), count in sorted(metrics.streams_closed.items()):
         labels = f'transport="{transport}",kind="{kind}",outcome="{outcome}"'
         out.append(f"jobfeed_stream_closes_total{{{labels}}} {count}")
+    family("jobfeed_ingest_connections_open", "gauge", "Open producer streams (/v1/ingest).")
+    out.append(f"jobfeed_ingest_connections_open {metrics.ingest_opened - metrics.ingest_closed}")
     family("jobfeed_refusals_total", "counter", "Requests and streams refused, by error code.")
     for code, count in sorted(metrics.refusals.items()):
         out.append(f'jobfeed_refusals_total{{code="{code}"}} {count}')

@@ -521,6 +521,24 @@ def build_openapi(config: Config) -> dict[str, Any]:
                 },
             },
         },
+        "/v1/ingest": {
+            "get": {
+                "operationId": "ingest",
+                "summary": "The producer stream: a WebSocket on which append and create "
+                "requests are pipelined, each answered (ack after its commit, or error) in "
+                "the order sent.",
+                "description": "Outside OpenAPI's request/response model like the streams; "
+                "frames, flow control and close codes are in docs/protocol.md (Producer "
+                "stream). Scope jobs:write. Without a WebSocket upgrade: 400.",
+                "responses": {
+                    "101": {
+                        "description": "WebSocket: append / create frames in, ack / "
+                        "error frames out"
+                    },
+                    **_error_responses(400, 405, *common),
+                },
+            },
+        },
         "/v1/tickets": {
             "post": {
                 "operationId": "createTicket",

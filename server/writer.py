@@ -324,6 +324,19 @@ class Writer:
         result: T = await op.future
         return result
 
+    def submit_append(self, key: JobKey, events: list[EventIn]) -> asyncio.Future[AppendResult]:
+        """Queue an append without waiting for it: the future settles after its group's
+        commit. Requests are applied in the order they are submitted, so a producer stream
+        pipelines its requests through this (``append`` awaits each). Raises ``Overloaded``
+        or ``ShuttingDown`` at once, as ``append`` does."""
+        return self._submit(_Op(key, self._new_future(), events=events)).future
+
+    def submit_create(
+        self, key: JobKey, kind: str | None, metadata: dict[str, Any] | None
+    ) -> asyncio.Future[JobState]:
+        """``create_job`` without waiting for it (see ``submit_append``)."""
+        return self._submit(_Op(key, self._new_future(), kind=kind, metadata=metadata)).future
+
     def _new_future(self) -> asyncio.Future[Any]:
         return asyncio.get_running_loop().create_future()
 

@@ -70,7 +70,8 @@ def test_document_is_valid_openapi_31(config: Config) -> None:
     assert "POST /v1/jobs/{job_id}/events" in labels
     assert "POST /v1/tickets" in labels
     assert "DELETE /v1/jobs/{job_id}" in labels
-    assert len(labels) == 13
+    assert "GET /v1/ingest" in labels
+    assert len(labels) == 14
 
 
 def _ok(result: Any) -> Any:
