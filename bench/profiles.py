@@ -22,6 +22,8 @@ class Profile:
     depth: int = 4  # requests in flight per producer (single events)
     batch_depth: int = 2  # requests in flight per producer (batches): 32*2*100 < max_pending
     batch: int = 100
+    # W1i / W2i: requests in flight per producer on the producer stream (GET /v1/ingest)
+    ingest_window: int = 1_000
     # W3: paced producer, live subscribers
     w3_rate: int = 1_000
     w3_subscribers: int = 100

@@ -233,20 +233,20 @@ def bench_token(tenant: str = "bench", scope: str = "jobs:read jobs:write", **cl
     return mint_token(BENCH_SECRET, tenant=tenant, scope=scope, ttl_seconds=24 * 3600, **claims)
 
 
-def jobfeed(
-    durability: str = "full", **settings: str
-) -> contextlib.AbstractContextManager[ServerProcess]:
+@contextlib.contextmanager
+def jobfeed(durability: str = "full", **settings: str) -> Iterator[ServerProcess]:
     """jobfeed on a fresh database in a temporary directory; ``settings`` are extra
     ``SECTION__KEY`` overrides (e.g. ``STREAM__MAX_SUBSCRIBERS="20000"``)."""
-    return jobfeed_prepared(None, durability, **settings)
+    with jobfeed_prepared(None, durability, **settings) as process:
+        yield process
 
 
 @contextlib.contextmanager
 def jobfeed_prepared(
-    prepare: Callable[[Path], None] | None, durability: str = "full", **settings: str
+    prepare: Callable[[Path], object] | None, durability: str = "full", **settings: str
 ) -> Iterator[ServerProcess]:
-    """``jobfeed``, with ``prepare`` called on the database's path before the server starts
-    (to build a database in SQL: bench.backup)."""
+    """``jobfeed``, with ``prepare`` given the database's path to fill before the server
+    starts (``bench.olddata``)."""
     with tempfile.TemporaryDirectory(prefix="jobfeed-bench-") as tmp:
         workdir = Path(tmp)
         if prepare is not None:

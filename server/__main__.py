@@ -1,5 +1,5 @@
-"""The ``jobfeed`` command: ``serve``, ``migrate``, ``token``, ``backup`` and ``restore``
-(``--help`` shows
+"""The ``jobfeed`` command: ``serve``, ``migrate``, ``vacuum``, ``token``, ``backup`` and
+``restore`` (``--help`` shows
 ``DESCRIPTION``); ``tail``, ``feed``, ``jobs`` and ``export`` are the Python client's
 (clients/python), run from here when it is installed.
 
@@ -35,7 +35,7 @@ from .dblock import DatabaseInUse, DatabaseLock
 from .handlers import scrape
 from .limits import ConnectionCappedRunner
 from .logs import configure_logging
-from .migrate import MigrationError, apply_migrations
+from .migrate import MigrationError, apply_migrations, vacuum_incremental
 from .store import StorageCorrupt, check_integrity
 
 log = structlog.get_logger("jobfeed")
@@ -65,7 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--version", action="version", version=f"jobfeed {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, text in (("serve", "run the server"), ("migrate", "apply schema migrations")):
+    for name, text in (
+        ("serve", "run the server"),
+        ("migrate", "apply schema migrations"),
+        ("vacuum", "rebuild the database so that retention shrinks the file (server stopped)"),
+    ):
         sub = commands.add_parser(name, help=text)
         sub.add_argument("--config", type=Path, default=None, help="path to config.toml")
     token = commands.add_parser(
@@ -110,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "migrate":
             _migrate(config)
+            return 0
+        if args.command == "vacuum":
+            _vacuum(config)
             return 0
         _run(_serve(config, args.config), _loop_factory(config))
     except (DatabaseInUse, MigrationError, StorageCorrupt, sqlite3.DatabaseError, OSError) as exc:
@@ -172,6 +179,21 @@ def _backup_command(config: Config, args: argparse.Namespace) -> int:
         f"{contents.describe()}; clients resuming an epoch from before get log_reset\n"
     )
     return 0
+
+
+def _vacuum(config: Config) -> None:
+    """Migrate, then rebuild the file with ``auto_vacuum = INCREMENTAL`` (docs/operations.md,
+    "Deleting jobs and retention"); never under a running server (the lock refuses)."""
+    lock = DatabaseLock(config.storage.path)
+    lock.acquire()
+    try:
+        if config.storage.integrity_check:
+            check_integrity(config.storage.path)
+        apply_migrations(config.storage.path)
+        before, after = vacuum_incremental(config.storage.path)
+    finally:
+        lock.release()
+    log.info("vacuumed", path=str(config.storage.path), bytes_before=before, bytes_after=after)
 
 
 def _mint(config: Config, args: argparse.Namespace) -> str:

@@ -27,17 +27,19 @@ from .errors import (
     Unauthorized,
     error_body,
 )
-from .handlers import feed, health, jobs, scrape, stream, tickets, ui
+from .handlers import feed, health, ingest, jobs, scrape, stream, tickets, ui
 from .handlers.eventsource import retryable_refusal, wants_event_stream
 from .handlers.guard import GuardClock, recheck_revocations
 from .handlers.ws import refuse_websocket
 from .hub import Hub
+from .ingest import IngestRegistry, ingest_ctx
 from .keys import (
     AUTH,
     CONFIG,
     CONFIG_PATH,
     GUARDS,
     HUB,
+    INGEST,
     METRICS,
     ORIGINS,
     RATE_LIMITER,
@@ -256,6 +258,8 @@ def create_app(config: Config, config_path: Path | None = None) -> web.Applicati
     # After the store's: cleanup contexts exit in reverse, so the streams have ended (and
     # stopped reading) before the store closes.
     app.cleanup_ctx.append(_streams_ctx)
+    app[INGEST] = IngestRegistry(config.ingest.max_connections)
+    app.cleanup_ctx.append(ingest_ctx)  # after the store's too: it exits before the store's
     app[AUTH] = Authenticator(config.auth)
     app[ORIGINS] = OriginPolicy(config.http)
     app[GUARDS] = GuardClock()
@@ -271,10 +275,13 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/jobs", jobs.create_job)
     app.router.add_get("/v1/jobs", jobs.list_jobs)
     app.router.add_get("/v1/jobs/{job_id}", jobs.get_job)
+    app.router.add_delete("/v1/jobs/{job_id}", jobs.delete_job)
     app.router.add_post("/v1/jobs/{job_id}/events", jobs.append_events)
     app.router.add_get("/v1/jobs/{job_id}/events", jobs.read_events)
     # No HEAD: a stream has no headers-only form, and HEAD must never upgrade (405 instead).
     app.router.add_get("/v1/jobs/{job_id}/stream", stream.stream, allow_head=False)
+    # The producer stream (a WebSocket only; no HEAD, as for the other streams).
+    app.router.add_get("/v1/ingest", ingest.ingest, allow_head=False)
     app.router.add_post("/v1/tickets", tickets.create_ticket)
     app.router.add_get("/v1/feed", feed.feed, allow_head=False)
     app.router.add_get("/healthz", health.healthz)

@@ -206,6 +206,44 @@ class MetricsConfig(_Section):
         return token
 
 
+class RetentionKindConfig(_Section):
+    """``[retention.kinds.<kind>]``: this kind's own ages; an absent key takes
+    ``[retention]``'s."""
+
+    finished_days: float | None = Field(None, ge=0)
+    unfinished_days: float | None = Field(None, ge=0)
+
+
+class RetentionConfig(_Section):
+    # Finished jobs whose terminal event is older than this many days are deleted (0: kept).
+    finished_days: float = Field(0.0, ge=0)
+    # Unfinished jobs without an event for this many days are deleted (0: never).
+    unfinished_days: float = Field(0.0, ge=0)
+    interval_seconds: float = Field(600.0, gt=0)  # how often the sweep runs
+    # Most events one sweep transaction deletes: each holds the writer for a few ms at most.
+    batch_events: int = Field(1_000, ge=1)
+    # Pages one incremental-vacuum step gives back to the file system (4 KiB each).
+    vacuum_pages: int = Field(256, ge=1)
+    kinds: dict[str, RetentionKindConfig] = {}
+
+    @property
+    def enabled(self) -> bool:
+        ages = [self.finished_days, self.unfinished_days]
+        for kind in self.kinds.values():
+            ages += [kind.finished_days or 0.0, kind.unfinished_days or 0.0]
+        return any(age > 0 for age in ages)
+
+
+class IngestConfig(_Section):
+    """The producer stream, GET /v1/ingest (docs/protocol.md, "Producer stream")."""
+
+    # Unanswered requests one connection may have; past it the server stops reading that
+    # socket until answers drain (TCP backpressure), so it never buffers without bound.
+    max_in_flight: int = Field(1_000, ge=1)
+    # Open producer streams; past it a new one is refused (error overloaded, close 1013).
+    max_connections: int = Field(1_000, ge=1)
+
+
 class Config(_Section):
     server: ServerConfig = ServerConfig()
     storage: StorageConfig = StorageConfig()
@@ -215,6 +253,8 @@ class Config(_Section):
     http: HttpConfig = HttpConfig()
     auth: AuthConfig = AuthConfig()
     metrics: MetricsConfig = MetricsConfig()
+    retention: RetentionConfig = RetentionConfig()
+    ingest: IngestConfig = IngestConfig()
 
     @model_validator(mode="after")
     def _wildcard_needs_auth(self) -> Config:

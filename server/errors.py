@@ -124,6 +124,17 @@ class JobFinished(ServiceError):
         super().__init__(f"job {job_id} is {status}; its log is closed")
 
 
+class JobDeleted(ServiceError):
+    """The job a stream follows was deleted (``DELETE /v1/jobs/{id}`` or retention) while the
+    stream was open: WebSocket 4410, SSE ``event: error``; final (the log is gone)."""
+
+    status = 410
+    code = "job_deleted"
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"job {job_id} was deleted; its log is gone")
+
+
 class LogReset(ServiceError):
     """The subscriber's ``epoch``/``after`` do not belong to this job's log as it is now: the
     job was re-created, the database replaced, or the log restored to before ``after``."""
@@ -227,3 +238,4 @@ class WSClose:
     UNAUTHORIZED = 4401
     FORBIDDEN = 4403
     LOG_RESET = 4409
+    JOB_DELETED = 4410

@@ -275,6 +275,17 @@ class FeedChannel:
                     return found, frame.event_id
         return found, self.high_water
 
+    def forget_jobs(self, keys: set[tuple[str, str]]) -> None:
+        """Deleted jobs' frames leave the cache (``Hub.forget_jobs``), in one pass: feed
+        replays from memory stop showing them, as replays from SQLite do. The cache still
+        covers the same ids: what it no longer holds is no longer in the log either."""
+        if not self.frames or not keys:
+            return
+        kept = [f for f in self.frames if (f.tenant, f.job_id) not in keys]
+        if len(kept) != len(self.frames):
+            self.frames = kept
+            self.cached_bytes = sum(frame.size for frame in kept)
+
     def publish(self, frames: list[Frame]) -> None:
         """Called by the writer after commit with one group's frames, in id order."""
         if not frames:

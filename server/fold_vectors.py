@@ -128,6 +128,104 @@ _CASES: list[tuple[str, str | None, dict[str, Any] | None, list[dict[str, Any]]]
     ),
 ]
 
+# Rate and ETA (server.snapshot, "Rate and ETA"): (name, [(µs after created, event), ...]).
+# Timed to the microsecond: many events at one ts (a commit), stalls, resets, silences.
+_S = 1_000_000
+_RATE_CASES: list[tuple[str, list[tuple[int, dict[str, Any]]]]] = [
+    (
+        "rate: a steady count, then completed",
+        [
+            (1 * _S, {"type": "progress", "current": 0, "total": 120, "phase": "rows"}),
+            (2 * _S, {"type": "progress", "current": 10}),
+            (3 * _S + 500_000, {"type": "progress", "current": 25}),
+            (4 * _S + 500_001, {"type": "progress", "current": 35}),
+            (6 * _S, {"type": "completed"}),
+        ],
+    ),
+    (
+        "rate: many events at one ts (one commit) add up",
+        [
+            (1 * _S, {"type": "progress", "current": 0, "total": 1000}),
+            (1 * _S, {"type": "progress", "current": 4}),
+            (1 * _S, {"type": "progress", "current": 9}),
+            (1 * _S + 1, {"type": "progress", "current": 10}),
+            (2 * _S, {"type": "progress", "current": 30}),
+            (2 * _S, {"type": "log", "message": "same commit"}),
+            (2 * _S, {"type": "progress", "current": 41}),
+        ],
+    ),
+    (
+        "rate: a stall with log events decays the rate and grows the eta",
+        [
+            (0, {"type": "progress", "current": 0, "total": 500}),
+            (5 * _S, {"type": "progress", "current": 50}),
+            (20 * _S, {"type": "log", "message": "waiting for the lock", "level": "warning"}),
+            (40 * _S, {"type": "log", "message": "still waiting"}),
+            (80 * _S, {"type": "notification", "data": {"to": "ops"}}),
+            (200 * _S, {"type": "progress", "message": "retrying"}),
+            (201 * _S, {"type": "progress", "current": 60}),
+        ],
+    ),
+    (
+        "rate: current going down starts a new window",
+        [
+            (0, {"type": "progress", "current": 0, "total": 100}),
+            (10 * _S, {"type": "progress", "current": 80}),
+            (11 * _S, {"type": "progress", "current": 10, "message": "retry from scratch"}),
+            (13 * _S, {"type": "progress", "current": 30}),
+        ],
+    ),
+    (
+        "rate: a new total changes the eta, not the rate",
+        [
+            (0, {"type": "progress", "current": 0, "total": 100}),
+            (10 * _S, {"type": "progress", "current": 30}),
+            (10 * _S, {"type": "progress", "total": 300}),
+            (20 * _S, {"type": "progress", "current": 60}),
+            (21 * _S, {"type": "progress", "current": 300}),
+        ],
+    ),
+    (
+        "rate: fractions only give an eta, no rate",
+        [
+            (0, {"type": "progress", "progress": 0}),
+            (8 * _S, {"type": "progress", "progress": 12.5}),
+            (9 * _S + 333_333, {"type": "progress", "progress": 40}),
+            (11 * _S, {"type": "progress", "progress": 100}),
+            (12 * _S, {"type": "cancelled", "reason": "enough"}),
+        ],
+    ),
+    (
+        "rate: counts after fractions start a window in units",
+        [
+            (0, {"type": "progress", "progress": 10}),
+            (3 * _S, {"type": "progress", "progress": 20}),
+            (4 * _S, {"type": "progress", "current": 1, "total": 10}),
+            (6 * _S, {"type": "progress", "current": 4}),
+            (7 * _S, {"type": "failed", "error": {"message": "disk full"}}),
+        ],
+    ),
+    (
+        "rate: a long silence, huge counts, microseconds apart",
+        [
+            (0, {"type": "progress", "current": 0, "total": 2**53}),
+            (1, {"type": "progress", "current": 2**40}),
+            (3, {"type": "progress", "current": 2**52 + 1}),
+            (3600 * _S + 7, {"type": "progress", "current": 2**52 + 3}),
+            (3600 * _S + 9, {"type": "progress", "current": 2**53}),
+        ],
+    ),
+    (
+        "rate: no progress in the window, then custom events while queued",
+        [
+            (1 * _S, {"type": "stage_completed", "message": "queued still"}),
+            (2 * _S, {"type": "progress", "current": 3, "total": 9}),
+            (5 * _S, {"type": "progress", "current": 3}),
+            (5 * _S, {"type": "progress", "current": 9}),
+        ],
+    ),
+]
+
 _JOB_IDS = ("build-42", "imp.2026:11", "X", "web-1", "deploy_7")
 # Timestamps with every kind of microsecond part (the epoch is derived from the created ts).
 _START = datetime(2026, 11, 28, 9, 30, 0, 123456, tzinfo=UTC)
@@ -139,11 +237,21 @@ def _ts(n: int) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def _ts_after(created_ts: str, micros: int) -> str:
+    moment = datetime.fromisoformat(created_ts) + timedelta(microseconds=micros)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
 def stored_log(
-    case_index: int, kind: str | None, metadata: dict[str, Any] | None, inputs: list[dict[str, Any]]
+    case_index: int,
+    kind: str | None,
+    metadata: dict[str, Any] | None,
+    inputs: list[dict[str, Any]],
+    offsets: list[int] | None = None,
 ) -> list[dict[str, Any]]:
     """One job's log as the writer stores it. Event ids are spread (the feed's ids have
-    holes across jobs) and ``ts`` repeats within a group of two (one commit's shared ts)."""
+    holes across jobs) and ``ts`` repeats within a group of two (one commit's shared ts),
+    or is ``offsets[i]`` microseconds after the created event's."""
     job_id = _JOB_IDS[case_index % len(_JOB_IDS)]
     next_id = 1 + 37 * case_index
     created: dict[str, Any] = {
@@ -172,7 +280,9 @@ def stored_log(
             "seq": state.last_seq + 1,
             "id": next_id,
             "type": parsed.type,
-            "ts": _ts(case_index * 10 + 1 + index // 2),
+            "ts": _ts(case_index * 10 + 1 + index // 2)
+            if offsets is None
+            else _ts_after(created["ts"], offsets[index]),
             **fields,
         }
         state = apply_event(state, event)
@@ -181,9 +291,15 @@ def stored_log(
 
 
 def vectors() -> dict[str, Any]:
+    logs = [
+        (name, stored_log(index, kind, metadata, inputs))
+        for index, (name, kind, metadata, inputs) in enumerate(_CASES)
+    ]
+    for index, (name, timed) in enumerate(_RATE_CASES, start=len(_CASES)):
+        offsets = [micros for micros, _ in timed]
+        logs.append((name, stored_log(index, None, None, [e for _, e in timed], offsets)))
     cases = []
-    for index, (name, kind, metadata, inputs) in enumerate(_CASES):
-        events = stored_log(index, kind, metadata, inputs)
+    for name, events in logs:
         snapshots: list[dict[str, Any]] = []
         state: JobState | None = None
         for event in events:

@@ -14,6 +14,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from .errors import JobDeleted
 from .frames import Frame, within_bytes
 from .hub import Hub, JobChannel, LiveSubscriber, PushFn
 from .store import JobHead, Store
@@ -47,6 +48,7 @@ async def follow(
     page_bytes: int,
     idle_seconds: float,
     push: PushFn | None = None,
+    deletion_mark: int | None = None,
 ) -> AsyncIterator[list[Frame] | None]:
     """Yield batches of frames past ``cursor.after`` in order; ``None`` after
     ``idle_seconds`` without any (time for a heartbeat). Ends after the terminal event.
@@ -58,6 +60,9 @@ async def follow(
     ``head`` is the job's status and last_seq read before the caller sent its hello, so
     that a finished job whose log the subscriber already has ends at once.
 
+    A deleted job's stream raises ``JobDeleted`` (4410), whether it was parked, replaying,
+    or (``deletion_mark``: ``hub.deletions`` before ``head`` was read) not yet attached.
+
     A batch holds at most ``page_events`` frames and ``page_bytes`` of JSON (plus one
     frame, so always at least one): what a subscriber that stops reading pins is bounded
     in bytes, whatever its events weigh.
@@ -66,6 +71,14 @@ async def follow(
         cursor.done = True
         return
     channel = hub.attach(cursor.key, head.last_seq)
+    if deletion_mark is not None:
+        deleted = hub.deleted_since(cursor.key, deletion_mark)
+        if deleted is None:  # too many deletions since to tell: ask the log itself
+            now = await store.job_head(cursor.key)
+            deleted = now is None or now.epoch != head.epoch
+        if deleted:
+            hub.detach(channel)
+            raise JobDeleted(cursor.key.job_id)
     sent = hub.frames_sent
     # `head` may be stale: events committed after it was read, while no channel held this job,
     # are not in the channel's high-water mark. One read of SQLite after attaching covers
@@ -75,6 +88,8 @@ async def follow(
         while True:
             if hub.closing:
                 raise StreamClosing()
+            if channel.deleted:
+                raise JobDeleted(cursor.key.job_id)
             frames = channel.frames_after(cursor.after, page_events)
             if frames is None or (not frames and not verified):
                 frames = await store.read_after(

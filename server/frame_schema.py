@@ -103,6 +103,14 @@ class ErrorFrame(_Frame):
     message: str
 
 
+class RateWindow(_Frame):
+    """The rate estimator's state (docs/protocol.md, "Rate and ETA"): what a client that
+    folds events onto a snapshot needs to go on computing the server's rate and ETA."""
+
+    advance: Annotated[float, Field(ge=0)]
+    seconds: Annotated[float, Field(ge=0)]
+
+
 class Snapshot(_Frame):
     """A job's snapshot (``GET /v1/jobs/{id}``; ``server.snapshot.JobState.to_dict``): a
     fixed shape, null where there is no value."""
@@ -123,6 +131,10 @@ class Snapshot(_Frame):
     result: Any
     error: JsonObject | None
     epoch: str | None
+    started_at: Timestamp | None
+    rate: Annotated[float, Field(ge=0)] | None
+    eta_seconds: Annotated[float, Field(ge=0)] | None
+    rate_window: RateWindow | None
 
 
 class SnapshotFrame(_Frame):

@@ -38,6 +38,10 @@ _IDLE_TICK = 0.05
 # grow the channel table without bound.
 _CHANNEL_OVERHEAD = 512
 
+# Deleted jobs remembered for subscribers that read a job's head before a deletion and
+# attach after it (``Hub.deleted_since``); older ones are answered "unknown".
+_DELETIONS_REMEMBERED = 4_096
+
 
 class LiveSubscriber:
     """A subscriber parked at the end of a job's log: ``after`` is its position, advanced by
@@ -64,6 +68,7 @@ class JobChannel:
         "_changed",
         "_idle",
         "cached_bytes",
+        "deleted",
         "first_seq",
         "frames",
         "high_water",
@@ -79,6 +84,7 @@ class JobChannel:
         self.first_seq = high_water + 1
         self.cached_bytes = 0
         self.subscribers = 0
+        self.deleted = False  # the job was deleted: its subscribers end (4410)
         self.live: dict[int, LiveSubscriber] = {}
         # Parked subscribers' futures by the idle tick at which they time out.
         self._idle: dict[int, set[asyncio.Future[bool]]] = {}
@@ -210,6 +216,9 @@ class Hub:
         # Keyed by (tenant, job_id): two tenants' jobs of the same id never share a channel.
         self._channels: OrderedDict[JobKey, JobChannel] = OrderedDict()
         self._total_bytes = 0
+        # Deletions so far, and the most recent ones' numbers by job (``deleted_since``).
+        self.deletions = 0
+        self._deleted: OrderedDict[JobKey, int] = OrderedDict()
 
     @property
     def total_bytes(self) -> int:
@@ -251,6 +260,35 @@ class Hub:
         channel.high_water = max(channel.high_water, frames[-1].seq)
         channel.deliver(frames)
         self._enforce_budget(channel)
+
+    def forget_jobs(self, keys: list[JobKey]) -> None:
+        """Jobs ``keys`` were deleted (called by the writer's task after the deletion
+        committed): their cached frames go, here and in the feed's cache, so nothing deleted
+        is replayed from memory, and every subscriber of them wakes up and ends (4410). A job
+        created again under the same id gets a new channel."""
+        for key in keys:
+            self.deletions += 1
+            self._deleted.pop(key, None)
+            self._deleted[key] = self.deletions
+            channel = self._channels.get(key)
+            if channel is not None:
+                self._evict(channel, len(channel.frames))
+                self._drop(channel)
+                channel.deleted = True
+                channel.wake_all()
+        while len(self._deleted) > _DELETIONS_REMEMBERED:
+            self._deleted.popitem(last=False)
+        self.feed.forget_jobs(set(keys))
+
+    def deleted_since(self, key: JobKey, mark: int) -> bool | None:
+        """Whether job ``key`` was deleted after ``deletions`` was ``mark``; None when that
+        is too long ago to know (the caller then reads the job's head again)."""
+        number = self._deleted.get(key)
+        if number is not None and number > mark:
+            return True
+        if self._deleted and next(iter(self._deleted.values())) > mark + 1:
+            return None  # deletions after mark may have been forgotten
+        return False
 
     def publish_feed(self, frames: list[Frame]) -> None:
         """Called by the writer after commit (and after ``publish`` for each job) with the

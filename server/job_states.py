@@ -49,6 +49,12 @@ class JobCache:
         self._entries.move_to_end(key)
         return entry[0]
 
+    def discard(self, key: JobKey) -> None:
+        """Forget one job's state (the job was deleted)."""
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self.bytes -= entry[1]
+
     def clear(self) -> None:
         """Forget every state (after a commit whose outcome is unknown: reload from disk)."""
         self._entries.clear()

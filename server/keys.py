@@ -18,6 +18,7 @@ from .streams import StreamRegistry
 
 if TYPE_CHECKING:
     from .handlers.guard import GuardClock
+    from .ingest import IngestRegistry
 
 CONFIG = web.AppKey("config", Config)
 STORE = web.AppKey("store", Store)
@@ -39,3 +40,6 @@ GUARDS: web.AppKey[GuardClock] = web.AppKey("guards")
 # The counters behind GET /metrics (present with metrics.enabled = false too: moving them is
 # cheaper than asking whether to).
 METRICS = web.AppKey("metrics", Metrics)
+# Open producer streams (GET /v1/ingest): counted against ingest.max_connections, ended
+# together at shutdown.
+INGEST: web.AppKey[IngestRegistry] = web.AppKey("ingest")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import bisect
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -90,6 +90,9 @@ class FramesSent:
 # refusal, or a 5xx (storage fault, overload, shutdown).
 APPEND_OUTCOMES = ("created", "duplicate", "refused", "failed")
 TRANSPORTS = ("ws", "sse")
+# Job statuses (server.models.JOB_STATUSES; not imported: this module reports, it owns none).
+JOB_STATUSES = ("queued", "running", "completed", "failed", "cancelled")
+DELETE_REASONS = ("api", "retention")
 KINDS = ("job", "feed")
 
 
@@ -105,6 +108,9 @@ class Metrics:
         self.streams_closed: dict[tuple[str, str, str], int] = {}
         # Error code -> refusals answered (HTTP error responses, WebSocket refusals).
         self.refusals: dict[str, int] = {}
+        # Producer streams (GET /v1/ingest) admitted and ended: their difference is open.
+        self.ingest_opened = 0
+        self.ingest_closed = 0
 
     def stream_opened(self, transport: str, kind: str) -> None:
         self.streams_opened[transport, kind] += 1
@@ -135,6 +141,15 @@ class Sources:
     job_frames_sent: FramesSent
     feed_frames_sent: FramesSent
     database_path: str
+    # Deletion and retention (server/deletion.py, server/retention.py).
+    jobs_by_status: dict[str, int] = field(default_factory=dict)
+    jobs_deleted: dict[str, int] = field(default_factory=dict)
+    events_deleted: dict[str, int] = field(default_factory=dict)
+    delete_transaction_seconds: Histogram | None = None
+    retention_sweeps: int = 0
+    retention_last_seconds: float | None = None
+    retention_last_longest_seconds: float | None = None
+    oldest_event_seconds: float | None = None
     # (transport, kind) -> the open streams' lag at this scrape (StreamRegistry.lag).
     subscriber_lag: Mapping[tuple[str, str], Lag] = field(default_factory=dict)
 
@@ -215,6 +230,8 @@ def render(metrics: Metrics, sources: Sources) -> str:
     for (transport, kind, outcome), count in sorted(metrics.streams_closed.items()):
         labels = f'transport="{transport}",kind="{kind}",outcome="{outcome}"'
         out.append(f"jobfeed_stream_closes_total{{{labels}}} {count}")
+    family("jobfeed_ingest_connections_open", "gauge", "Open producer streams (/v1/ingest).")
+    out.append(f"jobfeed_ingest_connections_open {metrics.ingest_opened - metrics.ingest_closed}")
     family(
         "jobfeed_subscribers_behind",
         "gauge",
@@ -245,8 +262,59 @@ def render(metrics: Metrics, sources: Sources) -> str:
     family("jobfeed_refusals_total", "counter", "Requests and streams refused, by error code.")
     for code, count in sorted(metrics.refusals.items()):
         out.append(f'jobfeed_refusals_total{{code="{code}"}} {count}')
+    _render_retention(out, family, sources)
     out.append("")
     return "\n".join(out)
+
+
+def _render_retention(
+    out: list[str], family: Callable[[str, str, str], None], sources: Sources
+) -> None:
+    """Jobs by status, deletions and the retention sweep."""
+    family(
+        "jobfeed_jobs",
+        "gauge",
+        "Jobs in the log, by status (counted at start, then kept up to date by the writer).",
+    )
+    for status in JOB_STATUSES:
+        out.append(f'jobfeed_jobs{{status="{status}"}} {sources.jobs_by_status.get(status, 0)}')
+    family("jobfeed_jobs_deleted_total", "counter", "Jobs deleted, by reason (api, retention).")
+    for reason in DELETE_REASONS:
+        count = sources.jobs_deleted.get(reason, 0)
+        out.append(f'jobfeed_jobs_deleted_total{{reason="{reason}"}} {count}')
+    family("jobfeed_events_deleted_total", "counter", "Events deleted, by reason.")
+    for reason in DELETE_REASONS:
+        count = sources.events_deleted.get(reason, 0)
+        out.append(f'jobfeed_events_deleted_total{{reason="{reason}"}} {count}')
+    if sources.delete_transaction_seconds is not None:
+        family(
+            "jobfeed_delete_transaction_seconds",
+            "histogram",
+            "Time one deletion transaction held the writer (DELETE, a retention batch).",
+        )
+        out.extend(sources.delete_transaction_seconds.lines("jobfeed_delete_transaction_seconds"))
+    family("jobfeed_retention_sweeps_total", "counter", "Retention sweeps completed.")
+    out.append(f"jobfeed_retention_sweeps_total {sources.retention_sweeps}")
+    # These three have no value before a sweep (or in an empty log): the family is still
+    # declared, with no sample, so that dashboards and alerts can name it.
+    family("jobfeed_retention_last_sweep_seconds", "gauge", "How long the last sweep took.")
+    if sources.retention_last_seconds is not None:
+        out.append(f"jobfeed_retention_last_sweep_seconds {_float(sources.retention_last_seconds)}")
+    family(
+        "jobfeed_retention_last_sweep_longest_transaction_seconds",
+        "gauge",
+        "The longest transaction (deletion or vacuum step) of the last sweep.",
+    )
+    if sources.retention_last_longest_seconds is not None:
+        longest = _float(sources.retention_last_longest_seconds)
+        out.append(f"jobfeed_retention_last_sweep_longest_transaction_seconds {longest}")
+    family(
+        "jobfeed_retention_horizon_seconds",
+        "gauge",
+        "The retention horizon: ts of the oldest event kept, Unix time (no sample: no event).",
+    )
+    if sources.oldest_event_seconds is not None:
+        out.append(f"jobfeed_retention_horizon_seconds {_float(sources.oldest_event_seconds)}")
 
 
 def _size(path: str) -> int:

@@ -42,14 +42,20 @@ def bundled_migrations() -> list[Migration]:
         if match:
             found.append(Migration(int(match[1]), entry.name, entry.read_text(encoding="utf-8")))
     found.sort(key=lambda m: m.version)
-    versions = [m.version for m in found]
-    # Numbers are handed out to parallel branches ahead of their merge, so a gap (0008
-    # before 0005 has landed) is allowed; two files with one number never are.
-    if len(set(versions)) != len(versions) or (versions and versions[0] != 1):
-        raise MigrationError(
-            f"migrations must be numbered from 1 without repeats, found {versions}"
-        )
+    check_versions([m.version for m in found])
     return found
+
+
+def check_versions(versions: list[int]) -> None:
+    """Refuse two migrations with one number. Gaps are allowed: numbers are handed out to
+    branches ahead of time so that they merge in any order (0007 may land before 0005)."""
+    if len(set(versions)) != len(versions) or any(version < 1 for version in versions):
+        raise MigrationError(f"migrations must have distinct numbers from 1, found {versions}")
+
+
+def latest_version(migrations: list[Migration]) -> int:
+    """The schema version a database has once ``migrations`` are applied."""
+    return max((m.version for m in migrations), default=0)
 
 
 _RECORD_TABLE = """
@@ -93,6 +99,10 @@ def apply_migrations(db_path: Path, migrations: list[Migration] | None = None) -
     migrations = bundled_migrations() if migrations is None else migrations
     conn = sqlite3.connect(db_path, isolation_level=None)
     try:
+        if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0:
+            # Only possible before the first table: deleted pages can then be given back to
+            # the file system in small steps (server/retention.py). Older files: `vacuum`.
+            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA busy_timeout=5000")
         pending = check_applied(applied_versions(conn), migrations)
@@ -135,6 +145,28 @@ def _statements(sql: str) -> list[str]:
     if current.strip() and not current.strip().startswith("--"):
         raise MigrationError(f"incomplete SQL statement at the end of a migration: {current!r}")
     return [s for s in statements if s]
+
+
+def vacuum_incremental(db_path: Path) -> tuple[int, int]:
+    """Rebuild the database with ``auto_vacuum = INCREMENTAL`` (``jobfeed vacuum``): for a
+    file made before jobfeed set it at creation. A full VACUUM: it rewrites the whole file
+    (needs as much free disk again, and the server stopped), outside any transaction, which
+    is why no migration can do it. Returns the file's size before and after, in bytes."""
+    before = db_path.stat().st_size
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        conn.execute("VACUUM")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        mode = conn.execute("PRAGMA auto_vacuum").fetchone()[0]
+    except sqlite3.DatabaseError as exc:
+        raise MigrationError(f"{db_path}: {exc}") from exc
+    finally:
+        conn.close()
+    if mode != 2:
+        raise MigrationError(f"{db_path}: auto_vacuum is {mode} after VACUUM, not 2 (incremental)")
+    return before, db_path.stat().st_size
 
 
 def schema_version(conn: sqlite3.Connection) -> int:

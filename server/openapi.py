@@ -109,6 +109,27 @@ def _response_schemas() -> dict[str, Schema]:
             "error": _nullable({"type": "object"}),
         },
     }
+    # Rate and ETA (server.snapshot, docs/protocol.md "Rate and ETA"): null when unknown.
+    snapshot["properties"].update(
+        {
+            "started_at": _nullable(timestamp),
+            "rate": _nullable({"type": "number", "minimum": 0}),
+            "eta_seconds": _nullable({"type": "number", "minimum": 0}),
+            "rate_window": _nullable(
+                {
+                    "type": "object",
+                    "description": "the estimator's state, for clients that fold events "
+                    "onto this snapshot; opaque otherwise",
+                    "properties": {
+                        "advance": {"type": "number", "minimum": 0},
+                        "seconds": {"type": "number", "minimum": 0},
+                    },
+                    "required": ["advance", "seconds"],
+                    "additionalProperties": False,
+                }
+            ),
+        }
+    )
     snapshot["required"] = list(snapshot["properties"])
     # The log's identity: changes when a job_id's log is replaced (see server.snapshot).
     snapshot["properties"]["epoch"] = _nullable({"type": "string"})
@@ -387,6 +408,18 @@ def build_openapi(config: Config) -> dict[str, Any]:
                     **_error_responses(404, 405, *common),
                 },
             },
+            "delete": {
+                "operationId": "deleteJob",
+                "summary": "Delete the job, its log and its idempotency keys, in one "
+                "transaction (scope jobs:admin).",
+                "description": "Open streams of the job get an error frame job_deleted and "
+                "close 4410 (SSE: event: error, then the end). Afterwards the id is 404 and "
+                "may be created again, with a new epoch.",
+                "responses": {
+                    "204": {"description": "deleted"},
+                    **_error_responses(404, 405, *common),
+                },
+            },
         },
         "/v1/jobs/{job_id}/events": {
             "parameters": [job_id_param],
@@ -491,6 +524,24 @@ def build_openapi(config: Config) -> dict[str, Any]:
                         "content": {"text/event-stream": {"schema": {"type": "string"}}},
                     },
                     **_error_responses(400, 405, 409, *common),
+                },
+            },
+        },
+        "/v1/ingest": {
+            "get": {
+                "operationId": "ingest",
+                "summary": "The producer stream: a WebSocket on which append and create "
+                "requests are pipelined, each answered (ack after its commit, or error) in "
+                "the order sent.",
+                "description": "Outside OpenAPI's request/response model like the streams; "
+                "frames, flow control and close codes are in docs/protocol.md (Producer "
+                "stream). Scope jobs:write. Without a WebSocket upgrade: 400.",
+                "responses": {
+                    "101": {
+                        "description": "WebSocket: append / create frames in, ack / "
+                        "error frames out"
+                    },
+                    **_error_responses(400, 405, *common),
                 },
             },
         },

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -38,13 +39,59 @@ class JobState:
     # The log's identity (``log_epoch`` of the created event). None only for a snapshot stored
     # before migration 0003, which backfills it; loading one must still work.
     epoch: str | None = None
+    # The ts of the first event after ``created`` (None until there is one).
+    started_at: str | None = None
+    # The rate estimator's window (see "Rate and ETA" below), published as ``rate_window``
+    # so that a client folding events onto a snapshot it was given goes on exactly as the
+    # server does. ``rate`` and ``eta_seconds`` are derived from it when serialized, not
+    # kept: the fold runs once per appended event, serialization once per commit. Two flat
+    # floats rather than a tuple: the writer's cache measures states field by field.
+    window_advance: float | None = None
+    window_seconds: float | None = None
 
     @property
     def finished(self) -> bool:
         return self.status in TERMINAL_TYPES
 
+    @property
+    def rate(self) -> float | None:
+        """Units of ``current`` per second over the window; None when unknown."""
+        return self._window_rate() if self.current is not None else None
+
+    @property
+    def eta_seconds(self) -> float | None:
+        """Seconds left as of ``updated_at``; None when unknown, 0.0 when nothing is left."""
+        rate = self._window_rate()
+        if rate is None:
+            return None
+        if self.current is not None:
+            if self.total is None:
+                return None  # counting, but nothing says how much is left
+            left: float = self.total - self.current
+        elif self.progress is not None:
+            left = 100.0 - self.progress  # a job that reports only percentages
+        else:
+            return None
+        if left <= 0:
+            return 0.0
+        if rate > 0 and left < rate * MAX_ETA_SECONDS:
+            return left / rate
+        return None  # no progress in the window, or too little to tell
+
+    def _window_rate(self) -> float | None:
+        """advance / seconds in the window's unit, once it holds MIN_RATE_SECONDS."""
+        seconds = self.window_seconds
+        if seconds is None or seconds < MIN_RATE_SECONDS or self.window_advance is None:
+            return None
+        return self.window_advance / seconds
+
     def to_dict(self) -> dict[str, Any]:
         """The protocol's snapshot: a fixed shape, ``null`` where there is no value."""
+        window = None
+        rate = eta = None
+        if self.window_seconds is not None:  # else no estimate: skip the arithmetic
+            window = {"advance": self.window_advance, "seconds": self.window_seconds}
+            rate, eta = self.rate, self.eta_seconds
         return {
             "job_id": self.job_id,
             "kind": self.kind,
@@ -62,6 +109,10 @@ class JobState:
             "result": self.result,
             "error": self.error,
             "epoch": self.epoch,
+            "started_at": self.started_at,
+            "rate": rate,
+            "eta_seconds": eta,
+            "rate_window": window,
         }
 
     def to_json(self) -> bytes:
@@ -69,7 +120,15 @@ class JobState:
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> JobState:
-        return cls(**orjson.loads(raw))
+        """A stored snapshot; one stored before migration 0007 (no rate fields) loads too."""
+        values = orjson.loads(raw)
+        values.pop("rate", None)  # derived from the window
+        values.pop("eta_seconds", None)
+        window = values.pop("rate_window", None)
+        if window is not None:
+            values["window_advance"] = window["advance"]
+            values["window_seconds"] = window["seconds"]
+        return cls(**values)
 
     def compact(self) -> JobState:
         """This state with its opaque JSON values (metadata, result, error) held as their
@@ -176,6 +235,8 @@ def apply_event(
     if state is None:
         raise ValueError(f"event {event_type!r} before the job's created event")
     changes: dict[str, Any] = {"last_seq": event["seq"], "updated_at": ts}
+    if state.started_at is None:
+        changes["started_at"] = ts
     if event_type == "progress":
         changes["status"] = "running"
         changes.update({name: event[name] for name in _PROGRESS_FIELDS if name in event})
@@ -193,7 +254,80 @@ def apply_event(
             changes["error"] = event["error"]
         elif "reason" in event:
             changes["message"] = event["reason"]
+        if state.window_seconds is not None:
+            changes.update(_NO_ESTIMATE)
+        return _evolve(state, changes)
+    _sample(state, changes, ts)
     return _evolve(state, changes)
+
+
+# -- Rate and ETA ---------------------------------------------------------------------------
+#
+# Every event of a running job after its first known position is a sample (ts, position).
+# The position is ``current`` once the job has reported one, else ``progress`` (a percentage:
+# jobs that report only fractions get an ETA too, but no ``rate``, which is in units of
+# ``current``). Log and custom events are samples too: time passes without progress, so
+# the rate decays and the ETA grows while a worker only reports that it is stuck.
+#
+# The window is two exponentially decayed sums, ``advance`` (position gained) and
+# ``seconds`` (time passed): for each new sample, both are multiplied by
+# RATE_WINDOW_SECONDS / (RATE_WINDOW_SECONDS + dt) before dt and the position's gain are
+# added; rate = advance / seconds. So a steady job measures exactly its speed, and a
+# changing one is weighed by age, the last ~RATE_WINDOW_SECONDS most (an interval's weight
+# halves in about 20 s). Events of one commit share one ts (dt = 0): their gains add up
+# without dividing by zero. No rate is given until the window holds MIN_RATE_SECONDS: two
+# commits a millisecond apart would otherwise claim thousands of units a second. A
+# position that goes down (a reset, a new phase counting from 0) or that changes unit
+# (``current`` appears) starts a new window. Only + - * / on IEEE doubles and integer
+# microseconds: the browser's fold (clients/js/jobfeed.js) gets the same bits.
+RATE_WINDOW_SECONDS = 30.0
+MIN_RATE_SECONDS = 1.0
+# An ETA beyond this (about 32 years) is a stalled job, not an estimate: null. The bound also
+# keeps a rate that has decayed to almost nothing from dividing into an overflow.
+MAX_ETA_SECONDS = 1e9
+
+_NO_ESTIMATE = {"window_advance": None, "window_seconds": None}
+
+
+def _sample(state: JobState, changes: dict[str, Any], ts: str) -> None:
+    """Add the window after a non-terminal event to ``changes``."""
+    current = changes.get("current", state.current)
+    in_units = current is not None
+    position = current if in_units else changes.get("progress", state.progress)
+    if position is None:
+        return  # nothing to measure yet
+    before = state.current if state.current is not None else state.progress
+    if (
+        state.window_seconds is None  # the first sample (or a snapshot stored before 0007)
+        or before is None
+        or (state.current is not None) != in_units
+        or position < before
+    ):
+        advance = seconds = 0.0
+    else:
+        advance = state.window_advance or 0.0
+        seconds = state.window_seconds
+        elapsed = 0.0 if ts == state.updated_at else _seconds_between(state.updated_at, ts)
+        gain = position - before
+        if elapsed or gain:
+            decay = RATE_WINDOW_SECONDS / (RATE_WINDOW_SECONDS + elapsed)
+            advance = advance * decay + gain
+            seconds = seconds * decay + elapsed
+    changes["window_advance"] = advance
+    changes["window_seconds"] = seconds
+
+
+def _seconds_between(earlier: str, later: str) -> float:
+    """Seconds from one ts to a later one, computed from whole microseconds (never < 0)."""
+    micros = _micros(later) - _micros(earlier)
+    return micros / 1_000_000 if micros > 0 else 0.0
+
+
+@lru_cache(maxsize=1024)
+def _micros(ts: str) -> int:
+    """Microseconds since 1970. Cached: a commit's events share one ts, and a job's previous
+    ts is usually a recent commit's (parsing costs ~0.7 µs, the fold's hot path)."""
+    return (datetime.fromisoformat(ts) - _UNIX_EPOCH) // _MICROSECOND
 
 
 # Each field's slot setter: a frozen dataclass's fields are set through object's machinery.

@@ -27,11 +27,13 @@ from . import migrate
 from .auth import TenantGrant
 from .config import Config
 from .dblock import DatabaseLock
+from .deletion import JobDeleter
 from .feed import FeedFilter
 from .frames import Frame
 from .generation import Generation, read_generation
 from .grants import JobGrants
 from .hub import Hub
+from .retention import OLDEST_EVENT_SQL, RetentionSweep, ts_seconds
 from .tenancy import JobKey
 from .wal import WalBound
 from .writer import Writer
@@ -202,6 +204,9 @@ class Store:
         self._reader_turn = itertools.count()
         self._checkpoint_task: asyncio.Task[None] | None = None
         self._writer: Writer | None = None
+        self._deleter: JobDeleter | None = None
+        self.retention: RetentionSweep | None = None  # while [retention] deletes anything
+        self._retention_task: asyncio.Task[None] | None = None
         self._lock = DatabaseLock(config.storage.path)
         self.wal = WalBound(config.storage.path, config.storage.wal_max_bytes)
         self.schema_version = 0
@@ -216,6 +221,12 @@ class Store:
         if self._writer is None:
             raise RuntimeError("store is not open")
         return self._writer
+
+    @property
+    def deleter(self) -> JobDeleter:
+        if self._deleter is None:
+            raise RuntimeError("store is not open")
+        return self._deleter
 
     async def open(self) -> None:
         # First of all: nothing (not even the integrity check) touches a file in use.
@@ -233,7 +244,7 @@ class Store:
         applied = await asyncio.to_thread(migrate.apply_migrations, storage.path)
         if applied:
             log.info("migrations_applied", names=applied, path=self.path)
-        self.schema_version = max(m.version for m in migrate.bundled_migrations())
+        self.schema_version = migrate.latest_version(migrate.bundled_migrations())
         self.generation = await asyncio.to_thread(_read_generation, storage.path)
         self._writer_conn = await self._connect()
         self._checkpoint_conn = await self._connect()
@@ -254,10 +265,22 @@ class Store:
             epoch_suffix=self.generation.job_epoch_suffix,
         )
         await self._writer.start()
+        self._deleter = JobDeleter(self._writer, self._hub)
         self._checkpoint_task = asyncio.create_task(self._checkpoint_loop(), name="checkpoint")
+        retention = self._config.retention
+        if retention.enabled:
+            self.retention = RetentionSweep(retention, self._read, self._writer, self._deleter)
+            self._retention_task = asyncio.create_task(
+                self.retention.run_forever(), name="retention"
+            )
 
     async def close(self) -> None:
         """Commit what is queued, checkpoint, and close every connection (and its thread)."""
+        if self._retention_task is not None:
+            # Between two of its transactions, or waiting on one: the writer finishes that.
+            self._retention_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._retention_task
         if self._writer is not None:
             await self._writer.stop()
         if self._checkpoint_task is not None:
@@ -490,6 +513,9 @@ class Store:
             max_bytes is not None and sum(frame.size for frame in frames) >= max_bytes
         )
         scanned = frames[-1].event_id if frames and cut else upper
+        purging = self.writer.purging
+        if purging:  # deleted jobs whose events are still being removed: never replayed
+            frames = [frame for frame in frames if (frame.tenant, frame.job_id) not in purging]
         return frames, scanned
 
     async def read_after(
@@ -507,6 +533,12 @@ class Store:
             Frame(job_id, seq, event_id, event_type.decode(), ts.decode(), body, tenant=tenant)
             for seq, event_id, event_type, ts, body in rows
         ]
+
+    async def oldest_event_seconds(self) -> float | None:
+        """The ts of the oldest event kept, as Unix seconds (the retention horizon);
+        None for an empty log. One descent of the primary key."""
+        rows = await self._read(OLDEST_EVENT_SQL, ())
+        return ts_seconds(bytes(rows[0][0]).decode()) if rows else None
 
     async def check_ready(self) -> str | None:
         """None when the log can be read and written; otherwise why not."""

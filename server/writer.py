@@ -22,10 +22,10 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 import orjson
@@ -57,6 +57,8 @@ log = structlog.get_logger("jobfeed.writer")
 
 # SQLite's default limit on host parameters is 32766; stay well inside it.
 _MAX_PARAMS = 30_000
+
+T = TypeVar("T")
 
 
 def load_states_sql(pairs: int) -> str:
@@ -123,6 +125,8 @@ class _Op:
     events: list[EventIn] | None = None
     kind: str | None = None
     metadata: dict[str, Any] | None = None
+    # Work run alone between two groups (a deletion, a vacuum step): ``run_exclusive``.
+    exclusive: Callable[[], Awaitable[Any]] | None = None
 
     @property
     def weight(self) -> int:
@@ -210,9 +214,19 @@ class Writer:
         self._fault_since = 0.0
         self._fault_failures = 0
         self._fault_refused = 0
+        # Jobs by status (GET /metrics): counted once at start, then moved by every commit
+        # that creates a job or changes its status, and by every deletion.
+        self.jobs_by_status: dict[str, int] = {}
+        # Jobs whose row is deleted while their events are still being removed in small
+        # transactions (server/deletion.py): hidden from feed replays; a create of one of
+        # them first calls ``purge_leftovers`` (set by the deleter) to remove the rest.
+        self.purging: set[JobKey] = set()
+        self.purge_leftovers: Callable[[JobKey], Awaitable[None]] | None = None
 
     async def start(self) -> None:
         await self._load_position()
+        await self._load_status_counts()
+        await self._load_purging()
         self._hub.feed.start(self.last_id)
         if self._wal is not None:
             await self._wal.configure(self._conn)
@@ -224,8 +238,47 @@ class Writer:
         rows = list(
             await self._conn.execute_fetchall("SELECT id, ts FROM events ORDER BY id DESC LIMIT 1")
         )
-        self._next_id = rows[0][0] + 1 if rows else 1
+        # Deleted events' ids are never handed out again (migrations/0005_retention.sql).
+        deleted = list(await self._conn.execute_fetchall("SELECT max_deleted_id FROM log_head"))
+        newest = rows[0][0] if rows else 0
+        self._next_id = max(newest, deleted[0][0] if deleted else 0) + 1
         self._last_ts = rows[0][1] if rows else ""
+
+    async def _load_status_counts(self) -> None:
+        """Jobs by status, counted once (the status index covers it); then kept up to date."""
+        rows = await self._conn.execute_fetchall(
+            "SELECT status, count(*) FROM jobs GROUP BY status"
+        )
+        self.jobs_by_status = {status: count for status, count in rows}
+
+    async def _load_purging(self) -> None:
+        rows = await self._conn.execute_fetchall("SELECT tenant, job_id FROM purging")
+        self.purging = {JobKey(tenant, job_id) for tenant, job_id in rows}
+
+    @property
+    def connection(self) -> aiosqlite.Connection:
+        """The writing connection, for ``run_exclusive`` work (server/deletion.py)."""
+        return self._conn
+
+    def forget(self, key: JobKey, status: str) -> None:
+        """Job ``key`` (of ``status``) was deleted by exclusive work: drop its cached state
+        and its count. Only from inside ``run_exclusive``: no group is planned meanwhile."""
+        self._jobs.discard(key)
+        self._count_status(status, None)
+
+    def forget_all(self) -> None:
+        """Drop every cached job state (a deletion's COMMIT failed: its outcome is unknown,
+        so the next group reads each job from the file)."""
+        self._jobs.clear()
+
+    def _count_status(self, old: str | None, new: str | None) -> None:
+        if old == new:
+            return
+        counts = self.jobs_by_status
+        if old is not None:
+            counts[old] = counts.get(old, 0) - 1
+        if new is not None:
+            counts[new] = counts.get(new, 0) + 1
 
     async def stop(self) -> None:
         """Commit everything already queued, then stop taking requests."""
@@ -264,6 +317,29 @@ class Writer:
         result: AppendResult = await op.future
         return result
 
+    async def run_exclusive(self, work: Callable[[], Awaitable[T]]) -> T:
+        """Run ``work`` in the writer's task, alone: after the groups queued before it have
+        committed and before those queued after it are planned. A deletion runs here, so an
+        append either lands before it (and is deleted with the job) or is planned after it
+        (and finds no job). ``work`` owns its transaction on ``connection``; it must be small,
+        since appends wait behind it."""
+        op = self._submit(_Op(JobKey("", ""), self._new_future(), exclusive=work))
+        result: T = await op.future
+        return result
+
+    def submit_append(self, key: JobKey, events: list[EventIn]) -> asyncio.Future[AppendResult]:
+        """Queue an append without waiting for it: the future settles after its group's
+        commit. Requests are applied in the order they are submitted, so a producer stream
+        pipelines its requests through this (``append`` awaits each). Raises ``Overloaded``
+        or ``ShuttingDown`` at once, as ``append`` does."""
+        return self._submit(_Op(key, self._new_future(), events=events)).future
+
+    def submit_create(
+        self, key: JobKey, kind: str | None, metadata: dict[str, Any] | None
+    ) -> asyncio.Future[JobState]:
+        """``create_job`` without waiting for it (see ``submit_append``)."""
+        return self._submit(_Op(key, self._new_future(), kind=kind, metadata=metadata)).future
+
     def _new_future(self) -> asyncio.Future[Any]:
         return asyncio.get_running_loop().create_future()
 
@@ -278,20 +354,37 @@ class Writer:
 
     async def _run(self) -> None:
         stop_seen = False
-        while not stop_seen:
-            first = await self._next_op()
-            if first is None:
+        carried: _Op | None = None  # exclusive work met while a group was being gathered
+        while True:
+            if carried is not None:
+                first, carried = carried, None
+            elif stop_seen:
                 break
+            else:
+                next_op = await self._next_op()
+                if next_op is None:
+                    break
+                first = next_op
             ops, weight = [first], first.weight
-            while weight < self._max_batch_events and not self._queue.empty():
+            while (
+                first.exclusive is None
+                and weight < self._max_batch_events
+                and not self._queue.empty()
+            ):
                 op = self._queue.get_nowait()
                 if op is None:
                     stop_seen = True
                     break
+                if op.exclusive is not None:
+                    carried = op  # runs alone, right after this group
+                    break
                 ops.append(op)
                 weight += op.weight
             try:
-                await self._commit_group(ops)
+                if first.exclusive is not None:
+                    await self._run_exclusive(first, first.exclusive)
+                else:
+                    await self._commit_group(ops)
             except Exception as exc:  # a bug: never let it kill the writer or hang callers
                 log.exception("writer_group_failed", ops=len(ops))
                 for op in ops:
@@ -302,6 +395,16 @@ class Writer:
             if self._wal is not None:
                 # Between groups: no transaction is open, and the answers are already out.
                 await self._wal.restart_if_due(self._conn, self._busy_timeout_ms)
+
+    async def _run_exclusive(self, op: _Op, work: Callable[[], Awaitable[Any]]) -> None:
+        try:
+            result = await work()
+        except ServiceError as exc:
+            if not op.future.done():  # the caller may have been cancelled meanwhile
+                op.future.set_exception(exc)
+        else:
+            if not op.future.done():
+                op.future.set_result(result)
 
     async def _next_op(self) -> _Op | None:
         """The next request; while unhealthy and idle, probe the write path meanwhile."""
@@ -386,11 +489,22 @@ class Writer:
     async def _commit_group(self, ops: list[_Op]) -> None:
         started = time.perf_counter()
         try:
+            if self.purging and self.purge_leftovers is not None:
+                for op in ops:
+                    if op.events is None and op.key in self.purging:
+                        await self.purge_leftovers(op.key)  # before the id is created again
             states = await self._load_states({op.key for op in ops})
             stored_keys = await self._load_keys(ops)
         except sqlite3.Error as exc:
             self._fail(ops, exc, "read")
             return
+        except ServiceError as exc:  # purge_leftovers could not write (logged by it)
+            for op in ops:
+                if not op.future.done():
+                    op.future.set_exception(exc)
+            return
+        # Statuses before this group (planning writes into ``states``): for jobs_by_status.
+        before = {key: state.status for key, state in states.items() if state is not None}
         group = _Group(states=states)
         ts = utc_now()
         if ts < self._last_ts:
@@ -426,6 +540,7 @@ class Writer:
             self._recovered("commit")
             for key, state in group.touched.items():
                 self._remember(key, state)
+                self._count_status(before.get(key), state.status)
             for key, frames in group.frames.items():
                 self._hub.publish(key, frames)
             self._hub.publish_feed(group.feed)
@@ -474,6 +589,7 @@ class Writer:
         await self._probe()
         try:
             await self._load_position()
+            await self._load_status_counts()
         except sqlite3.Error as reload_error:  # the state stays as planned before the group
             log.warning("writer_reload_failed", error=str(reload_error))
         self._jobs.clear()

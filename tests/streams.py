@@ -158,6 +158,9 @@ async def read_sse(
                     log.heartbeats += 1
                 continue
             payload = item.json()
+            if item.event == "error":  # a stream ended by the server (e.g. job_deleted)
+                log.errors.append(payload)
+                continue
             if item.event == "hello":
                 assert item.id is None, f"hello carries an id: {item!r}"
             else:

@@ -40,6 +40,10 @@ SNAPSHOT_FIELDS = {
     "result",
     "error",
     "epoch",
+    "started_at",
+    "rate",
+    "eta_seconds",
+    "rate_window",
 }
 
 
@@ -133,6 +137,8 @@ async def test_create_returns_queued_snapshot(client: Client) -> None:
     assert TS_RE.match(snapshot["created_at"])
     assert snapshot["updated_at"] == snapshot["created_at"]
     for name in ("progress", "phase", "message", "current", "total", "finished_at"):
+        assert snapshot[name] is None, name
+    for name in ("started_at", "rate", "eta_seconds", "rate_window"):
         assert snapshot[name] is None, name
     assert snapshot["result"] is None
     assert snapshot["error"] is None
@@ -1168,7 +1174,7 @@ async def test_unknown_route_is_404_in_error_shape(client: Client, path: str) ->
 
 @pytest.mark.parametrize(
     ("method", "path"),
-    [("PUT", "/v1/jobs"), ("DELETE", "/v1/jobs/x"), ("PATCH", "/v1/jobs/x/events"),
+    [("PUT", "/v1/jobs"), ("DELETE", "/v1/jobs/x/events"), ("PATCH", "/v1/jobs/x/events"),
      ("POST", "/healthz")],
 )  # fmt: skip
 async def test_wrong_method_is_405_in_error_shape(client: Client, method: str, path: str) -> None:
@@ -1228,7 +1234,7 @@ async def test_every_json_body_ends_with_a_newline(client: Client) -> None:
         await client.get("/v1/jobs/nope"),
         await client.get("/v1/jobs?limit=0"),
         await client.get("/nowhere"),
-        await client.delete("/v1/jobs/nl"),
+        await client.delete("/v1/jobs/nl/events"),
         await client.post("/v1/jobs", json={"job_id": "nl"}),
         await client.post("/v1/jobs/nl/events", json={"type": "log"}),
         await client.get("/v1/jobs/nl/stream"),

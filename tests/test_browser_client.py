@@ -226,7 +226,9 @@ async def test_watches_resume_across_a_sigkill_and_stop_at_the_end(
 
 async def test_the_module_fold_reproduces_the_server_vectors(served: Served, browser: Any) -> None:
     """applyEvent, run in Chromium on every case of server.fold_vectors, gives the server's
-    snapshot after every event (timestamps' microseconds and epochs included)."""
+    snapshot after every event (timestamps' microseconds, epochs, rate and eta included);
+    and folding on from any of the server's snapshots (as a watch given a snapshot does)
+    reaches the same last snapshot: the rate_window a snapshot carries is all it needs."""
     cases = vectors()["cases"]
     page = await open_page(browser, served)
     folded = await page.evaluate(
@@ -234,15 +236,19 @@ async def test_the_module_fold_reproduces_the_server_vectors(served: Served, bro
           const m = await import("/client/jobfeed.js");
           return cases.map((c) => {
             let state = null;
-            return c.events.map((event) => (state = m.applyEvent(state, event)));
+            const steps = c.events.map((event) => (state = m.applyEvent(state, event)));
+            const resumed = c.snapshots.map((snapshot, i) => m.fold(c.events.slice(i + 1),
+              structuredClone(snapshot)));
+            return {steps, resumed};
           });
         }""",
         cases,
     )
     await page.close()
     assert len(folded) == len(cases) > 10
-    for case, snapshots in zip(cases, folded, strict=True):
-        assert snapshots == case["snapshots"], case["name"]
+    for case, got in zip(cases, folded, strict=True):
+        assert got["steps"] == case["snapshots"], case["name"]
+        assert got["resumed"] == [case["snapshots"][-1]] * len(case["snapshots"]), case["name"]
 
 
 async def test_log_reset_starts_over_and_a_reload_resumes(served: Served, browser: Any) -> None:
@@ -664,3 +670,48 @@ async def test_with_authentication_a_ticket_is_renewed_after_4401(
         await page.wait_for_selector("#counts [data-status=completed] .chip-count:text-is('1')")
         assert page.errors == []
         await page.close()
+
+
+async def test_a_deleted_job_ends_the_watch_for_good(served: Served, browser: Any) -> None:
+    """DELETE while a job is watched: over WebSocket (4410) and SSE (event: error
+    job_deleted) the watch reports job_deleted as final and does not reconnect."""
+    job = "mod-deleted"
+    async with aiohttp.ClientSession(served.url) as session:
+        await create(session, job)
+        await append(session, job, {"type": "progress", "progress": 10})
+    page = await open_page(browser, served)
+    await page.evaluate(
+        """async ({job, backoff}) => {
+          const m = await import("/client/jobfeed.js");
+          window.runs = {};
+          for (const transport of ["websocket", "sse"]) {
+            const got = window.runs[transport] = {events: [], errors: []};
+            got.watch = m.watchJob(m.jobStreamUrl(job), {
+              transport, backoff,
+              onEvent: (event) => got.events.push(event.seq),
+              onError: (error) => got.errors.push([error.code, error.final]),
+            });
+          }
+        }""",
+        {"job": job, "backoff": BACKOFF},
+    )
+    await page.wait_for_function(
+        "runs.websocket.watch.state === 'live' && runs.sse.watch.state === 'live'", timeout=WAIT_MS
+    )
+    async with (
+        aiohttp.ClientSession(served.url) as session,
+        session.delete(f"/v1/jobs/{job}") as response,
+    ):
+        assert response.status == 204
+    await page.wait_for_function(
+        "runs.websocket.watch.state === 'failed' && runs.sse.watch.state === 'failed'",
+        timeout=WAIT_MS,
+    )
+    for transport in ("websocket", "sse"):
+        got = await page.evaluate(
+            f"({{events: runs.{transport}.events, errors: runs.{transport}.errors,"
+            f" resumes: runs.{transport}.watch.resumes}})"
+        )
+        assert got == {"events": [1, 2], "errors": [["job_deleted", True]], "resumes": 0}
+    assert page.errors == []
+    await page.close()

@@ -372,3 +372,43 @@ def test_publish_raises_the_high_water() -> None:
     hub.publish(key("job"), frames(1, 4))
     assert channel.high_water == 4
     assert hub.attach(key("job"), 2).high_water == 4
+
+
+# -- deleted jobs ---------------------------------------------------------------------------
+
+
+async def test_forget_jobs_drops_frames_and_ends_subscribers() -> None:
+    """A deleted job's cached frames leave the job's and the feed's caches (the other job's
+    stay), its channel is marked deleted and its waiters wake; a publish for the same id
+    afterwards starts a new channel."""
+    hub = big_hub()
+    channel = hub.attach(key("gone"), 0)
+    hub.publish(key("gone"), frames(1, 3, "gone"))
+    hub.publish_feed(frames(1, 3, "gone"))
+    hub.publish(key("kept"), frames(1, 2, "kept"))
+    hub.publish_feed(frames(4, 5, "kept"))
+    waiter = asyncio.create_task(channel.wait_beyond(3, timeout=10))
+    await asyncio.sleep(0)
+    hub.forget_jobs([key("gone")])
+    assert await asyncio.wait_for(waiter, 5) is True
+    assert channel.deleted
+    assert channel.frames == []
+    assert [f.job_id for f in hub.feed.frames] == ["kept", "kept"]
+    hub.publish(key("gone"), frames(1, 1, "gone"))
+    fresh = hub.attach(key("gone"), 1)
+    assert fresh is not channel
+    assert not fresh.deleted
+
+
+def test_deleted_since_remembers_recent_deletions_and_says_when_it_cannot_know() -> None:
+    """True for a job deleted after the mark, False for one that was not, and None once
+    more deletions than it remembers happened after the mark (the caller reads the log)."""
+    hub = big_hub()
+    mark = hub.deletions
+    hub.forget_jobs([key("a")])
+    assert hub.deleted_since(key("a"), mark) is True
+    assert hub.deleted_since(key("a"), hub.deletions) is False
+    assert hub.deleted_since(key("b"), mark) is False
+    hub.forget_jobs([key(f"many-{n}") for n in range(5000)])
+    assert hub.deleted_since(key("b"), mark) is None
+    assert hub.deleted_since(key("many-4999"), mark) is True

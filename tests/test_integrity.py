@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from server.migrate import apply_migrations, bundled_migrations
+from server.migrate import apply_migrations, bundled_migrations, latest_version
 from tests.procs import Launcher, launching
 from tests.test_migrate import execute, run_cli, write_config
 
@@ -109,7 +109,7 @@ def test_serve_refuses_a_schema_newer_than_the_code(tmp_path: Path) -> None:
     execute(
         db,
         "INSERT INTO schema_migrations (version, name, checksum, applied_at) VALUES (?,?,?,?)",
-        len(bundled_migrations()) + 1,
+        latest_version(bundled_migrations()) + 1,
         "9999_from_the_future.sql",
         "f" * 64,
         "2030-01-01T00:00:00+00:00",

@@ -40,6 +40,8 @@ BOUNDED_LABELS = {
     "code",
     "cache",
     "le",
+    "status",  # jobfeed_jobs: the five job statuses
+    "reason",  # deletions: api, retention
 }
 
 

@@ -18,7 +18,14 @@ from typing import Any
 
 import pytest
 
-from server.migrate import Migration, MigrationError, apply_migrations, bundled_migrations
+from server.migrate import (
+    Migration,
+    MigrationError,
+    apply_migrations,
+    bundled_migrations,
+    check_versions,
+    latest_version,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 INITIAL = "0001_initial.sql"
@@ -124,7 +131,7 @@ def test_schema_newer_than_the_code_is_refused(tmp_path: Path) -> None:
     execute(
         db,
         "INSERT INTO schema_migrations (version, name, checksum, applied_at) VALUES (?,?,?,?)",
-        len(ALL) + 1,
+        latest_version(bundled_migrations()) + 1,
         "9999_from_the_future.sql",
         "f" * 64,
         "2030-01-01T00:00:00+00:00",
@@ -139,7 +146,9 @@ def test_failing_migration_leaves_neither_its_changes_nor_its_record(tmp_path: P
     db = tmp_path / "broken.db"
     shipped = bundled_migrations()
     broken = Migration(
-        len(shipped) + 1, "9999_broken.sql", "CREATE TABLE half (a INTEGER);\nNOT SQL AT ALL;\n"
+        latest_version(shipped) + 1,
+        "9999_broken.sql",
+        "CREATE TABLE half (a INTEGER);\nNOT SQL AT ALL;\n",
     )
     with pytest.raises(MigrationError):
         apply_migrations(db, [*shipped, broken])
@@ -173,3 +182,12 @@ def test_serve_on_a_tampered_migration_fails_with_one_line(tmp_path: Path) -> No
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
     assert INITIAL in lines[0]
+
+
+def test_two_files_with_one_number_are_refused() -> None:
+    """Numbers are handed out ahead of time, so the shipped set may have gaps (0007 before
+    0005 lands), but never two files with one number: bundled_migrations refuses them."""
+    with pytest.raises(MigrationError, match="distinct"):
+        check_versions([1, 2, 2, 7])
+    check_versions([1, 2, 3, 4, 7])
+    assert latest_version(bundled_migrations()) == max(version for version, _ in RECORDED)

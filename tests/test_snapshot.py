@@ -186,9 +186,10 @@ def test_cancelled_without_reason_keeps_message(running: JobState) -> None:
 
 @pytest.mark.parametrize("event_type", ["notification", "stage_completed"])
 def test_custom_event_moves_only_last_seq_and_updated_at(queued: JobState, event_type: str) -> None:
-    """A custom event changes neither status nor progress fields; last_seq, updated_at move."""
+    """A custom event changes neither status nor progress fields; last_seq, updated_at move
+    (and started_at, set by the first event after created, whatever its type)."""
     state = apply_event(queued, stored(2, event_type, T2, message="m", data={"a": 1}))
-    assert dataclasses.replace(queued, last_seq=2, updated_at=T2) == state
+    assert dataclasses.replace(queued, last_seq=2, updated_at=T2, started_at=T2) == state
 
 
 def test_apply_event_does_not_change_its_input(running: JobState) -> None:
@@ -199,7 +200,7 @@ def test_apply_event_does_not_change_its_input(running: JobState) -> None:
 
 
 def test_snapshot_has_the_fixed_shape(running: JobState) -> None:
-    """to_dict always has the protocol's 16 fields, null where there is no value."""
+    """to_dict always has the protocol's 20 fields, null where there is no value."""
     assert list(running.to_dict()) == [
         "job_id",
         "kind",
@@ -217,6 +218,10 @@ def test_snapshot_has_the_fixed_shape(running: JobState) -> None:
         "result",
         "error",
         "epoch",
+        "started_at",
+        "rate",
+        "eta_seconds",
+        "rate_window",
     ]
     assert running.to_dict()["finished_at"] is None
 

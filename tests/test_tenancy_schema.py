@@ -97,7 +97,6 @@ def test_0004_moves_every_row_into_tenant_default(tmp_path: Path) -> None:
     assert len(events_before) == sum(OLD_JOBS.values()) + len(OLD_JOBS)
     assert all(orjson.loads(row[-1]).get("epoch") for row in jobs_before)
 
-    # Up to 0004 only: later migrations (0008 adds a table) are tested in their own modules.
     assert apply_migrations(db, bundled_migrations()[:4]) == ["0004_tenants.sql"]
 
     assert rows(db, f"SELECT {JOB_COLUMNS} FROM jobs ORDER BY job_no") == jobs_before

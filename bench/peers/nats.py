@@ -45,6 +45,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy, Header, StorageType
 
 from .. import server
 from ..fleet import Link, Workers
+from ..ingest import w2i_name
 from ..loadgen import READY_TIMEOUT, CpuWindow, append_body, bounded_gather
 from ..profiles import Profile
 from ..stats import Phase
@@ -720,3 +721,92 @@ def w5(profile: Profile) -> list[Phase]:
                 peer,
             ),
         ]
+
+
+# -- W2i: asynchronous publishes, a window of pending acks per producer ----------------------
+
+
+@dataclass(frozen=True)
+class PipelinedSpec:
+    url: str
+    subjects: tuple[str, ...]
+    window: int
+    warmup: float
+    duration: float
+    time_limit: float
+
+
+async def publish_pipelined(link: Link, spec: PipelinedSpec) -> None:
+    """``bench.ingest.append_pipelined`` with nats-py's asynchronous publishes: each producer
+    (its own connection and subject) keeps ``window`` publishes awaiting their acks
+    (``publish_async_max_pending``), publishing the next as soon as one is acked."""
+    errors: collections.Counter[str] = collections.Counter()
+    async with contextlib.AsyncExitStack() as stack:
+        producers = [
+            (to, await stack.enter_async_context(connected(spec.url, errors)))
+            for to in spec.subjects
+        ]
+        link.send("ready")
+        await link.expect("go", READY_TIMEOUT)
+        w0 = time.perf_counter_ns() + int(spec.warmup * 1e9)
+        w1 = w0 + int(spec.duration * 1e9)
+        cpu = CpuWindow(w0, w1)
+        latencies = array("q")
+        events = 0
+
+        def acked(t0: int, future: asyncio.Future[object]) -> None:
+            nonlocal events
+            t1 = time.perf_counter_ns()
+            if future.cancelled() or future.exception() is not None:
+                errors["publish failed" if not future.cancelled() else "cancelled"] += 1
+                return
+            if w0 <= t1 <= w1:  # acked in the window (bench.ingest says why)
+                latencies.append(t1 - t0)
+                events += 1
+
+        async def producer(to: str, nc: NATS) -> None:
+            js = nc.jetstream(timeout=ACK_TIMEOUT, publish_async_max_pending=spec.window)
+            counter = 0
+            while (t0 := time.perf_counter_ns()) < w1:
+                counter += 1
+                future = await js.publish_async(to, append_body(1, counter))
+                future.add_done_callback(functools.partial(acked, t0))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(10.0):
+                    await js.publish_async_completed()
+
+        await asyncio.gather(*(producer(to, nc) for to, nc in producers))
+        link.send(
+            "result",
+            events=events,
+            latencies=latencies.tobytes(),
+            errors=dict(errors),
+            cpu_s=await cpu.result(),
+        )
+
+
+def w2i(profile: Profile) -> list[Phase]:
+    """``bench.ingest.w2i`` against JetStream with its default sync."""
+    name = w2i_name(profile)
+    peer = label(False)
+    with nats_server(sync_always=False) as process:
+        run_async(create_stream(process.url, "W2i"))
+        subjects = [subject(f"producer-{i:02d}") for i in range(profile.producers)]
+        specs = [
+            PipelinedSpec(
+                process.url,
+                share,
+                profile.ingest_window,
+                profile.warmup,
+                profile.duration,
+                time_limit=profile.warmup + profile.duration + 10.0 + GATHER_SLACK,
+            )
+            for share in split(subjects, profile.generator_processes)
+        ]
+        server_cpu, results = run_producers(process, profile, publish_pipelined, specs)
+    metrics = append_metrics(results, profile)
+    what = f"{name} [{peer}]"
+    notes = [f"{what}: publish_async, {profile.ingest_window} pending acks per producer"]
+    notes += error_notes([r["errors"] for r in results], what)
+    cpu = sum(r["cpu_s"] for r in results)
+    return [Phase(name, metrics, server_cpu, cpu, notes, ceiling=peer)]

@@ -24,6 +24,7 @@ starting ``"Redis Streams"``, so the report sets the two side by side. jobfeed's
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import socket
@@ -43,6 +44,7 @@ from redis.typing import EncodableT
 
 from .. import loadgen, server, subscribers
 from ..fleet import Link, Workers
+from ..ingest import w1i_name
 from ..loadgen import READY_TIMEOUT, CpuWindow, bounded_gather
 from ..profiles import Profile
 from ..stats import Phase, latency_ms, samples
@@ -765,3 +767,156 @@ def w5(profile: Profile) -> list[Phase]:
         )
     )
     return [one, many]
+
+
+# -- W1i: single XADDs pipelined on one connection per producer -------------------------------
+
+
+def _resp(*parts: bytes) -> bytes:
+    return b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
+
+
+class PipelinedXadds(asyncio.Protocol):
+    """One producer's connection: ``window`` XADDs in flight, each reply sending the next in
+    the same step, and all the XADDs one read produced in one write. A raw RESP client (the
+    replies of XADD are bulk strings or errors, parsed by hand) for the same reason as
+    ``bench.ingest``'s producers: a generator lean enough that the server sets the figure."""
+
+    def __init__(self, key: str, window: int) -> None:
+        self.key = key.encode()
+        self.window = window
+        self.transport: asyncio.Transport | None = None
+        self.sent_at: collections.deque[int] = collections.deque()
+        self.n = 0
+        self.w0 = self.w1 = 0
+        self.latencies = array("q")
+        self.events = 0
+        self.errors = 0
+        self.tail = b""
+        self.drained = asyncio.Event()
+        self.connected = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.connected.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.drained.set()
+
+    def command(self) -> bytes:
+        self.n += 1
+        n = b"%d" % self.n
+        return _resp(b"XADD", self.key, b"*", b"e", loadgen.append_body(1, self.n), b"n", n)
+
+    def start(self, w0: int, w1: int) -> None:
+        self.w0, self.w1 = w0, w1
+        now = time.perf_counter_ns()
+        commands = [self.command() for _ in range(self.window)]
+        self.sent_at.extend([now] * len(commands))
+        assert self.transport is not None
+        self.transport.writelines(commands)
+
+    def data_received(self, data: bytes) -> None:
+        data = self.tail + data if self.tail else data
+        pos, size, out = 0, len(data), []
+        while pos < size:
+            end = data.find(b"\r\n", pos)
+            if end < 0:
+                break
+            if data[pos] == 0x24:  # "$": a bulk string, the new entry's id
+                length = int(data[pos + 1 : end])
+                if size < end + 2 + length + 2:
+                    break
+                pos, ok = end + 2 + length + 2, True
+            else:  # "-": an error
+                pos, ok = end + 2, False
+            t1 = time.perf_counter_ns()
+            t0 = self.sent_at.popleft()
+            if not ok:
+                self.errors += 1
+            elif self.w0 <= t1 <= self.w1:  # acked in the window (bench.ingest says why)
+                self.latencies.append(t1 - t0)
+                self.events += 1
+            if t1 < self.w1:
+                out.append(self.command())
+                self.sent_at.append(time.perf_counter_ns())
+            elif not self.sent_at:
+                self.drained.set()
+        self.tail = data[pos:]
+        if out and self.transport is not None:
+            self.transport.writelines(out)
+
+
+@dataclass(frozen=True)
+class PipelinedSpec:
+    port: int
+    keys: tuple[str, ...]
+    window: int
+    warmup: float
+    duration: float
+    time_limit: float
+
+
+async def append_pipelined(link: Link, spec: PipelinedSpec) -> None:
+    loop = asyncio.get_running_loop()
+    producers = []
+    for key in spec.keys:
+        _, producer = await loop.create_connection(
+            lambda key=key: PipelinedXadds(key, spec.window),  # type: ignore[misc]
+            server.HOST,
+            spec.port,
+        )
+        producers.append(producer)
+    try:
+        link.send("ready")
+        await link.expect("go", READY_TIMEOUT)
+        w0 = time.perf_counter_ns() + int(spec.warmup * 1e9)
+        w1 = w0 + int(spec.duration * 1e9)
+        cpu = CpuWindow(w0, w1)
+        for producer in producers:
+            producer.start(w0, w1)
+        await asyncio.sleep(max(0.0, (w1 - time.perf_counter_ns()) / 1e9))
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(10.0):
+                await asyncio.gather(*(p.drained.wait() for p in producers if p.sent_at))
+        latencies = array("q")
+        for producer in producers:
+            latencies.extend(producer.latencies)
+        link.send(
+            "result",
+            events=sum(p.events for p in producers),
+            errors=sum(p.errors for p in producers),
+            latencies=latencies.tobytes(),
+            cpu_s=await cpu.result(),
+        )
+    finally:
+        for producer in producers:
+            if producer.transport is not None:
+                producer.transport.abort()
+
+
+def w1i(profile: Profile) -> list[Phase]:
+    """``bench.ingest.w1i`` against Redis Streams (appendfsync always): each producer keeps
+    ``ingest_window`` single XADDs in flight on its own connection."""
+    name = w1i_name(profile)
+    peer = label(ALWAYS)
+    with redis_server(ALWAYS) as process:
+        keys = [f"job:producer-{i:02d}" for i in range(profile.producers)]
+        specs = [
+            PipelinedSpec(
+                process.port,
+                share,
+                profile.ingest_window,
+                profile.warmup,
+                profile.duration,
+                time_limit=profile.warmup + profile.duration + 10.0 + GATHER_SLACK,
+            )
+            for share in split(keys, profile.generator_processes)
+        ]
+        server_cpu, results = run_producers(process, profile, append_pipelined, specs)
+    metrics = append_metrics(results, profile)
+    notes = [f"{name} [{peer}]: single XADDs pipelined, {profile.ingest_window} in flight each"]
+    errors = sum(r["errors"] for r in results)
+    if errors:
+        notes.append(f"{name} [{peer}]: {errors} error replies (must be 0)")
+    return [Phase(name, metrics, server_cpu, sum(r["cpu_s"] for r in results), notes, ceiling=peer)]

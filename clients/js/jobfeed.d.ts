@@ -91,6 +91,23 @@ export interface Snapshot {
   error: ErrorInfo | null;
   /** The log's identity: send it back when resuming; compare only for equality. */
   epoch: string | null;
+  /** The ts of the first event after `created`; null while there is none. */
+  started_at: string | null;
+  /** Units of `current` per second over the recent window; null when unknown (fewer than
+   * two samples, less than a second measured, no `current`, finished). */
+  rate: number | null;
+  /** Seconds left as of `updated_at`, from the rate and what is left (`total - current`, or
+   * `100 - progress` for a job that reports only fractions); null when unknown, 0 when
+   * nothing is left. Never negative. */
+  eta_seconds: number | null;
+  /** The estimator's state: what `applyEvent` needs to go on from this snapshot. */
+  rate_window: RateWindow | null;
+}
+
+/** Decayed sums of the position's gain and of the seconds passed (docs/protocol.md). */
+export interface RateWindow {
+  advance: number;
+  seconds: number;
 }
 
 /** Control frames of a job stream (WebSocket; SSE sends the hello as `event: hello`). */
@@ -138,7 +155,7 @@ export type WatchState = "connecting" | "live" | "waiting" | "done" | "failed" |
 export type Transport = "websocket" | "sse";
 
 export class JobfeedError extends Error {
-  /** The protocol's error code: job_not_found, invalid_parameter, log_reset, unauthorized, ... */
+  /** The protocol's error code: job_not_found, invalid_parameter, log_reset, job_deleted (4410, final), unauthorized, ... */
   code: string;
   /** The HTTP status of an SSE refusal, else null. */
   status: number | null;
@@ -246,6 +263,11 @@ export function logEpoch(createdId: number, createdTs: string): string;
 export function timestampMicros(ts: string): number;
 export function isTerminal(type: string): type is TerminalType;
 export const TERMINAL_TYPES: readonly TerminalType[];
+/** The rate estimator's constants (seconds): its window, the least it measures before giving
+ * a rate, and the largest ETA it gives. */
+export const RATE_WINDOW_SECONDS: number;
+export const MIN_RATE_SECONDS: number;
+export const MAX_ETA_SECONDS: number;
 
 export class SSEParser {
   retry: number;

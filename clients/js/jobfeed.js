@@ -60,10 +60,15 @@ export function applyEvent(state, event) {
       result: null,
       error: null,
       epoch: logEpoch(event.id, ts),
+      started_at: null,
+      rate: null,
+      eta_seconds: null,
+      rate_window: null,
     };
   }
   if (!state) throw new Error(`event ${type} (seq ${event.seq}) before the job's created event`);
   const next = { ...state, last_seq: event.seq, updated_at: ts };
+  if (state.started_at == null) next.started_at = ts;
   if (type === "progress") {
     next.status = "running";
     for (const name of PROGRESS_FIELDS) if (name in event) next[name] = event[name];
@@ -81,9 +86,55 @@ export function applyEvent(state, event) {
     } else if ("reason" in event) {
       next.message = event.reason;
     }
+    next.rate = next.eta_seconds = next.rate_window = null; // nothing left to estimate
+    return next;
   }
   // A custom event moves nothing but last_seq and updated_at (not even out of queued).
+  sample(state, next, ts);
   return next;
+}
+
+// Rate and ETA: server/snapshot.py's estimator, the same operations in the same order on the
+// same doubles, so a live card shows the server's numbers (docs/protocol.md, "Rate and ETA").
+// Every event of a running job is a sample of its position (current, else progress); the
+// window is two decayed sums, advance and seconds; rate = advance / seconds.
+export const RATE_WINDOW_SECONDS = 30;
+export const MIN_RATE_SECONDS = 1;
+export const MAX_ETA_SECONDS = 1e9;
+
+function sample(state, next, ts) {
+  const inUnits = next.current != null;
+  const position = inUnits ? next.current : next.progress;
+  if (position == null) return; // nothing to measure yet
+  const before = state.current ?? state.progress;
+  const window = state.rate_window;
+  let advance = 0;
+  let seconds = 0;
+  if (window && before != null && (state.current != null) === inUnits && position >= before) {
+    ({ advance, seconds } = window);
+    const elapsed = ts === state.updated_at ? 0 : secondsBetween(state.updated_at, ts);
+    const gain = position - before;
+    if (elapsed || gain) {
+      const decay = RATE_WINDOW_SECONDS / (RATE_WINDOW_SECONDS + elapsed);
+      advance = advance * decay + gain;
+      seconds = seconds * decay + elapsed;
+    }
+  }
+  next.rate_window = { advance, seconds };
+  const rate = seconds >= MIN_RATE_SECONDS ? advance / seconds : null;
+  next.rate = inUnits ? rate : null;
+  let left = null;
+  if (!inUnits) left = 100 - position;
+  else if (next.total != null) left = next.total - next.current;
+  if (left === null || rate === null) next.eta_seconds = null;
+  else if (left <= 0) next.eta_seconds = 0;
+  else if (rate > 0 && left < rate * MAX_ETA_SECONDS) next.eta_seconds = left / rate;
+  else next.eta_seconds = null;
+}
+
+function secondsBetween(earlier, later) {
+  const micros = timestampMicros(later) - timestampMicros(earlier);
+  return micros > 0 ? micros / 1_000_000 : 0;
 }
 
 /** `applyEvent` over `events`, from `state` (default: nothing, so events[0] is `created`). */
@@ -115,6 +166,7 @@ const CLOSE_ERROR_CODES = {
   4401: "unauthorized",
   4403: "forbidden",
   4409: "log_reset",
+  4410: "job_deleted",
 };
 
 // -- Watching -------------------------------------------------------------------------------
@@ -364,7 +416,7 @@ class Watch {
       const code = String(frame.code ?? "error");
       const error = new JobfeedError(code, frame.message ?? code);
       if (code === "token_expired" || code === "unauthorized") return { kind: "reauth", error };
-      if (code === "forbidden") return { kind: "fatal", error };
+      if (code === "forbidden" || code === "job_deleted") return { kind: "fatal", error };
       return { kind: "retry", reason: `SSE error ${code}`, retryAfter: retryHint, opened: true };
     }
     if (!record.data) return null;

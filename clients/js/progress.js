@@ -6,6 +6,7 @@
 // Attributes: `job` (required); `server` (default: the server this script came from);
 // `persist` (present: a reload resumes from sessionStorage). It follows the job with
 // watchJob (resuming across drops and restarts) and shows a bar, the percent, phase, message,
+// the server's estimate of the time left and of the rate (docs/protocol.md, "Rate and ETA"),
 // elapsed time, and the result or the error at the end. Style it with CSS custom properties
 // (--jobfeed-bar-color, --jobfeed-bar-background, --jobfeed-completed-color,
 // --jobfeed-failed-color, --jobfeed-border, --jobfeed-radius, --jobfeed-font,
@@ -54,6 +55,8 @@ const TEMPLATE = `
   .message { overflow-wrap: anywhere; }
   .message:empty { display: none; }
   .elapsed { color: var(--jobfeed-muted-color, #57606a); font-variant-numeric: tabular-nums; }
+  .eta { font-variant-numeric: tabular-nums; }
+  .eta:not(:empty)::after { content: " · "; color: var(--jobfeed-muted-color, #57606a); }
   .outcome:empty { display: none; }
   .outcome { margin-top: 8px; padding: 6px 8px; border-radius: 6px; background: #f6f8fa; }
   :host([status="failed"]) .outcome { background: #ffebe9; color: #82071e; }
@@ -62,7 +65,7 @@ const TEMPLATE = `
 </style>
 <header><span class="job" part="job"></span><span class="status" part="status" role="status"></span></header>
 <div class="track" part="bar" role="progressbar" aria-valuemin="0" aria-valuemax="100"><div class="fill" part="fill"></div></div>
-<div class="line"><span><span class="percent" part="percent"></span> <span class="phase" part="phase"></span></span><span class="elapsed" part="elapsed"></span></div>
+<div class="line"><span><span class="percent" part="percent"></span> <span class="phase" part="phase"></span></span><span><span class="eta" part="eta"></span><span class="elapsed" part="elapsed" title="elapsed"></span></span></div>
 <div class="message" part="message"></div>
 <div class="outcome" part="outcome"></div>
 `;
@@ -91,6 +94,7 @@ export class JobfeedProgress extends HTMLElement {
       phase: $(".phase"),
       message: $(".message"),
       elapsed: $(".elapsed"),
+      eta: $(".eta"),
       outcome: $(".outcome"),
     };
   }
@@ -156,7 +160,7 @@ export class JobfeedProgress extends HTMLElement {
 
   #render() {
     const s = this.#snapshot;
-    const { bar, fill, percent, phase, message, status, outcome } = this.#els;
+    const { bar, fill, percent, phase, message, status, outcome, eta } = this.#els;
     const job = this.getAttribute("job") ?? "";
     this.setAttribute("status", s?.status ?? "unknown");
     bar.setAttribute("aria-label", `Progress of ${job}`);
@@ -175,6 +179,7 @@ export class JobfeedProgress extends HTMLElement {
     const counts = s?.total ? `${s.current ?? 0} of ${s.total}` : "";
     phase.textContent = [s?.phase, counts].filter(Boolean).join(" · ");
     message.textContent = s?.message ?? "";
+    eta.textContent = estimateText(s);
     bar.setAttribute("aria-valuetext", valueText(s));
     status.textContent = statusText(s, this.#connection);
     outcome.replaceChildren(...outcomeNodes(s));
@@ -202,6 +207,8 @@ function valueText(s) {
   const parts = [];
   if (s.progress !== null) parts.push(`${Math.floor(s.progress)} percent`);
   if (s.status !== "running" || s.progress === null) parts.push(s.status);
+  if (s.eta_seconds != null) parts.push(spokenEta(s.eta_seconds));
+  if (s.rate != null) parts.push(`${formatNumber(s.rate)} per second`);
   if (s.phase) parts.push(s.phase);
   if (s.message) parts.push(s.message);
   return parts.join(", ");
@@ -243,6 +250,49 @@ function pre(value) {
   const node = document.createElement("pre");
   node.textContent = JSON.stringify(value, null, 2);
   return node;
+}
+
+// The server's estimate, as it is: it changes with every event and is not counted down here
+// (this browser's clock need not agree with the server's).
+function estimateText(s) {
+  if (!s || s.status !== "running") return "";
+  const parts = [];
+  if (s.eta_seconds != null) parts.push(`${formatEta(s.eta_seconds)} left`);
+  if (s.rate != null) parts.push(formatRate(s.rate));
+  return parts.join(" · ");
+}
+
+/** Seconds left as "0:07", "2:31", "1:05:00", "3 days". */
+export function formatEta(seconds) {
+  if (seconds >= 2 * 86400) return `${Math.round(seconds / 86400)} days`;
+  return formatDuration(Math.ceil(seconds) * 1000);
+}
+
+/** Units per second as "12.5/s", "3/min", "0.5/h" (3 significant digits). */
+export function formatRate(rate) {
+  if (rate >= 1 || rate === 0) return `${formatNumber(rate)}/s`;
+  if (rate * 60 >= 1) return `${formatNumber(rate * 60)}/min`;
+  return `${formatNumber(rate * 3600)}/h`;
+}
+
+function formatNumber(value) {
+  return value.toLocaleString(undefined, { maximumSignificantDigits: 3 });
+}
+
+function spokenEta(seconds) {
+  if (seconds < 1) return "almost done";
+  const s = Math.ceil(seconds);
+  if (s < 60) return `about ${s} second${s === 1 ? "" : "s"} left`;
+  if (s < 3600) {
+    const m = Math.round(s / 60);
+    return `about ${m} minute${m === 1 ? "" : "s"} left`;
+  }
+  if (s < 2 * 86400) {
+    const h = Math.floor(s / 3600);
+    const m = Math.round((s % 3600) / 60);
+    return `about ${h} hour${h === 1 ? "" : "s"}${m ? ` ${m} minute${m === 1 ? "" : "s"}` : ""} left`;
+  }
+  return `about ${Math.round(s / 86400)} days left`;
 }
 
 export function formatDuration(ms) {

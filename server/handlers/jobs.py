@@ -9,85 +9,43 @@ job list) are read in parts of at most ``stream.page_bytes`` and sent through
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from collections.abc import AsyncGenerator
-from typing import Any
 
 import orjson
+import structlog
 from aiohttp import web
-from pydantic import ValidationError
 
-from ..auth import READ, WRITE, require
-from ..errors import (
-    EventTooLarge,
-    Forbidden,
-    InvalidJson,
-    InvalidParameter,
-    JobNotFound,
-    ServiceError,
-    ValidationFailed,
+from ..appends import (
+    append_ack,
+    append_outcome,
+    append_status,
+    parse_append,
+    parse_create,
 )
+from ..auth import ADMIN, READ, WRITE, require
+from ..errors import InvalidParameter, JobNotFound
 from ..keys import CONFIG, METRICS, STORE
 from ..logs import bind_request
-from ..models import (
-    JOB_STATUSES,
-    CreateJobIn,
-    field_errors,
-    is_batch,
-    parse_append_body,
-    stored_size_estimate,
-)
+from ..models import JOB_STATUSES
 from ..store import Store
 from ..tenancy import JobKey
 from .request import JSON_TYPE, json_response, parse_int, query_int, read_json
 from .sending import send_bounded
 from .subscription import check_offset
 
-_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-_last_ulid = 0
-
-
-def new_job_id() -> str:
-    """A monotonic ULID: 48 bits of milliseconds then 80 random bits; within one millisecond
-    the next id is the previous plus one, so ids sort by creation time."""
-    global _last_ulid
-    value = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10), "big")
-    if value <= _last_ulid:
-        value = _last_ulid + 1
-    _last_ulid = value
-    chars = []
-    for _ in range(26):
-        chars.append(_CROCKFORD[value & 31])
-        value >>= 5
-    return "".join(reversed(chars))
+log = structlog.get_logger("jobfeed.jobs")
 
 
 async def create_job(request: web.Request) -> web.Response:
     principal = require(request, WRITE)
     body = await read_json(request, allow_empty=True)
-    if not isinstance(body, dict):
-        raise InvalidJson("the body must be a JSON object")
-    try:
-        spec = CreateJobIn.model_validate(body)
-    except ValidationError as exc:
-        job_id = body.get("job_id")
-        created = {"type": "created", "kind": body.get("kind"), "metadata": body.get("metadata")}
-        # A server-made id is a 26-character ULID.
-        job_id = job_id if isinstance(job_id, str) else "0" * 26
-        _refuse_oversize(job_id, created, request.app[CONFIG].limits.max_event_bytes)
-        raise ValidationFailed("the job is not valid", field_errors(exc)) from None
-    job_id = spec.job_id or new_job_id()
-    bind_request(job_id=job_id)
-    if principal.grants is not None and not principal.grants.covers(job_id):
-        # Refused, not "not found": a grant names which ids a credential may create, and
-        # the refusal says nothing about whether the job exists.
-        raise Forbidden(f"this credential's jobs grant does not cover job id {job_id}")
-    key = JobKey(principal.tenant, job_id)
-    state = await request.app[STORE].writer.create_job(key, spec.kind, spec.metadata)
+    key, kind, metadata = parse_create(principal, body, request.app[CONFIG].limits)
+    bind_request(job_id=key.job_id)
+    state = await request.app[STORE].writer.create_job(key, kind, metadata)
     response = json_response(state.to_json(), status=201)
-    response.headers["Location"] = f"/v1/jobs/{job_id}"
+    response.headers["Location"] = f"/v1/jobs/{key.job_id}"
     return response
 
 
@@ -152,15 +110,30 @@ async def get_job(request: web.Request) -> web.StreamResponse:
     return await send_bounded(request, _json_stream(), _only(snapshot + b"\n"))
 
 
+async def delete_job(request: web.Request) -> web.Response:
+    """``DELETE /v1/jobs/{job_id}`` (``jobs:admin``): the job, its log and its keys, in one
+    transaction through the writer; 204, or 404 for a job that does not exist (or not in
+    the caller's tenant and grants). Its open streams end with 4410 (server/deletion.py)."""
+    key = _job_key(request, ADMIN)
+    started = time.perf_counter()
+    removed = await request.app[STORE].deleter.delete_job(key)
+    log.info(
+        "job_deleted",
+        job_id=key.job_id,
+        tenant=key.tenant,
+        events=removed,
+        reason="api",
+        ms=round((time.perf_counter() - started) * 1000, 3),
+    )
+    return web.Response(status=204)
+
+
 async def append_events(request: web.Request) -> web.Response:
     counts = request.app[METRICS].append_requests
     try:
         response = await _append_events(request)
-    except ServiceError as exc:
-        counts["refused" if exc.status < 500 else "failed"] += 1
-        raise
-    except Exception:  # a bug: answered 500 by the middleware
-        counts["failed"] += 1
+    except Exception as exc:  # a ServiceError, or a bug: answered 500 by the middleware
+        counts[append_outcome(exc)] += 1
         raise
     counts["created" if response.status == 201 else "duplicate"] += 1
     return response
@@ -168,25 +141,13 @@ async def append_events(request: web.Request) -> web.Response:
 
 async def _append_events(request: web.Request) -> web.Response:
     key = _job_key(request, WRITE)
-    job_id = key.job_id
-    config = request.app[CONFIG]
     body = await read_json(request)
-    if not isinstance(body, dict):
-        raise InvalidJson('the body must be one event object or {"events": [...]}')
-    events, errors = parse_append_body(body, config.limits.max_batch_events)
-    if errors:
-        _refuse_oversize(job_id, body, config.limits.max_event_bytes)
-        raise ValidationFailed("the events are not valid", errors)
+    events = parse_append(key.job_id, body, request.app[CONFIG].limits)
     # From the queue to the answer: what a producer waits for beyond its own request.
     started = time.perf_counter()
     result = await request.app[STORE].writer.append(key, events)
     request.app[METRICS].append_ack_seconds.observe(time.perf_counter() - started)
-    payload = {
-        "job_id": result.job_id,
-        "last_seq": result.last_seq,
-        "events": [event.to_dict() for event in result.events],
-    }
-    return json_response(orjson.dumps(payload), status=200 if result.all_duplicates else 201)
+    return json_response(append_ack(result), status=append_status(result))
 
 
 async def read_events(request: web.Request) -> web.StreamResponse:
@@ -267,19 +228,6 @@ def _json_stream() -> web.StreamResponse:
 
 def _page_bytes(request: web.Request) -> int:
     return request.app[CONFIG].stream.page_bytes
-
-
-def _refuse_oversize(job_id: str, body: dict[str, Any], limit: int) -> None:
-    """Size before field rules: an event over ``limit`` is 413 even when it also breaks a
-    field cap. Valid events are measured exactly by the writer; this runs only on refusal."""
-    items = body["events"] if is_batch(body) and isinstance(body["events"], list) else [body]
-    for index, item in enumerate(items):
-        size = stored_size_estimate(job_id, item)
-        if size > limit:
-            raise EventTooLarge(
-                f"event {index} is about {size} bytes serialized; "
-                f"the limit is {limit} (limits.max_event_bytes)"
-            )
 
 
 def _job_key(request: web.Request, scope: str) -> JobKey:

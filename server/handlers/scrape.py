@@ -32,7 +32,9 @@ async def metrics(request: web.Request) -> web.Response:
         principal = authenticate(request, authenticator)
         if not principal.allows(ADMIN):
             raise Forbidden(f"/metrics needs the scope {ADMIN} or the metrics.token")
-    text = render(app[METRICS], _sources(app))
+    # One descent of the log's primary key: the retention horizon, exact at every scrape.
+    oldest = await app[STORE].oldest_event_seconds()
+    text = render(app[METRICS], _sources(app, oldest))
     return web.Response(body=text.encode(), headers={"Content-Type": CONTENT_TYPE})
 
 
@@ -64,9 +66,10 @@ def _holds_metrics_token(app: web.Application, request: web.Request) -> bool:
     return hmac.compare_digest(bearer_token(header).encode(), expected.encode())
 
 
-def _sources(app: web.Application) -> Sources:
+def _sources(app: web.Application, oldest_event_seconds: float | None) -> Sources:
     store, hub = app[STORE], app[HUB]
-    writer = store.writer
+    writer, deleter, retention = store.writer, store.deleter, store.retention
+    last = None if retention is None else retention.last
     return Sources(
         commits=writer.commits,
         events_written=writer.events_written,
@@ -81,5 +84,13 @@ def _sources(app: web.Application) -> Sources:
         job_frames_sent=hub.frames_sent,
         feed_frames_sent=hub.feed.frames_sent,
         database_path=store.path,
+        jobs_by_status=writer.jobs_by_status,
+        jobs_deleted=deleter.jobs_deleted,
+        events_deleted=deleter.events_deleted,
+        delete_transaction_seconds=deleter.transaction_seconds,
+        retention_sweeps=0 if retention is None else retention.sweeps,
+        retention_last_seconds=None if last is None else last.seconds,
+        retention_last_longest_seconds=None if last is None else last.longest_transaction,
+        oldest_event_seconds=oldest_event_seconds,
         subscriber_lag=app[STREAMS].lag(hub.high_water, hub.feed.high_water),
     )

@@ -17,12 +17,13 @@ import structlog
 from aiohttp import web
 
 from ..auth import PRINCIPAL
+from ..errors import JobDeleted
 from ..follow import Cursor, StreamClosing
 from ..frames import WRITE_PART_BYTES, control_frame, parts_of
 from ..keys import CONFIG, METRICS
 from ..limits import bound_send_buffer
 from ..models import TERMINAL_TYPES
-from .eventsource import SSE_HEADERS, retry_field
+from .eventsource import SSE_HEADERS, error_record, retry_field
 from .guard import StreamGuard, guard_stream
 from .subscription import Subscription, follow_job, subscribe
 
@@ -87,6 +88,14 @@ async def _stream(
             await end_response(request, response, config.send_timeout)
         except StreamClosing:
             outcome = "shutdown"
+            await end_response(request, response, config.send_timeout)
+        except JobDeleted as deleted:
+            # `event: error` then the end: final, the log is gone (EventSource's own
+            # reconnect then meets 404 and stops).
+            outcome = deleted.code
+            with contextlib.suppress(ConnectionError, TimeoutError):
+                async with asyncio.timeout(config.send_timeout):
+                    await response.write(error_record(deleted.code, deleted.message))
             await end_response(request, response, config.send_timeout)
         except TimeoutError:
             if guard is not None and guard.fired():

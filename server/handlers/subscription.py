@@ -16,6 +16,7 @@ from ..auth import READ, Principal
 from ..errors import (
     Forbidden,
     InvalidParameter,
+    JobDeleted,
     JobNotFound,
     LogReset,
     Overloaded,
@@ -39,6 +40,7 @@ _CLOSE_CODES: dict[type[ServiceError], int] = {
     ShuttingDown: WSClose.GOING_AWAY,
     JobNotFound: WSClose.JOB_NOT_FOUND,
     LogReset: WSClose.LOG_RESET,
+    JobDeleted: WSClose.JOB_DELETED,
 }
 
 
@@ -48,6 +50,7 @@ class Subscription:
     after: int
     head: JobHead
     stream: OpenStream  # its slot under the stream caps, and its connection
+    deletion_mark: int = 0  # the hub's deletions before ``head`` was read (server.follow)
 
     @property
     def job_id(self) -> str:
@@ -83,6 +86,7 @@ def follow_job(
         page_bytes=config.page_bytes,
         idle_seconds=config.heartbeat_seconds,
         push=push,
+        deletion_mark=subscription.deletion_mark,
     )
 
 
@@ -150,6 +154,7 @@ class Subscribing:
         streams = request.app[STREAMS]
         # Counted before the first await, so concurrent handshakes cannot overshoot a cap.
         stream = streams.admit(request, key)
+        deletion_mark = request.app[HUB].deletions
         try:
             head = await request.app[STORE].job_head(key)
             if head is None:
@@ -167,7 +172,7 @@ class Subscribing:
             streams.release(stream)
             raise
         self._stream = stream
-        return Subscription(key, after, head, stream)
+        return Subscription(key, after, head, stream, deletion_mark)
 
     async def __aexit__(self, *exc_info: object) -> None:
         stream, self._stream = self._stream, None

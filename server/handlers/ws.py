@@ -25,7 +25,7 @@ import structlog
 from aiohttp import WSMsgType, web
 
 from ..auth import PRINCIPAL
-from ..errors import ServiceError, WSClose
+from ..errors import JobDeleted, ServiceError, WSClose
 from ..feed import FeedClosing
 from ..follow import Cursor, StreamClosing
 from ..frames import WRITE_PART_BYTES, Frame, control_frame, parts_of, ws_text_header
@@ -239,6 +239,12 @@ async def send_batches(
     except (StreamClosing, FeedClosing):
         end.outcome, end.close_code = "shutdown", WSClose.GOING_AWAY
         reason = b"server shutting down"
+    except JobDeleted as deleted:
+        # Final: an error frame saying so, then 4410 (a client must not resume a log that
+        # is gone; the id may be created again, with a new epoch).
+        end.outcome, end.close_code = deleted.code, WSClose.JOB_DELETED
+        await refuse(request, ws, WSClose.JOB_DELETED, deleted.code, deleted.message)
+        return
     except TimeoutError:
         # The peer stopped reading. Dropping it bounds what we hold; it resumes by offset.
         end.outcome, end.close_code, reason = "send_timeout", WSClose.OVERLOADED, b"send timeout"

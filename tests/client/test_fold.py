@@ -119,3 +119,25 @@ def test_watch_from_a_snapshot_keeps_it_current(client: Client) -> None:
     assert [e.seq for e in watch] == [3, 4]
     assert watch.snapshot == client.get_job(job_id)
     assert watch.epoch == start.epoch
+
+
+def test_the_client_fold_reproduces_the_server_vectors() -> None:
+    """``Snapshot.apply`` on every case of server.fold_vectors (stalls, resets, commits of
+    many events at one ts, fractions, microsecond gaps) gives the server's snapshot after
+    every event, rate and eta_seconds to the last bit; and folding on from any of the
+    server's snapshots (``Snapshot.from_dict``, as a watch given a snapshot does) reaches the
+    same last snapshot."""
+    from jobfeed_client.events import Event
+    from server.fold_vectors import vectors
+
+    for case in vectors()["cases"]:
+        events = [Event.from_dict(raw) for raw in case["events"]]
+        state: Snapshot | None = None
+        for event, expected in zip(events, case["snapshots"], strict=True):
+            state = Snapshot.apply(state, event)
+            assert state.to_dict() == expected, case["name"]
+        for index, given_snapshot in enumerate(case["snapshots"]):
+            resumed = Snapshot.from_dict(given_snapshot)
+            for event in events[index + 1 :]:
+                resumed = Snapshot.apply(resumed, event)
+            assert resumed.to_dict() == case["snapshots"][-1], case["name"]

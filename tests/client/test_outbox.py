@@ -119,7 +119,9 @@ def server_states(bodies: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any
         event = {"job_id": "j", "seq": seq, "id": seq, "type": body["type"], "ts": ts, **fields}
         state = apply_event(state, event)
         view = state.to_dict()
-        for moving in ("last_seq", "updated_at"):
+        # The rate estimate is made from the samples the server gets: merged updates are
+        # fewer samples, a different window (docs/protocol.md, "Rate and ETA").
+        for moving in ("last_seq", "updated_at", "rate", "eta_seconds", "rate_window"):
             view.pop(moving)
         states.append((body["type"], view))
     return states

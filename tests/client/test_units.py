@@ -1,4 +1,5 @@
-"""The client's pure parts: backoff with full jitter, the SSE parser, the error mapping."""
+"""The client's pure parts: backoff with full jitter, the SSE parser, the error mapping, the
+CLI's rendering of a snapshot's rate and ETA."""
 
 from __future__ import annotations
 
@@ -135,3 +136,27 @@ def test_refresh_delay_is_before_the_expiry_and_at_most_30_s_ahead(left: float) 
     else:
         ahead = left - delay  # how long before the expiry it refreshes
         assert math.isclose(ahead, min(30.0, left / 3), rel_tol=1e-9, abs_tol=1e-6)
+
+
+def test_tail_shows_the_servers_estimate_of_a_running_job() -> None:
+    """``jobfeed tail``'s bar shows eta_seconds and rate as the browser
+    card does ("0:42 left · 10/s"), slow rates per minute or hour, nothing when the job is
+    not running or the server has no estimate."""
+    from jobfeed_client import Snapshot
+    from jobfeed_client.cli import estimate_text, format_eta, format_rate
+
+    def snapshot(status: str, **estimate: float) -> Snapshot:
+        return Snapshot("j", None, status, 3, "t", "t", **estimate)  # type: ignore[arg-type]
+
+    assert estimate_text(snapshot("running", rate=10.0, eta_seconds=42.0)) == "0:42 left · 10/s"
+    assert estimate_text(snapshot("running", eta_seconds=0.2)) == "0:01 left"
+    assert estimate_text(snapshot("running", rate=0.5)) == "30/min"
+    assert estimate_text(snapshot("running")) == ""
+    assert estimate_text(snapshot("completed", rate=1.0, eta_seconds=1.0)) == ""
+    assert [format_eta(s) for s in (0, 151, 3900, 200_000)] == ["0:00", "2:31", "1:05:00", "2 days"]
+    assert [format_rate(r) for r in (0, 12.345, 1234.5, 0.01)] == [
+        "0/s",
+        "12.3/s",
+        "1,234/s",
+        "36/h",
+    ]

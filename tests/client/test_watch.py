@@ -303,3 +303,24 @@ async def test_resumes_when_the_connection_goes_silent(
         await direct.append(job_id, {"type": "completed"})
         assert await collector.finished() == list(range(1, 6))
         assert collector.watch.resumes >= 1
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_delete_job_ends_its_watch_with_job_deleted(
+    shared_server: ServerProcess, transport: Any
+) -> None:
+    """``delete_job`` removes the job (then ``JobNotFound``), and a watch following it live
+    raises ``JobDeleted`` (4410 / SSE ``event: error``) instead of resuming."""
+    job_id = new_id()
+    async with AsyncClient(shared_server.url) as client:
+        await client.create_job(job_id)
+        await append_steps(client, job_id, 0, 2)
+        collector = Collector(client.watch(job_id, transport=transport))
+        await collector.reached(3)
+        await client.delete_job(job_id)
+        with pytest.raises(JobDeleted):
+            await collector.finished()
+        with pytest.raises(JobNotFound):
+            await client.get_job(job_id)
+        with pytest.raises(JobNotFound):
+            await client.delete_job(job_id)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from typing import Any, NoReturn
 
 from .client import AsyncClient
 from .errors import JobfeedError, JobNotFound, LogReset
-from .events import Event
+from .events import Event, Snapshot
 from .watch import AsyncWatch
 
 EXIT_OK, EXIT_FAILED, EXIT_CANCELLED, EXIT_NOT_FOUND, EXIT_ERROR = 0, 1, 2, 3, 4
@@ -317,12 +318,13 @@ async def _tail_live(client: AsyncClient, watch: AsyncWatch) -> int:
         BarColumn(),
         TaskProgressColumn(),
         StateColumn(),
+        TextColumn("{task.fields[estimate]}"),
         TextColumn("{task.fields[phase]}", style="cyan"),
         TextColumn("{task.fields[message]}"),
         console=console,
         refresh_per_second=8,
     )
-    task = progress.add_task(watch.job_id, total=100, status="", phase="", message="")
+    task = progress.add_task(watch.job_id, total=100, status="", estimate="", phase="", message="")
     last: Event | None = None
     with progress:
         async for event in watch:
@@ -334,6 +336,7 @@ async def _tail_live(client: AsyncClient, watch: AsyncWatch) -> int:
                     task,
                     completed=snapshot.progress or 0,
                     status=snapshot.status,
+                    estimate=estimate_text(snapshot),
                     phase=snapshot.phase or "",
                     message=snapshot.message or "",
                 )
@@ -346,6 +349,40 @@ async def _tail_live(client: AsyncClient, watch: AsyncWatch) -> int:
                 progress.update(task, status="running", **fields)
     _print_outcome(console, last)
     return await _exit_for(client, watch, last)
+
+
+def estimate_text(snapshot: Snapshot) -> str:
+    """The server's estimate for a running job (docs/protocol.md, "Rate and ETA"), as of its
+    last event: "0:42 left · 10/s"; "" when there is none."""
+    if snapshot.status != "running":
+        return ""
+    parts = []
+    if snapshot.eta_seconds is not None:
+        parts.append(f"{format_eta(snapshot.eta_seconds)} left")
+    if snapshot.rate is not None:
+        parts.append(format_rate(snapshot.rate))
+    return " · ".join(parts)
+
+
+def format_eta(seconds: float) -> str:
+    """Seconds left as "0:07", "2:31", "1:05:00", or "3 days" (as the browser card)."""
+    if seconds >= 2 * 86400:
+        return f"{round(seconds / 86400)} days"
+    whole = math.ceil(seconds)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02}:{secs:02}" if hours else f"{minutes}:{secs:02}"
+
+
+def format_rate(rate: float) -> str:
+    """Units of ``current`` per second as "12.5/s", "3/min" or "0.5/h" (3 digits)."""
+    if rate >= 1 or rate == 0:
+        value, unit = rate, "s"
+    elif rate * 60 >= 1:
+        value, unit = rate * 60, "min"
+    else:
+        value, unit = rate * 3600, "h"
+    return f"{value:,.0f}/{unit}" if value >= 100 else f"{value:.3g}/{unit}"
 
 
 def _print_event(console: Any, event: Event) -> None:

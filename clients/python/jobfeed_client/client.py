@@ -34,6 +34,7 @@ from .credentials import Credentials, TokenProvider
 from .errors import JobfeedError, ServerError, Unavailable, error_from_body
 from .events import Event, Snapshot
 from .feed import AsyncFeed
+from .ingest import IngestChannel
 from .reporter import AsyncJob, ReporterSettings
 from .resuming import Transport
 from .watch import AsyncWatch
@@ -70,7 +71,9 @@ class AsyncClient:
     before the token's ``exp`` (``refresh_in_band=False``: only on expiry). ``timeout``
     bounds connecting and each read of a one-shot call; ``stream_idle_timeout`` is how long
     a stream may stay silent (the server sends heartbeats every 15 s by default) before the
-    watcher treats it as lost and resumes.
+    watcher treats it as lost and resumes. Reporters (``job``) send over the producer stream
+    (``GET /v1/ingest``: one WebSocket for the client, requests pipelined) when the server
+    has one, and over HTTP otherwise; ``ingest=False``: always HTTP.
     """
 
     def __init__(
@@ -88,6 +91,7 @@ class AsyncClient:
         max_buffered: int = 10_000,
         when_full: Literal["block", "raise"] = "block",
         close_timeout: float | None = None,
+        ingest: bool = True,
     ) -> None:
         self.url = (url or os.environ.get("JOBFEED_URL") or DEFAULT_URL).rstrip("/")
         if token is None and token_provider is None:
@@ -106,6 +110,8 @@ class AsyncClient:
         )
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
+        self.ingest = ingest
+        self._ingest: IngestChannel | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -122,6 +128,9 @@ class AsyncClient:
 
     async def aclose(self) -> None:
         self._closed = True
+        channel, self._ingest = self._ingest, None
+        if channel is not None:
+            await channel.aclose()
         session, self._session = self._session, None
         if session is not None:
             await session.close()
@@ -130,6 +139,16 @@ class AsyncClient:
         """Drop the connection pool without closing it: in a forked child it belongs to the
         parent's event loop (its sockets are the parent's too)."""
         self._session = None
+        self._ingest = None
+
+    def ingest_channel(self) -> IngestChannel | None:
+        """The producer stream the reporters share (``ingest.py``); None when this client
+        was made with ``ingest=False`` or the server has no producer stream."""
+        if not self.ingest:
+            return None
+        if self._ingest is None:
+            self._ingest = IngestChannel(self)
+        return None if self._ingest.supported is False else self._ingest
 
     def session(self) -> aiohttp.ClientSession:
         """The connection pool, made on first use inside the running loop."""
@@ -238,6 +257,12 @@ class AsyncClient:
     async def get_job(self, job_id: str) -> Snapshot:
         _, answer = await self.request("GET", f"/v1/jobs/{_quoted(job_id)}")
         return Snapshot.from_dict(answer)
+
+    async def delete_job(self, job_id: str) -> None:
+        """``DELETE /v1/jobs/{id}`` (scope ``jobs:admin``): the job, its log and its keys.
+        Raises ``JobNotFound`` if there is no such job, which includes a retry after the
+        answer to this very deletion was lost. Watchers of the job end with ``JobDeleted``."""
+        await self.request("DELETE", f"/v1/jobs/{_quoted(job_id)}")
 
     async def jobs(
         self,

@@ -84,6 +84,13 @@ class Snapshot:
     result: Any = None
     error: dict[str, Any] | None = None
     epoch: str | None = None
+    # The first event after created, and the server's estimate (docs/protocol.md, "Rate and
+    # ETA"): units of ``current`` per second and seconds left as of ``updated_at``, None
+    # when unknown; ``rate_window`` is the estimator's state that ``apply`` goes on from.
+    started_at: str | None = None
+    rate: float | None = None
+    eta_seconds: float | None = None
+    rate_window: dict[str, float] | None = None
 
     @property
     def finished(self) -> bool:
@@ -124,6 +131,8 @@ class Snapshot:
         if state is None:
             raise ValueError(f"event {event.type!r} (seq {event.seq}) before the job's created")
         changes: dict[str, Any] = {"last_seq": event.seq, "updated_at": event.ts}
+        if state.started_at is None:
+            changes["started_at"] = event.ts
         raw = event.raw
         if event.type == "progress":
             changes["status"] = "running"
@@ -144,11 +153,68 @@ class Snapshot:
                 changes["error"] = event.error
             elif "reason" in raw:
                 changes["message"] = event.reason
+            changes.update(rate=None, eta_seconds=None, rate_window=None)
+            return dataclasses.replace(state, **changes)
         # Custom events move nothing but last_seq and updated_at (not even out of queued).
+        changes.update(_estimate(state, changes, event.ts))
         return dataclasses.replace(state, **changes)
 
 
 _SNAPSHOT_FIELDS = tuple(f.name for f in dataclasses.fields(Snapshot))
+
+# The server's rate estimator (server/snapshot.py, docs/protocol.md "Rate and ETA"): the same
+# operations in the same order, so the numbers are the server's to the last bit.
+RATE_WINDOW_SECONDS = 30.0
+MIN_RATE_SECONDS = 1.0
+MAX_ETA_SECONDS = 1e9
+
+
+def _estimate(state: Snapshot, changes: dict[str, Any], ts: str) -> dict[str, Any]:
+    """rate, eta_seconds and rate_window after a non-terminal event (nothing before the job
+    has a position: ``current``, else ``progress``)."""
+    current = changes.get("current", state.current)
+    in_units = current is not None
+    position = current if in_units else changes.get("progress", state.progress)
+    if position is None:
+        return {}
+    before = state.current if state.current is not None else state.progress
+    window = state.rate_window
+    advance = seconds = 0.0
+    if (
+        window is not None
+        and before is not None
+        and (state.current is not None) == in_units
+        and position >= before
+    ):
+        advance, seconds = window["advance"], window["seconds"]
+        elapsed = 0.0 if ts == state.updated_at else _seconds_between(state.updated_at, ts)
+        gain = position - before
+        if elapsed or gain:
+            decay = RATE_WINDOW_SECONDS / (RATE_WINDOW_SECONDS + elapsed)
+            advance = advance * decay + gain
+            seconds = seconds * decay + elapsed
+    rate = advance / seconds if seconds >= MIN_RATE_SECONDS else None
+    if in_units:
+        total = changes.get("total", state.total)
+        left = None if total is None else total - current
+    else:
+        left = 100.0 - position
+    eta: float | None = None
+    if left is not None and rate is not None:
+        if left <= 0:
+            eta = 0.0
+        elif rate > 0 and left < rate * MAX_ETA_SECONDS:
+            eta = left / rate
+    return {
+        "rate": rate if in_units else None,
+        "eta_seconds": eta,
+        "rate_window": {"advance": advance, "seconds": seconds},
+    }
+
+
+def _seconds_between(earlier: str, later: str) -> float:
+    micros = (datetime.fromisoformat(later) - datetime.fromisoformat(earlier)) // _MICROSECOND
+    return micros / 1_000_000 if micros > 0 else 0.0
 
 
 def log_epoch(created_id: int, created_ts: str) -> str:

@@ -23,8 +23,10 @@ What it guarantees (at-least-once delivery with idempotency keys, so effectively
 - Leaving the block waits until everything is acknowledged, at most ``close_timeout``
   seconds (None: as long as it takes), else raises ``FlushTimeout``.
 
-The transport is one method, ``_deliver`` (HTTP ``POST .../events`` today; the producer
-stream of ingest.md slots in there).
+The transport is one method, ``_deliver``: the client's producer stream (``GET /v1/ingest``,
+one WebSocket shared by the client's reporters, ``ingest.py``) when the server has one, HTTP
+``POST .../events`` otherwise. Over the stream, a batch left unanswered by a dropped
+connection is sent again as it was on the next one, as a lost HTTP answer is.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ from .errors import (
     ReporterError,
     Unavailable,
 )
+from .ingest import CredentialRenewed, IngestUnsupported
 from .outbox import Outbox
 
 if TYPE_CHECKING:
@@ -496,33 +499,51 @@ class AsyncJob:
     async def _create(self) -> None:
         body = _without_none({"job_id": self.job_id, "kind": self.kind, "metadata": self.metadata})
         try:
-            await self._retrying(
-                lambda: self._client.request("POST", "/v1/jobs", body=body, attempts=1)
-            )
+            if await self._over_stream({"type": "create", **body}) is None:
+                await self._retrying(
+                    lambda: self._client.request("POST", "/v1/jobs", body=body, attempts=1)
+                )
             self.created = True
         except JobExists:
             self.created = False
 
     async def _deliver(self, batch: list[dict[str, Any]]) -> None:
         """Send one batch until it is acknowledged; raise ``ServerError`` if refused."""
-        path = f"/v1/jobs/{quote(self.job_id, safe='')}/events"
-        body: Any = batch[0] if len(batch) == 1 else {"events": batch}
-        answer = await self._retrying(
-            lambda: self._client.request("POST", path, body=body, attempts=1)
-        )
-        acks = answer[1]["events"]
+        answer = await self._over_stream({"type": "append", "job_id": self.job_id, "events": batch})
+        if answer is None:
+            path = f"/v1/jobs/{quote(self.job_id, safe='')}/events"
+            body: Any = batch[0] if len(batch) == 1 else {"events": batch}
+            answer = (
+                await self._retrying(
+                    lambda: self._client.request("POST", path, body=body, attempts=1)
+                )
+            )[1]
+        acks = answer["events"]
         self.stats.requests += 1
         self.stats.events += len(acks)
         self.stats.duplicates += sum(1 for ack in acks if ack.get("duplicate"))
         self.stats.merged = self._outbox.merged
-        self.stats.last_seq = answer[1]["last_seq"]
+        self.stats.last_seq = answer["last_seq"]
 
-    async def _retrying(self, attempt: Callable[[], Awaitable[tuple[int, Any]]]) -> tuple[int, Any]:
+    async def _over_stream(self, frame: dict[str, Any]) -> dict[str, Any] | None:
+        """``frame`` sent on the client's producer stream until it is answered: its ``ack``;
+        None when the client has none (``ingest=False``, or the server lacks it): use HTTP."""
+        channel = self._client.ingest_channel()
+        if channel is None:
+            return None
+        try:
+            return await self._retrying(lambda: channel.request(frame))
+        except IngestUnsupported:
+            return None
+
+    async def _retrying(self, attempt: Callable[[], Awaitable[T]]) -> T:
         """``attempt()`` until it gets an answer (retryable failures wait a backoff)."""
         backoff = Backoff(self._client.retry)
         while True:
             try:
                 return await attempt()
+            except CredentialRenewed:
+                continue  # the stream ended for its token; a new one is held: at once
             except Unavailable as exc:
                 # The batch stays in flight, frozen, and goes again as it was: its keys make
                 # a copy the server did commit (answer lost) a duplicate, not a second event.

@@ -95,6 +95,7 @@ class Client:
         max_buffered: int = 10_000,
         when_full: Literal["block", "raise"] = "block",
         close_timeout: float | None = None,
+        ingest: bool = True,
     ) -> None:
         self._portal = _Portal(on_new_process=self._forget_parents_pool)
         self._async = AsyncClient(
@@ -110,6 +111,7 @@ class Client:
             max_buffered=max_buffered,
             when_full=when_full,
             close_timeout=close_timeout,
+            ingest=ingest,
         )
         self.url = self._async.url
 
@@ -199,6 +201,10 @@ class Client:
 
     def get_job(self, job_id: str) -> Snapshot:
         return self._portal.call(self._async.get_job(job_id))
+
+    def delete_job(self, job_id: str) -> None:
+        """``DELETE /v1/jobs/{id}`` (``jobs:admin``); ``JobNotFound`` if there is none."""
+        self._portal.call(self._async.delete_job(job_id))
 
     def jobs(
         self,

@@ -4,6 +4,7 @@
 // jobs costs the page no more than one with 50.
 
 import { watchFeed } from "/client/jobfeed.js";
+import { formatRate } from "/client/progress.js";
 import {
   api,
   el,
@@ -150,7 +151,7 @@ function fillRow(tr, s) {
     el("td", { class: "detail", title: detail, text: detail }),
     el("td", { class: "age", "data-since": s.created_at }),
     el("td", { class: "updated", "data-since": s.updated_at }),
-    el("td", { class: "eta" }),
+    etaCell(s),
   );
   tickRow(tr, s, now);
 }
@@ -166,14 +167,16 @@ function tickRow(tr, s, now) {
   const quiet = s.status === "running" && idle > quietAfter; // queued is waiting, not quiet
   tr.classList.toggle("quiet", quiet);
   tr.querySelector(".updated").textContent = quiet ? `quiet ${formatSpan(idle)}` : `${formatSpan(idle)} ago`;
-  tr.querySelector(".eta").textContent = eta(s, now);
 }
 
-// Elapsed × (100 − p) / p: the job's average rate so far, the only rate the snapshot has.
-function eta(s, now) {
-  if (s.status !== "running" || !s.progress || s.progress >= 100) return "";
-  const elapsed = now - tsMillis(s.created_at);
-  return `~${formatSpan((elapsed * (100 - s.progress)) / s.progress)}`;
+// The server's estimate as of the job's last event (docs/protocol.md, "Rate and ETA"), shown
+// as it is: not counted down with this browser's clock, which need not agree with the
+// server's ("Updated" says how old it is). The rate, in units of `current`, below it.
+function etaCell(s) {
+  const running = s.status === "running";
+  const left = running && s.eta_seconds != null ? `~${formatSpan(Math.ceil(s.eta_seconds) * 1000)}` : "";
+  const rate = running && s.rate != null ? formatRate(s.rate) : "";
+  return el("td", { class: "eta" }, left, rate ? el("small", { class: "rate", text: rate }) : null);
 }
 
 function renderPager(cursor) {

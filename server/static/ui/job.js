@@ -3,6 +3,7 @@
 // command that follows the same job from a terminal. Its JSON twin is GET /v1/jobs/{job_id}.
 
 import { watchJob, jobStreamUrl } from "/client/jobfeed.js";
+import { formatEta, formatRate } from "/client/progress.js";
 import { el, getTicket, setUpTokenForm, showProblem, statusBadge, token } from "/ui/common.js";
 
 // The timeline keeps the newest events in the page; the download has them all.
@@ -119,7 +120,11 @@ function showFacts(s) {
     ["Status", statusBadge(s.status)],
     ["Kind", s.kind ?? "—"],
     ["Created", s.created_at],
+    ["Started", s.started_at ?? "—"],
     ["Finished", s.finished_at ?? "—"],
+    // The server's estimate as of the last event (docs/protocol.md, "Rate and ETA").
+    ["Time left", s.eta_seconds == null ? "—" : `~${formatEta(s.eta_seconds)}`],
+    ["Rate", s.rate == null ? "—" : formatRate(s.rate)],
     ["Events", String(s.last_seq)],
     ["Epoch", s.epoch ?? "—"],
   ];
