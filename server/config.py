@@ -26,6 +26,8 @@ from pydantic import (
     model_validator,
 )
 
+from .models import MAX_HEARTBEAT_TIMEOUT, MIN_HEARTBEAT_TIMEOUT
+
 ENV_PREFIX = "JOBFEED_"
 
 
@@ -206,6 +208,32 @@ class MetricsConfig(_Section):
         return token
 
 
+class WatchdogConfig(_Section):
+    """The worker-lost watchdog (server/watchdog.py, docs/operations.md)."""
+
+    # false: jobs keep their heartbeat_timeout (it is stored and shown) but none is failed.
+    enabled: bool = True
+    # How often the sweep looks for jobs past their timeout: a lost worker is noticed within
+    # its heartbeat_timeout plus this.
+    interval_seconds: float = Field(1.0, gt=0, le=3600)
+    # The heartbeat_timeout of jobs of a kind created without one: {"<kind>" = seconds}.
+    kinds: dict[str, float] = {}
+    # Jobs failed per transaction: bounds how long one sweep holds the writer when many
+    # jobs fall silent together (the rest go in the next transactions of the same sweep).
+    batch_jobs: int = Field(500, ge=1, le=10_000)
+
+    @field_validator("kinds")
+    @classmethod
+    def _sane_timeouts(cls, kinds: dict[str, float]) -> dict[str, float]:
+        for kind, seconds in kinds.items():
+            if not MIN_HEARTBEAT_TIMEOUT <= seconds <= MAX_HEARTBEAT_TIMEOUT:
+                raise ValueError(
+                    f"kind {kind!r}: {seconds} is not between {MIN_HEARTBEAT_TIMEOUT} and "
+                    f"{MAX_HEARTBEAT_TIMEOUT:g} seconds"
+                )
+        return kinds
+
+
 class Config(_Section):
     server: ServerConfig = ServerConfig()
     storage: StorageConfig = StorageConfig()
@@ -215,6 +243,7 @@ class Config(_Section):
     http: HttpConfig = HttpConfig()
     auth: AuthConfig = AuthConfig()
     metrics: MetricsConfig = MetricsConfig()
+    watchdog: WatchdogConfig = WatchdogConfig()
 
     @model_validator(mode="after")
     def _wildcard_needs_auth(self) -> Config:

@@ -131,6 +131,9 @@ class Sources:
     job_frames_sent: FramesSent
     feed_frames_sent: FramesSent
     database_path: str
+    # The worker-lost watchdog (server/watchdog.py); 0 when it is off.
+    jobs_lost: int = 0
+    watched_jobs: int = 0
 
 
 def render(metrics: Metrics, sources: Sources) -> str:
@@ -212,6 +215,14 @@ def render(metrics: Metrics, sources: Sources) -> str:
     family("jobfeed_refusals_total", "counter", "Requests and streams refused, by error code.")
     for code, count in sorted(metrics.refusals.items()):
         out.append(f'jobfeed_refusals_total{{code="{code}"}} {count}')
+    family(
+        "jobfeed_jobs_lost_total",
+        "counter",
+        "Jobs the watchdog failed as worker_lost (silent past their heartbeat_timeout).",
+    )
+    out.append(f"jobfeed_jobs_lost_total {sources.jobs_lost}")
+    family("jobfeed_watched_jobs", "gauge", "Unfinished jobs with a heartbeat_timeout.")
+    out.append(f"jobfeed_watched_jobs {sources.watched_jobs}")
     out.append("")
     return "\n".join(out)
 

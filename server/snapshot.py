@@ -38,6 +38,10 @@ class JobState:
     # The log's identity (``log_epoch`` of the created event). None only for a snapshot stored
     # before migration 0003, which backfills it; loading one must still work.
     epoch: str | None = None
+    # Seconds without an event after which the server fails the job as ``worker_lost``
+    # (``server.watchdog``); from the created event. None: not watched (and for snapshots
+    # stored before migration 0006, which adds it as null).
+    heartbeat_timeout: float | None = None
 
     @property
     def finished(self) -> bool:
@@ -62,6 +66,7 @@ class JobState:
             "result": self.result,
             "error": self.error,
             "epoch": self.epoch,
+            "heartbeat_timeout": self.heartbeat_timeout,
         }
 
     def to_json(self) -> bytes:
@@ -168,6 +173,7 @@ def apply_event(state: JobState | None, event: dict[str, Any]) -> JobState:
             updated_at=ts,
             metadata=event.get("metadata"),
             epoch=log_epoch(event["id"], ts),
+            heartbeat_timeout=event.get("heartbeat_timeout"),
         )
     if state is None:
         raise ValueError(f"event {event_type!r} before the job's created event")

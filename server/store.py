@@ -33,6 +33,7 @@ from .grants import JobGrants
 from .hub import Hub
 from .tenancy import JobKey
 from .wal import WalBound
+from .watchdog import Watchdog
 from .writer import Writer
 
 log = structlog.get_logger("jobfeed.store")
@@ -201,6 +202,8 @@ class Store:
         self._reader_turn = itertools.count()
         self._checkpoint_task: asyncio.Task[None] | None = None
         self._writer: Writer | None = None
+        # The worker-lost watchdog (None with watchdog.enabled = false).
+        self.watchdog: Watchdog | None = None
         self._lock = DatabaseLock(config.storage.path)
         self.wal = WalBound(config.storage.path, config.storage.wal_max_bytes)
         self.schema_version = 0
@@ -231,7 +234,7 @@ class Store:
         applied = await asyncio.to_thread(migrate.apply_migrations, storage.path)
         if applied:
             log.info("migrations_applied", names=applied, path=self.path)
-        self.schema_version = len(migrate.bundled_migrations())
+        self.schema_version = max(m.version for m in migrate.bundled_migrations())
         self._writer_conn = await self._connect()
         self._checkpoint_conn = await self._connect()
         for _ in range(storage.read_connections):
@@ -249,11 +252,22 @@ class Store:
             wal=self.wal,
             busy_timeout_ms=storage.busy_timeout_ms,
         )
+        if self._config.watchdog.enabled:
+            # Loaded before the writer runs, and told of every commit from its first one:
+            # the schedule misses nothing in between.
+            self.watchdog = Watchdog(self._writer, self._config.watchdog)
+            watched = await self.watchdog.load(self._writer_conn)
+            self._writer.on_commit = self.watchdog.note_commit
+            log.info("watchdog_loaded", watched=watched)
         await self._writer.start()
+        if self.watchdog is not None:
+            self.watchdog.start()
         self._checkpoint_task = asyncio.create_task(self._checkpoint_loop(), name="checkpoint")
 
     async def close(self) -> None:
         """Commit what is queued, checkpoint, and close every connection (and its thread)."""
+        if self.watchdog is not None:
+            await self.watchdog.stop()
         if self._writer is not None:
             await self._writer.stop()
         if self._checkpoint_task is not None:

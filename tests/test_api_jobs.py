@@ -40,6 +40,7 @@ SNAPSHOT_FIELDS = {
     "result",
     "error",
     "epoch",
+    "heartbeat_timeout",
 }
 
 

@@ -109,7 +109,7 @@ def test_serve_refuses_a_schema_newer_than_the_code(tmp_path: Path) -> None:
     execute(
         db,
         "INSERT INTO schema_migrations (version, name, checksum, applied_at) VALUES (?,?,?,?)",
-        len(bundled_migrations()) + 1,
+        bundled_migrations()[-1].version + 1,
         "9999_from_the_future.sql",
         "f" * 64,
         "2030-01-01T00:00:00+00:00",

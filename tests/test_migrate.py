@@ -124,7 +124,7 @@ def test_schema_newer_than_the_code_is_refused(tmp_path: Path) -> None:
     execute(
         db,
         "INSERT INTO schema_migrations (version, name, checksum, applied_at) VALUES (?,?,?,?)",
-        len(ALL) + 1,
+        RECORDED[-1][0] + 1,
         "9999_from_the_future.sql",
         "f" * 64,
         "2030-01-01T00:00:00+00:00",
@@ -139,7 +139,9 @@ def test_failing_migration_leaves_neither_its_changes_nor_its_record(tmp_path: P
     db = tmp_path / "broken.db"
     shipped = bundled_migrations()
     broken = Migration(
-        len(shipped) + 1, "9999_broken.sql", "CREATE TABLE half (a INTEGER);\nNOT SQL AT ALL;\n"
+        shipped[-1].version + 1,
+        "9999_broken.sql",
+        "CREATE TABLE half (a INTEGER);\nNOT SQL AT ALL;\n",
     )
     with pytest.raises(MigrationError):
         apply_migrations(db, [*shipped, broken])

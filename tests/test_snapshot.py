@@ -199,7 +199,7 @@ def test_apply_event_does_not_change_its_input(running: JobState) -> None:
 
 
 def test_snapshot_has_the_fixed_shape(running: JobState) -> None:
-    """to_dict always has the protocol's 16 fields, null where there is no value."""
+    """to_dict always has the protocol's 17 fields, null where there is no value."""
     assert list(running.to_dict()) == [
         "job_id",
         "kind",
@@ -217,6 +217,7 @@ def test_snapshot_has_the_fixed_shape(running: JobState) -> None:
         "result",
         "error",
         "epoch",
+        "heartbeat_timeout",
     ]
     assert running.to_dict()["finished_at"] is None
 

@@ -20,6 +20,8 @@ export interface CreatedEvent extends EventBase {
   type: "created";
   kind?: string;
   metadata?: Record<string, unknown>;
+  /** Seconds without an event before the server fails the job as `worker_lost`. */
+  heartbeat_timeout?: number;
 }
 export interface ProgressEvent extends EventBase {
   type: "progress";
@@ -51,6 +53,8 @@ export interface FailedEvent extends EventBase {
   type: "failed";
   error: ErrorInfo;
   data?: Record<string, unknown>;
+  /** "server": the server failed the job itself (`error.code` "worker_lost"). */
+  by?: "server";
 }
 export interface CancelledEvent extends EventBase {
   type: "cancelled";
@@ -91,6 +95,8 @@ export interface Snapshot {
   error: ErrorInfo | null;
   /** The log's identity: send it back when resuming; compare only for equality. */
   epoch: string | null;
+  /** Seconds without an event before the server fails the job; null: not watched. */
+  heartbeat_timeout: number | null;
 }
 
 /** Control frames of a job stream (WebSocket; SSE sends the hello as `event: hello`). */

@@ -60,6 +60,7 @@ export function applyEvent(state, event) {
       result: null,
       error: null,
       epoch: logEpoch(event.id, ts),
+      heartbeat_timeout: event.heartbeat_timeout ?? null,
     };
   }
   if (!state) throw new Error(`event ${type} (seq ${event.seq}) before the job's created event`);

@@ -85,7 +85,10 @@ async def create_job(request: web.Request) -> web.Response:
         # the refusal says nothing about whether the job exists.
         raise Forbidden(f"this credential's jobs grant does not cover job id {job_id}")
     key = JobKey(principal.tenant, job_id)
-    state = await request.app[STORE].writer.create_job(key, spec.kind, spec.metadata)
+    timeout = spec.heartbeat_timeout
+    if timeout is None and spec.kind is not None:
+        timeout = request.app[CONFIG].watchdog.kinds.get(spec.kind)
+    state = await request.app[STORE].writer.create_job(key, spec.kind, spec.metadata, timeout)
     response = json_response(state.to_json(), status=201)
     response.headers["Location"] = f"/v1/jobs/{job_id}"
     return response

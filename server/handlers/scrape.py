@@ -66,7 +66,7 @@ def _holds_metrics_token(app: web.Application, request: web.Request) -> bool:
 
 def _sources(app: web.Application) -> Sources:
     store, hub = app[STORE], app[HUB]
-    writer = store.writer
+    writer, watchdog = store.writer, store.watchdog
     return Sources(
         commits=writer.commits,
         events_written=writer.events_written,
@@ -81,4 +81,6 @@ def _sources(app: web.Application) -> Sources:
         job_frames_sent=hub.frames_sent,
         feed_frames_sent=hub.feed.frames_sent,
         database_path=store.path,
+        jobs_lost=0 if watchdog is None else watchdog.lost,
+        watched_jobs=0 if watchdog is None else watchdog.watched,
     )

@@ -47,6 +47,8 @@ class Event:
     reason: str | None = None
     kind: str | None = None
     metadata: dict[str, Any] | None = None
+    heartbeat_timeout: float | None = None  # created
+    by: str | None = None  # failed: "server" when the server failed the job (worker_lost)
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -84,6 +86,7 @@ class Snapshot:
     result: Any = None
     error: dict[str, Any] | None = None
     epoch: str | None = None
+    heartbeat_timeout: float | None = None
 
     @property
     def finished(self) -> bool:
@@ -120,6 +123,7 @@ class Snapshot:
                 updated_at=event.ts,
                 metadata=event.metadata,
                 epoch=log_epoch(event.id, event.ts),
+                heartbeat_timeout=event.heartbeat_timeout,
             )
         if state is None:
             raise ValueError(f"event {event.type!r} (seq {event.seq}) before the job's created")
