@@ -220,7 +220,8 @@ class WatchdogConfig(_Section):
     kinds: dict[str, float] = {}
     # Jobs failed per transaction: bounds how long one sweep holds the writer when many
     # jobs fall silent together (the rest go in the next transactions of the same sweep).
-    batch_jobs: int = Field(500, ge=1, le=10_000)
+    # At most storage.max_batch_events (a group is never larger).
+    batch_jobs: int = Field(50, ge=1)
 
     @field_validator("kinds")
     @classmethod
@@ -244,6 +245,17 @@ class Config(_Section):
     auth: AuthConfig = AuthConfig()
     metrics: MetricsConfig = MetricsConfig()
     watchdog: WatchdogConfig = WatchdogConfig()
+
+    @model_validator(mode="after")
+    def _watchdog_batch_fits(self) -> Config:
+        # A larger op would count against storage.max_pending_appends beyond what any group
+        # takes, and be refused as overloaded whenever anything else is queued.
+        if self.watchdog.batch_jobs > self.storage.max_batch_events:
+            raise ValueError(
+                f"watchdog.batch_jobs ({self.watchdog.batch_jobs}) must not exceed "
+                f"storage.max_batch_events ({self.storage.max_batch_events})"
+            )
+        return self
 
     @model_validator(mode="after")
     def _wildcard_needs_auth(self) -> Config:

@@ -24,6 +24,7 @@ import pytest
 from aiohttp import ClientWebSocketResponse, WSMsgType
 from aiohttp.test_utils import TestClient
 
+from server.config import ConfigError
 from server.errors import JobFinished
 from server.keys import STORE
 from server.migrate import apply_migrations, bundled_migrations
@@ -450,3 +451,17 @@ async def test_the_server_serves_a_migrated_version_4_database(
 def _rows(db: Path, query: str) -> list[tuple[Any, ...]]:
     with contextlib.closing(sqlite3.connect(db)) as conn:
         return conn.execute(query).fetchall()
+
+
+def test_config_bounds(make_config: ConfigFactory) -> None:
+    """A kind's timeout outside 0.1 s .. 30 days, a non-positive interval, and a batch larger
+    than storage.max_batch_events stop start-up with one line naming the key."""
+    for overrides, where in (
+        ({"watchdog__kinds": '{"video": 0}'}, "watchdog.kinds"),
+        ({"watchdog__kinds": '{"video": 1e9}'}, "watchdog.kinds"),
+        ({"watchdog__interval_seconds": "0"}, "watchdog.interval_seconds"),
+        ({"watchdog__batch_jobs": "3000"}, "watchdog.batch_jobs"),
+    ):
+        with pytest.raises(ConfigError, match=where):
+            make_config(**overrides)
+    assert make_config(watchdog__batch_jobs="2000").watchdog.batch_jobs == 2000
