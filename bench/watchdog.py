@@ -44,7 +44,7 @@ from server.logs import configure_logging
 from server.models import EventIn, LogIn
 from server.store import Store
 from server.tenancy import JobKey
-from server.writer import AppendedEvent, Fence
+from server.writer import Fence, FenceOutcome
 
 TIMEOUT = 2.0  # seconds: the baseline is taken in the first one after the second start
 
@@ -97,9 +97,9 @@ async def one_run(directory: Path, jobs: int, batch: int) -> dict[str, float]:
         windows: list[tuple[float, float]] = []
         real_fence = writer.fence
 
-        async def timed_fence(fences: list[Fence]) -> list[AppendedEvent | None]:
+        async def timed_fence(fences: list[Fence]) -> list[FenceOutcome]:
             started = time.perf_counter()
-            outcomes: list[AppendedEvent | None] = await real_fence(fences)
+            outcomes = await real_fence(fences)
             ended = time.perf_counter()
             op_ms.append((ended - started) * 1000)
             windows.append((started, ended))

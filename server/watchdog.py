@@ -82,6 +82,7 @@ class Watchdog:
         self._jobs: dict[JobKey, _Watched] = {}
         self._heap: list[tuple[float, JobKey]] = []
         self._task: asyncio.Task[None] | None = None
+        self._failing: str | None = None  # the error code of the fence ops failing now
         # For /metrics and the tests.
         self.lost = 0  # jobs failed as worker_lost
         self.fence_groups = 0  # writer operations submitted (each one transaction at most)
@@ -192,13 +193,16 @@ class Watchdog:
         try:
             outcomes = await self._writer.fence(fences)
         except ServiceError as exc:  # overloaded, storage fault, shutting down: next sweep
-            log.warning("watchdog_fence_failed", jobs=len(fences), code=exc.code)
+            if exc.code != self._failing:  # once per kind of failure, not once a sweep
+                log.warning("watchdog_fence_failed", jobs=len(fences), code=exc.code)
+            self._failing = exc.code
             for key, watched in chunk:
                 self._reschedule(key, watched)
             return 0
+        self._failing = None
         failed = 0
         for (key, watched), fence, outcome in zip(chunk, fences, outcomes, strict=True):
-            if outcome is not None:
+            if outcome.failed is not None:
                 failed += 1
                 log.warning(
                     "worker_lost",
@@ -208,12 +212,8 @@ class Watchdog:
                     heartbeat_timeout=watched.timeout,
                     last_seq=fence.last_seq,
                 )
-            elif watched.last_seq == fence.last_seq:
-                # No commit moved it, yet the writer found it moved: it is gone (deleted).
-                if self._jobs.get(key) is watched:
-                    del self._jobs[key]
             else:
-                self._reschedule(key, watched)  # an event came first: watch on
+                self._resync(key, watched, outcome.state, now)
         self.lost += failed
         log.debug(
             "watchdog_fenced",
@@ -222,6 +222,22 @@ class Watchdog:
             ms=round((time.perf_counter() - started) * 1000, 3),
         )
         return failed
+
+    def _resync(self, key: JobKey, watched: _Watched, state: JobState | None, now: float) -> None:
+        """After a fence that found the job moved on: watch on from what the writer holds.
+        Normally an event came first and ``note_commit`` has already moved the entry; a job
+        that is gone, or a change the schedule never saw (a commit whose outcome was unknown
+        and that did land), is taken from ``state``."""
+        if self._jobs.get(key) is not watched:
+            return  # finished, or replaced by a new job under the same id: already handled
+        if state is None or state.finished or state.heartbeat_timeout is None:
+            del self._jobs[key]
+            return
+        if state.epoch != watched.epoch or state.last_seq != watched.last_seq:
+            # Moved without our seeing when: count the silence from now.
+            watched = _Watched(state.epoch, state.last_seq, now, state.heartbeat_timeout, 0.0, 0.0)
+            self._jobs[key] = watched
+        self._reschedule(key, watched)
 
     def _reschedule(self, key: JobKey, watched: _Watched) -> None:
         if self._jobs.get(key) is watched:

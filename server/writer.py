@@ -129,6 +129,15 @@ class Fence:
     message: str
 
 
+@dataclass(frozen=True, slots=True)
+class FenceOutcome:
+    """What a ``Fence`` did: ``failed`` is the event appended (None: the job had moved on),
+    ``state`` the job's state after it (None: there is no such job, e.g. deleted)."""
+
+    failed: AppendedEvent | None
+    state: JobState | None
+
+
 @dataclass(slots=True)
 class _Op:
     key: JobKey
@@ -292,14 +301,13 @@ class Writer:
         result: JobState = await self._submit(op).future
         return result
 
-    async def fence(self, fences: list[Fence]) -> list[AppendedEvent | None]:
+    async def fence(self, fences: list[Fence]) -> list[FenceOutcome]:
         """Append the watchdog's ``failed`` to each job whose log still ends at the fence's
-        ``last_seq``, in one group: per fence, the event appended, or None when the job has
-        moved on (a newer event, finished, gone)."""
+        ``last_seq`` (same epoch, unfinished), in one group; per fence, what it did."""
         if not fences:
             return []
         op = self._submit(_Op(fences[0].key, self._new_future(), fences=fences))
-        result: list[AppendedEvent | None] = await op.future
+        result: list[FenceOutcome] = await op.future
         return result
 
     async def append(self, key: JobKey, events: list[EventIn]) -> AppendResult:
@@ -608,7 +616,7 @@ class Writer:
         what earlier requests of this group will commit, so an append that reached the
         writer first always wins, and one that comes after is refused (job_finished)."""
         assert op.fences is not None
-        outcomes: list[AppendedEvent | None] = []
+        outcomes: list[FenceOutcome] = []
         for fence in op.fences:
             key = fence.key
             state = group.states.get(key)
@@ -618,7 +626,7 @@ class Writer:
                 or state.last_seq != fence.last_seq
                 or state.epoch != fence.epoch
             ):
-                outcomes.append(None)
+                outcomes.append(FenceOutcome(None, state))
                 continue
             seq = state.last_seq + 1
             event: dict[str, Any] = {
@@ -644,7 +652,7 @@ class Writer:
             )
             group.frames.setdefault(key, []).append(frame)
             group.feed.append(frame)
-            outcomes.append(AppendedEvent(seq, next_id, ts))
+            outcomes.append(FenceOutcome(AppendedEvent(seq, next_id, ts), state))
             next_id += 1
         group.answers.append((op, outcomes))
         return next_id

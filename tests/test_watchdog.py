@@ -25,14 +25,14 @@ from aiohttp import ClientWebSocketResponse, WSMsgType
 from aiohttp.test_utils import TestClient
 
 from server.config import ConfigError
-from server.errors import JobFinished
+from server.errors import JobFinished, StorageUnavailable
 from server.keys import STORE
 from server.migrate import apply_migrations, bundled_migrations
 from server.models import LogIn
 from server.snapshot import JobState, apply_event
 from server.tenancy import JobKey
 from server.watchdog import LOAD_WATCHED_SQL, Watchdog
-from server.writer import AppendedEvent, Fence
+from server.writer import AppendedEvent, Fence, FenceOutcome, Writer
 from tests.conftest import ClientFactory, ConfigFactory, append, create_job
 from tests.procs import Launcher, get_snapshot, launching, read_log
 
@@ -187,12 +187,12 @@ async def test_an_append_that_reaches_the_writer_first_wins(
 
     # An earlier group moved the job: the fence sees seq 2, not 1.
     await append(client, "race", {"type": "log", "message": "still here"})
-    assert await writer.fence([stale]) == [None]
+    assert await failed_by(writer, [stale]) == [None]
 
     # The same group: an append queued before the fence is planned first, and wins.
     commits = writer.commits
     appended, fenced = await asyncio.gather(
-        writer.append(key, [_log("first")]), writer.fence([Fence(key, epoch, 2, "test")])
+        writer.append(key, [_log("first")]), failed_by(writer, [Fence(key, epoch, 2, "test")])
     )
     assert writer.commits == commits + 1  # one group
     assert appended.last_seq == 3
@@ -201,14 +201,21 @@ async def test_an_append_that_reaches_the_writer_first_wins(
     # A fence that holds, with an append queued after it in the same group: 409.
     fenced_first = asyncio.ensure_future(writer.fence([Fence(key, epoch, 3, "test")]))
     late = asyncio.ensure_future(writer.append(key, [_log("too late")]))
-    outcome = await fenced_first
-    assert outcome[0] is not None
-    assert outcome[0].seq == 4
+    outcome = (await fenced_first)[0]
+    assert outcome.failed is not None
+    assert outcome.failed.seq == 4
+    assert outcome.state is not None
+    assert outcome.state.status == "failed"
     with pytest.raises(JobFinished):
         await late
     log = await (await client.get("/v1/jobs/race/events")).json()
     assert [event["type"] for event in log["events"]] == ["created", "log", "log", "failed"]
     assert log["events"][-1]["by"] == "server"
+
+
+async def failed_by(writer: Writer, fences: list[Fence]) -> list[AppendedEvent | None]:
+    """What each fence appended (None: nothing)."""
+    return [outcome.failed for outcome in await writer.fence(fences)]
 
 
 def _log(message: str) -> LogIn:
@@ -224,8 +231,13 @@ async def test_a_deleted_or_recreated_job_is_not_fenced(
     writer = client.app[STORE].writer
     await create_job(client, job_id="again", heartbeat_timeout=100)
     key = JobKey("default", "again")
-    assert await writer.fence([Fence(key, "1-0", 1, "other log")]) == [None]
-    assert await writer.fence([Fence(JobKey("default", "nope"), None, 1, "gone")]) == [None]
+    other_log, gone = await writer.fence(
+        [Fence(key, "1-0", 1, "other log"), Fence(JobKey("default", "nope"), None, 1, "gone")]
+    )
+    assert other_log.failed is None
+    assert other_log.state is not None
+    assert other_log.state.status == "queued"
+    assert gone == FenceOutcome(None, None)
     got = await (await client.get("/v1/jobs/again")).json()
     assert got["status"] == "queued"
 
@@ -236,14 +248,13 @@ async def test_many_due_at_once_are_failed_in_bounded_transactions(
     """Jobs falling silent together are failed batch_jobs per writer operation (one
     transaction each), all of them, and each only once."""
     client = await fast_client(make_client, make_config, watchdog__batch_jobs=7)
-    writer = client.app[STORE].writer
+    writer: Writer = client.app[STORE].writer
     sizes: list[int] = []
     real_fence = writer.fence
 
-    async def observed_fence(fences: list[Fence]) -> list[AppendedEvent | None]:
+    async def observed_fence(fences: list[Fence]) -> list[FenceOutcome]:
         sizes.append(len(fences))
-        outcomes: list[AppendedEvent | None] = await real_fence(fences)
-        return outcomes
+        return await real_fence(fences)
 
     monkeypatch.setattr(writer, "fence", observed_fence)
     jobs = [f"many-{n}" for n in range(30)]
@@ -306,14 +317,16 @@ async def test_restart_with_a_due_job(jobfeed_process: Launcher) -> None:
 
 
 class FakeWriter:
-    """Records the fences a sweep submits (the schedule's arithmetic, without the writer)."""
+    """Records the fences a sweep submits and answers each with ``answer`` (the schedule's
+    arithmetic, without the writer: "moved on, now in this state")."""
 
     def __init__(self) -> None:
         self.fences: list[Fence] = []
+        self.answer: JobState | None = None
 
-    async def fence(self, fences: list[Fence]) -> list[None]:
+    async def fence(self, fences: list[Fence]) -> list[FenceOutcome]:
         self.fences.extend(fences)
-        return [None] * len(fences)
+        return [FenceOutcome(None, self.answer) for _ in fences]
 
 
 def _state(job_id: str, seq: int, timeout: float | None, finished: bool = False) -> JobState:
@@ -349,8 +362,45 @@ async def test_an_event_pushes_the_deadline_back_without_touching_the_heap(
     watchdog.note_commit({c: _state("c", 2, 1.0, finished=True)}, 106.0)
     assert watchdog.watched == 1
     now[0] = 108.5
+    fake.answer = _state("a", 2, 5.0)  # the writer says: still at seq 2 (a race, lost)
     await watchdog.sweep()
     assert [(f.key, f.last_seq) for f in fake.fences] == [(a, 2)]
+
+
+async def test_a_fence_that_found_the_job_moved_resyncs_the_schedule(
+    make_config: ConfigFactory,
+) -> None:
+    """When the writer answers a fence with a state the schedule never saw (a commit whose
+    outcome was unknown, and that landed), the job is watched on from that state with a
+    full timeout from now; a job the writer does not have (deleted) is dropped; a storage
+    fault leaves it due at the next sweep."""
+    now = [0.0]
+    fake = FakeWriter()
+    watchdog = Watchdog(fake, make_config().watchdog, clock=lambda: now[0])  # type: ignore[arg-type]
+    a = JobKey("t", "a")
+    watchdog.note_commit({a: _state("a", 1, 2.0)}, 0.0)
+    now[0] = 3.0
+    fake.answer = _state("a", 4, 2.0)
+    await watchdog.sweep()
+    assert watchdog.next_deadline(a) == 5.0
+    now[0] = 5.5
+    await watchdog.sweep()
+    assert [f.last_seq for f in fake.fences] == [1, 4]
+
+    async def storage_fault(fences: list[Fence]) -> list[FenceOutcome]:
+        raise StorageUnavailable("disk full")
+
+    real_fence = fake.fence
+    fake.fence = storage_fault  # type: ignore[method-assign]
+    now[0] = 8.0
+    await watchdog.sweep()
+    assert watchdog.watched == 1
+    fake.fence = real_fence  # type: ignore[method-assign]
+    fake.answer = None
+    now[0] = 8.1
+    await watchdog.sweep()
+    assert [f.last_seq for f in fake.fences] == [1, 4, 4]
+    assert watchdog.watched == 0
 
 
 # -- migration 0006 ---------------------------------------------------------------------------
