@@ -52,6 +52,10 @@ LOAD_WATCHED_SQL = (
 )
 
 
+# Stale heap entries tolerated beyond twice the live ones before the heap is rebuilt.
+_COMPACT_SLACK = 1024
+
+
 @dataclass(slots=True)
 class _Watched:
     """One watched unfinished job, as the last commit left it."""
@@ -168,8 +172,21 @@ class Watchdog:
                 due.append((key, watched))
         return due
 
+    @property
+    def heap_entries(self) -> int:
+        return len(self._heap)
+
+    def _compact(self) -> None:
+        """Drop the stale heap entries (of jobs finished or replaced) once they outnumber the
+        live ones: a job that finishes leaves its entry until its deadline, and many short
+        jobs with long timeouts would otherwise keep millions of them."""
+        if len(self._heap) > 2 * len(self._jobs) + _COMPACT_SLACK:
+            self._heap = [(watched.scheduled, key) for key, watched in self._jobs.items()]
+            heapq.heapify(self._heap)
+
     async def sweep(self) -> int:
         """Fail every job due now, ``batch_jobs`` per writer operation; the number failed."""
+        self._compact()
         now = self._clock()
         due = self._due(now)
         failed = 0

@@ -515,3 +515,21 @@ def test_config_bounds(make_config: ConfigFactory) -> None:
         with pytest.raises(ConfigError, match=where):
             make_config(**overrides)
     assert make_config(watchdog__batch_jobs="2000").watchdog.batch_jobs == 2000
+
+
+async def test_finished_jobs_do_not_pile_up_in_the_schedule(make_config: ConfigFactory) -> None:
+    """Jobs that finish long before their timeout leave no entries behind for long: the
+    heap is rebuilt from the live jobs once stale entries outnumber them."""
+    fake = FakeWriter()
+    watchdog = Watchdog(fake, make_config().watchdog, clock=lambda: 0.0)  # type: ignore[arg-type]
+    for n in range(5000):
+        key = JobKey("t", f"short-{n}")
+        watchdog.note_commit({key: _state(key.job_id, 1, 3600.0)}, 0.0)
+        watchdog.note_commit({key: _state(key.job_id, 2, 3600.0, finished=True)}, 0.0)
+    still = JobKey("t", "long")
+    watchdog.note_commit({still: _state("long", 1, 3600.0)}, 0.0)
+    assert watchdog.watched == 1
+    assert watchdog.heap_entries == 5001
+    await watchdog.sweep()
+    assert watchdog.heap_entries == 1
+    assert watchdog.next_deadline(still) == 3600.0
