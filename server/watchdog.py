@@ -73,6 +73,8 @@ class _Watched:
 
 
 class Watchdog:
+    """The schedule (``load``, ``note_commit``) and the sweep task (``start``, ``stop``)."""
+
     def __init__(
         self,
         writer: Writer,
