@@ -230,7 +230,7 @@ class WatchdogConfig(_Section):
             if not MIN_HEARTBEAT_TIMEOUT <= seconds <= MAX_HEARTBEAT_TIMEOUT:
                 raise ValueError(
                     f"kind {kind!r}: {seconds} is not between {MIN_HEARTBEAT_TIMEOUT} and "
-                    f"{MAX_HEARTBEAT_TIMEOUT:g} seconds"
+                    f"{MAX_HEARTBEAT_TIMEOUT:.0f} seconds"
                 )
         return kinds
 
