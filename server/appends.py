@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -62,12 +64,23 @@ def parse_append(job_id: str, body: Any, limits: LimitsConfig) -> list[EventIn]:
     return events
 
 
+@dataclass(frozen=True, slots=True)
+class NewJob:
+    """A validated job creation: what the writer's ``create_job`` takes."""
+
+    key: JobKey
+    kind: str | None
+    metadata: dict[str, Any] | None
+    # The job's own ``heartbeat_timeout``, or its kind's from ``[watchdog] kinds``.
+    heartbeat_timeout: float | None
+
+
 def parse_create(
-    principal: Principal, body: Any, limits: LimitsConfig
-) -> tuple[JobKey, str | None, dict[str, Any] | None]:
-    """A job creation body as (the new job's key, kind, metadata); a server-made id when the
-    body names none. Raises ``ValidationFailed`` / ``EventTooLarge``, and ``Forbidden`` for an
-    id outside the credential's job grants."""
+    principal: Principal, body: Any, limits: LimitsConfig, kind_timeouts: Mapping[str, float]
+) -> NewJob:
+    """A job creation body; a server-made id when the body names none. Raises
+    ``ValidationFailed`` / ``EventTooLarge``, and ``Forbidden`` for an id outside the
+    credential's job grants."""
     if not isinstance(body, dict):
         raise InvalidJson("the body must be a JSON object")
     try:
@@ -84,7 +97,10 @@ def parse_create(
         # Refused, not "not found": a grant names which ids a credential may create, and
         # the refusal says nothing about whether the job exists.
         raise Forbidden(f"this credential's jobs grant does not cover job id {job_id}")
-    return JobKey(principal.tenant, job_id), spec.kind, spec.metadata
+    timeout = spec.heartbeat_timeout
+    if timeout is None and spec.kind is not None:
+        timeout = kind_timeouts.get(spec.kind)
+    return NewJob(JobKey(principal.tenant, job_id), spec.kind, spec.metadata, timeout)
 
 
 def refuse_oversize(job_id: str, body: dict[str, Any], limit: int) -> None:

@@ -26,6 +26,8 @@ from pydantic import (
     model_validator,
 )
 
+from .models import MAX_HEARTBEAT_TIMEOUT, MIN_HEARTBEAT_TIMEOUT
+
 ENV_PREFIX = "JOBFEED_"
 
 
@@ -244,6 +246,33 @@ class IngestConfig(_Section):
     max_connections: int = Field(1_000, ge=1)
 
 
+class WatchdogConfig(_Section):
+    """The worker-lost watchdog (server/watchdog.py, docs/operations.md)."""
+
+    # false: jobs keep their heartbeat_timeout (it is stored and shown) but none is failed.
+    enabled: bool = True
+    # How often the sweep looks for jobs past their timeout: a lost worker is noticed within
+    # its heartbeat_timeout plus this.
+    interval_seconds: float = Field(1.0, gt=0, le=3600)
+    # The heartbeat_timeout of jobs of a kind created without one: {"<kind>" = seconds}.
+    kinds: dict[str, float] = {}
+    # Jobs failed per transaction: bounds how long one sweep holds the writer when many
+    # jobs fall silent together (the rest go in the next transactions of the same sweep).
+    # At most storage.max_batch_events (a group is never larger).
+    batch_jobs: int = Field(50, ge=1)
+
+    @field_validator("kinds")
+    @classmethod
+    def _sane_timeouts(cls, kinds: dict[str, float]) -> dict[str, float]:
+        for kind, seconds in kinds.items():
+            if not MIN_HEARTBEAT_TIMEOUT <= seconds <= MAX_HEARTBEAT_TIMEOUT:
+                raise ValueError(
+                    f"kind {kind!r}: {seconds} is not between {MIN_HEARTBEAT_TIMEOUT} and "
+                    f"{MAX_HEARTBEAT_TIMEOUT:.0f} seconds"
+                )
+        return kinds
+
+
 class Config(_Section):
     server: ServerConfig = ServerConfig()
     storage: StorageConfig = StorageConfig()
@@ -255,6 +284,18 @@ class Config(_Section):
     metrics: MetricsConfig = MetricsConfig()
     retention: RetentionConfig = RetentionConfig()
     ingest: IngestConfig = IngestConfig()
+    watchdog: WatchdogConfig = WatchdogConfig()
+
+    @model_validator(mode="after")
+    def _watchdog_batch_fits(self) -> Config:
+        # A larger op would count against storage.max_pending_appends beyond what any group
+        # takes, and be refused as overloaded whenever anything else is queued.
+        if self.watchdog.batch_jobs > self.storage.max_batch_events:
+            raise ValueError(
+                f"watchdog.batch_jobs ({self.watchdog.batch_jobs}) must not exceed "
+                f"storage.max_batch_events ({self.storage.max_batch_events})"
+            )
+        return self
 
     @model_validator(mode="after")
     def _wildcard_needs_auth(self) -> Config:

@@ -22,7 +22,8 @@ import orjson
 from .models import parse_event
 from .snapshot import JobState, apply_event, progress_in_context
 
-# (name, kind, metadata, producer events): each case one job's whole log after `created`.
+# (name, kind, metadata, producer events): each case one job's whole log after `created`. An
+# event with "by": "server" is the server's own (the watchdog's), stored as written.
 _CASES: list[tuple[str, str | None, dict[str, Any] | None, list[dict[str, Any]]]] = [
     ("created only", None, None, []),
     (
@@ -118,6 +119,19 @@ _CASES: list[tuple[str, str | None, dict[str, Any] | None, list[dict[str, Any]]]
         [
             {"type": "progress", "message": "waiting for a runner"},
             {"type": "cancelled"},
+        ],
+    ),
+    (
+        "a watched job failed by the server (worker_lost)",
+        "video",
+        None,
+        [
+            {"type": "progress", "progress": 20, "phase": "encode"},
+            {
+                "type": "failed",
+                "error": {"code": "worker_lost", "message": "no event for 30.2 s"},
+                "by": "server",
+            },
         ],
     ),
     (
@@ -227,6 +241,8 @@ _RATE_CASES: list[tuple[str, list[tuple[int, dict[str, Any]]]]] = [
 ]
 
 _JOB_IDS = ("build-42", "imp.2026:11", "X", "web-1", "deploy_7")
+# The created event's heartbeat_timeout, for the cases that have one.
+_HEARTBEAT_TIMEOUTS = {"a watched job failed by the server (worker_lost)": 30.0}
 # Timestamps with every kind of microsecond part (the epoch is derived from the created ts).
 _START = datetime(2026, 11, 28, 9, 30, 0, 123456, tzinfo=UTC)
 
@@ -248,6 +264,7 @@ def stored_log(
     metadata: dict[str, Any] | None,
     inputs: list[dict[str, Any]],
     offsets: list[int] | None = None,
+    heartbeat_timeout: float | None = None,
 ) -> list[dict[str, Any]]:
     """One job's log as the writer stores it. Event ids are spread (the feed's ids have
     holes across jobs) and ``ts`` repeats within a group of two (one commit's shared ts),
@@ -265,21 +282,26 @@ def stored_log(
         created["kind"] = kind
     if metadata is not None:
         created["metadata"] = metadata
+    if heartbeat_timeout is not None:
+        created["heartbeat_timeout"] = heartbeat_timeout
     log = [created]
     state = apply_event(None, created)
     for index, item in enumerate(inputs):
-        parsed = parse_event(item, ())
-        if isinstance(parsed, list):
-            raise ValueError(f"case {case_index} event {index} is not valid: {parsed}")
-        fields = parsed.stored_fields()
-        if parsed.type == "progress":
-            fields = progress_in_context(fields, state)
+        if item.get("by") == "server":
+            event_type, fields = item["type"], {k: v for k, v in item.items() if k != "type"}
+        else:
+            parsed = parse_event(item, ())
+            if isinstance(parsed, list):
+                raise ValueError(f"case {case_index} event {index} is not valid: {parsed}")
+            event_type, fields = parsed.type, parsed.stored_fields()
+            if event_type == "progress":
+                fields = progress_in_context(fields, state)
         next_id += 1 + index % 3
         event = {
             "job_id": job_id,
             "seq": state.last_seq + 1,
             "id": next_id,
-            "type": parsed.type,
+            "type": event_type,
             "ts": _ts(case_index * 10 + 1 + index // 2)
             if offsets is None
             else _ts_after(created["ts"], offsets[index]),
@@ -292,7 +314,7 @@ def stored_log(
 
 def vectors() -> dict[str, Any]:
     logs = [
-        (name, stored_log(index, kind, metadata, inputs))
+        (name, stored_log(index, kind, metadata, inputs, None, _HEARTBEAT_TIMEOUTS.get(name)))
         for index, (name, kind, metadata, inputs) in enumerate(_CASES)
     ]
     for index, (name, timed) in enumerate(_RATE_CASES, start=len(_CASES)):

@@ -135,6 +135,7 @@ class Snapshot(_Frame):
     rate: Annotated[float, Field(ge=0)] | None
     eta_seconds: Annotated[float, Field(ge=0)] | None
     rate_window: RateWindow | None
+    heartbeat_timeout: Annotated[float, Field(gt=0)] | None
 
 
 class SnapshotFrame(_Frame):
@@ -162,23 +163,35 @@ class CreatedEvent(_Stored):
     type: Literal["created"]
     kind: str | None = None
     metadata: JsonObject | None = None
+    # Seconds without an event before the server fails the job (given, or the kind's).
+    heartbeat_timeout: Annotated[float, Field(gt=0)] | None = None
 
 
-def _stored(model: type[BaseModel]) -> type[BaseModel]:
-    """The stored form of an input event model: its fields but ``key``, after the server's."""
+def _stored(model: type[BaseModel], **server_fields: Any) -> type[BaseModel]:
+    """The stored form of an input event model: its fields but ``key``, after the server's,
+    and then ``server_fields`` (what only the server writes into that type of event)."""
     name = model.__name__.removesuffix("In") + "Event"
     fields: dict[str, Any] = {
         field_name: (field.annotation, field)
         for field_name, field in model.model_fields.items()
         if field_name != "key"
     }
+    fields.update(server_fields)
     stored: type[BaseModel] = create_model(name, __base__=_Stored, __doc__=model.__doc__, **fields)
     return stored
 
 
+# ``by``: "server" on a failed event the server appended itself (the worker-lost watchdog,
+# error code worker_lost); absent on a producer's.
+_BY_SERVER = (
+    Literal["server"] | None,
+    Field(None, description='"server": appended by the server itself (worker_lost)'),
+)
 STORED_EVENTS: tuple[type[BaseModel], ...] = (
     CreatedEvent,
-    *(_stored(m) for m in (ProgressIn, LogIn, CompletedIn, FailedIn, CancelledIn, CustomIn)),
+    *(_stored(m) for m in (ProgressIn, LogIn, CompletedIn)),
+    _stored(FailedIn, by=_BY_SERVER),
+    *(_stored(m) for m in (CancelledIn, CustomIn)),
 )
 CONTROL_FRAMES: tuple[type[BaseModel], ...] = (
     JobHello,

@@ -150,6 +150,9 @@ class Sources:
     retention_last_seconds: float | None = None
     retention_last_longest_seconds: float | None = None
     oldest_event_seconds: float | None = None
+    # The worker-lost watchdog (server/watchdog.py); 0 when it is off.
+    jobs_lost: int = 0
+    watched_jobs: int = 0
     # (transport, kind) -> the open streams' lag at this scrape (StreamRegistry.lag).
     subscriber_lag: Mapping[tuple[str, str], Lag] = field(default_factory=dict)
 
@@ -263,6 +266,14 @@ def render(metrics: Metrics, sources: Sources) -> str:
     for code, count in sorted(metrics.refusals.items()):
         out.append(f'jobfeed_refusals_total{{code="{code}"}} {count}')
     _render_retention(out, family, sources)
+    family(
+        "jobfeed_jobs_lost_total",
+        "counter",
+        "Jobs the watchdog failed as worker_lost (silent past their heartbeat_timeout).",
+    )
+    out.append(f"jobfeed_jobs_lost_total {sources.jobs_lost}")
+    family("jobfeed_watched_jobs", "gauge", "Unfinished jobs with a heartbeat_timeout.")
+    out.append(f"jobfeed_watched_jobs {sources.watched_jobs}")
     out.append("")
     return "\n".join(out)
 

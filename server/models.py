@@ -157,10 +157,21 @@ _MODELS_BY_TYPE: dict[str, type[_EventIn]] = {
 }
 
 
+# A job's heartbeat_timeout (the worker-lost watchdog, server/watchdog.py), in seconds: at
+# least a tenth of a second (the sweep's resolution is ``watchdog.interval_seconds`` anyway),
+# at most 30 days (a longer silence is not a heartbeat).
+MIN_HEARTBEAT_TIMEOUT = 0.1
+MAX_HEARTBEAT_TIMEOUT = 30 * 86_400.0
+HeartbeatTimeout = Annotated[
+    float, Field(ge=MIN_HEARTBEAT_TIMEOUT, le=MAX_HEARTBEAT_TIMEOUT, allow_inf_nan=False)
+]
+
+
 class CreateJobIn(_Strict):
     job_id: Annotated[str, Field(pattern=JOB_ID_PATTERN)] | None = None
     kind: Annotated[str, Field(min_length=1, max_length=128)] | None = None
     metadata: JsonObject | None = None
+    heartbeat_timeout: HeartbeatTimeout | None = None
 
 
 FieldError = dict[str, Any]

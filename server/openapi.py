@@ -107,6 +107,13 @@ def _response_schemas() -> dict[str, Schema]:
             "metadata": _nullable({"type": "object"}),
             "result": {"description": "the completed event's result (any JSON), else null"},
             "error": _nullable({"type": "object"}),
+            "heartbeat_timeout": _nullable(
+                {
+                    "type": "number",
+                    "description": "seconds without an event after which the server fails "
+                    "the unfinished job as worker_lost (docs/operations.md); null: not watched",
+                }
+            ),
         },
     }
     # Rate and ETA (server.snapshot, docs/protocol.md "Rate and ETA"): null when unknown.

@@ -48,6 +48,10 @@ class JobState:
     # floats rather than a tuple: the writer's cache measures states field by field.
     window_advance: float | None = None
     window_seconds: float | None = None
+    # Seconds without an event after which the server fails the job as ``worker_lost``
+    # (``server.watchdog``); from the created event. None: not watched (and for snapshots
+    # stored before migration 0006, which adds it as null).
+    heartbeat_timeout: float | None = None
 
     @property
     def finished(self) -> bool:
@@ -113,6 +117,7 @@ class JobState:
             "rate": rate,
             "eta_seconds": eta,
             "rate_window": window,
+            "heartbeat_timeout": self.heartbeat_timeout,
         }
 
     def to_json(self) -> bytes:
@@ -231,6 +236,7 @@ def apply_event(
             updated_at=ts,
             metadata=event.get("metadata"),
             epoch=log_epoch(event["id"], ts, generation_suffix),
+            heartbeat_timeout=event.get("heartbeat_timeout"),
         )
     if state is None:
         raise ValueError(f"event {event_type!r} before the job's created event")

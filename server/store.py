@@ -36,6 +36,7 @@ from .hub import Hub
 from .retention import OLDEST_EVENT_SQL, RetentionSweep, ts_seconds
 from .tenancy import JobKey
 from .wal import WalBound
+from .watchdog import Watchdog
 from .writer import Writer
 
 log = structlog.get_logger("jobfeed.store")
@@ -207,6 +208,8 @@ class Store:
         self._deleter: JobDeleter | None = None
         self.retention: RetentionSweep | None = None  # while [retention] deletes anything
         self._retention_task: asyncio.Task[None] | None = None
+        # The worker-lost watchdog (None with watchdog.enabled = false).
+        self.watchdog: Watchdog | None = None
         self._lock = DatabaseLock(config.storage.path)
         self.wal = WalBound(config.storage.path, config.storage.wal_max_bytes)
         self.schema_version = 0
@@ -264,8 +267,17 @@ class Store:
             busy_timeout_ms=storage.busy_timeout_ms,
             epoch_suffix=self.generation.job_epoch_suffix,
         )
+        if self._config.watchdog.enabled:
+            # Loaded before the writer runs, and told of every commit from its first one:
+            # the schedule misses nothing in between.
+            self.watchdog = Watchdog(self._writer, self._config.watchdog)
+            watched = await self.watchdog.load(self._writer_conn)
+            self._writer.on_commit = self.watchdog.note_commit
+            log.info("watchdog_loaded", watched=watched)
         await self._writer.start()
         self._deleter = JobDeleter(self._writer, self._hub)
+        if self.watchdog is not None:
+            self.watchdog.start()
         self._checkpoint_task = asyncio.create_task(self._checkpoint_loop(), name="checkpoint")
         retention = self._config.retention
         if retention.enabled:
@@ -281,6 +293,8 @@ class Store:
             self._retention_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._retention_task
+        if self.watchdog is not None:
+            await self.watchdog.stop()
         if self._writer is not None:
             await self._writer.stop()
         if self._checkpoint_task is not None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -117,20 +117,52 @@ class AppendResult:
         return all(event.duplicate for event in self.events)
 
 
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """A conditional ``failed`` for the watchdog (``server.watchdog``): fail the job with
+    ``worker_lost`` only if its log still ends at ``last_seq``, as the writer sees it when
+    the group is planned. An event that committed since (in an earlier group, or earlier in
+    the same one) makes the fence a no-op: the decision "no event since" is never taken on a
+    stale read."""
+
+    key: JobKey
+    epoch: str | None  # the log's identity: a job deleted and created again is not fenced
+    last_seq: int
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class FenceOutcome:
+    """What a ``Fence`` did: ``failed`` is the event appended (None: the job had moved on),
+    ``state`` the job's state after it (None: there is no such job, e.g. deleted)."""
+
+    failed: AppendedEvent | None
+    state: JobState | None
+
+
 @dataclass(slots=True)
 class _Op:
     key: JobKey
     future: asyncio.Future[Any]
-    # For an append: the validated events. For a create: None, with kind and metadata.
+    # For an append: the validated events. For a create: None, with kind, metadata and
+    # heartbeat_timeout. For the watchdog: fences (and ``key`` is the first one's job).
     events: list[EventIn] | None = None
     kind: str | None = None
     metadata: dict[str, Any] | None = None
+    heartbeat_timeout: float | None = None
+    fences: list[Fence] | None = None
     # Work run alone between two groups (a deletion, a vacuum step): ``run_exclusive``.
     exclusive: Callable[[], Awaitable[Any]] | None = None
 
     @property
     def weight(self) -> int:
+        if self.fences is not None:
+            return len(self.fences)
         return 1 if self.events is None else len(self.events)
+
+    @property
+    def keys(self) -> Iterable[JobKey]:
+        return (self.key,) if self.fences is None else (fence.key for fence in self.fences)
 
 
 @dataclass(slots=True)
@@ -201,6 +233,9 @@ class Writer:
         self.group_events = Histogram(GROUP_EVENTS_BUCKETS)
         self.faults = 0
         self._jobs = JobCache(job_cache_size, job_cache_bytes)
+        # Called after each commit with the job states it wrote and the monotonic time of the
+        # commit (the watchdog's schedule, ``server.watchdog``); None: nobody watches.
+        self.on_commit: Callable[[Mapping[JobKey, JobState], float], None] | None = None
         self._next_id = 1
         self._last_ts = ""
         self._task: asyncio.Task[None] | None = None
@@ -306,10 +341,29 @@ class Writer:
         return self._jobs.bytes
 
     async def create_job(
-        self, key: JobKey, kind: str | None, metadata: dict[str, Any] | None
+        self,
+        key: JobKey,
+        kind: str | None,
+        metadata: dict[str, Any] | None,
+        heartbeat_timeout: float | None = None,
     ) -> JobState:
-        op = self._submit(_Op(key, self._new_future(), kind=kind, metadata=metadata))
-        result: JobState = await op.future
+        op = _Op(
+            key,
+            self._new_future(),
+            kind=kind,
+            metadata=metadata,
+            heartbeat_timeout=heartbeat_timeout,
+        )
+        result: JobState = await self._submit(op).future
+        return result
+
+    async def fence(self, fences: list[Fence]) -> list[FenceOutcome]:
+        """Append the watchdog's ``failed`` to each job whose log still ends at the fence's
+        ``last_seq`` (same epoch, unfinished), in one group; per fence, what it did."""
+        if not fences:
+            return []
+        op = self._submit(_Op(fences[0].key, self._new_future(), fences=fences))
+        result: list[FenceOutcome] = await op.future
         return result
 
     async def append(self, key: JobKey, events: list[EventIn]) -> AppendResult:
@@ -335,10 +389,21 @@ class Writer:
         return self._submit(_Op(key, self._new_future(), events=events)).future
 
     def submit_create(
-        self, key: JobKey, kind: str | None, metadata: dict[str, Any] | None
+        self,
+        key: JobKey,
+        kind: str | None,
+        metadata: dict[str, Any] | None,
+        heartbeat_timeout: float | None = None,
     ) -> asyncio.Future[JobState]:
         """``create_job`` without waiting for it (see ``submit_append``)."""
-        return self._submit(_Op(key, self._new_future(), kind=kind, metadata=metadata)).future
+        op = _Op(
+            key,
+            self._new_future(),
+            kind=kind,
+            metadata=metadata,
+            heartbeat_timeout=heartbeat_timeout,
+        )
+        return self._submit(op).future
 
     def _new_future(self) -> asyncio.Future[Any]:
         return asyncio.get_running_loop().create_future()
@@ -491,9 +556,10 @@ class Writer:
         try:
             if self.purging and self.purge_leftovers is not None:
                 for op in ops:
-                    if op.events is None and op.key in self.purging:
+                    creates = op.events is None and op.fences is None
+                    if creates and op.key in self.purging:
                         await self.purge_leftovers(op.key)  # before the id is created again
-            states = await self._load_states({op.key for op in ops})
+            states = await self._load_states({key for op in ops for key in op.keys})
             stored_keys = await self._load_keys(ops)
         except sqlite3.Error as exc:
             self._fail(ops, exc, "read")
@@ -512,7 +578,9 @@ class Writer:
         next_id = self._next_id
         for op in ops:
             try:
-                if op.events is None:
+                if op.fences is not None:
+                    next_id = self._plan_fences(group, op, ts, next_id)
+                elif op.events is None:
                     next_id = self._plan_create(group, op, ts, next_id)
                 else:
                     next_id = self._plan_append(group, op, stored_keys, ts, next_id)
@@ -541,6 +609,8 @@ class Writer:
             for key, state in group.touched.items():
                 self._remember(key, state)
                 self._count_status(before.get(key), state.status)
+            if self.on_commit is not None:
+                self.on_commit(group.touched, time.monotonic())
             for key, frames in group.frames.items():
                 self._hub.publish(key, frames)
             self._hub.publish_feed(group.feed)
@@ -655,6 +725,8 @@ class Writer:
             event["kind"] = op.kind
         if op.metadata is not None:
             event["metadata"] = op.metadata
+        if op.heartbeat_timeout is not None:
+            event["heartbeat_timeout"] = op.heartbeat_timeout
         body = self._serialize(event, 0)
         state = apply_event(None, event, self._epoch_suffix)
         group.states[key] = state
@@ -668,6 +740,53 @@ class Writer:
         group.feed.append(frame)
         group.answers.append((op, state))
         return next_id + 1
+
+    def _plan_fences(self, group: _Group, op: _Op, ts: str, next_id: int) -> int:
+        """The watchdog's ``failed`` events, each only if its job has not moved since the
+        sweep saw it (``Fence``). Planned against ``group.states``: what is committed plus
+        what earlier requests of this group will commit, so an append that reached the
+        writer first always wins, and one that comes after is refused (job_finished)."""
+        assert op.fences is not None
+        outcomes: list[FenceOutcome] = []
+        for fence in op.fences:
+            key = fence.key
+            state = group.states.get(key)
+            if (
+                state is None
+                or state.finished
+                or state.last_seq != fence.last_seq
+                or state.epoch != fence.epoch
+            ):
+                outcomes.append(FenceOutcome(None, state))
+                continue
+            seq = state.last_seq + 1
+            event: dict[str, Any] = {
+                "job_id": key.job_id,
+                "seq": seq,
+                "id": next_id,
+                "type": "failed",
+                "ts": ts,
+                "error": {"code": "worker_lost", "message": fence.message},
+                "by": "server",
+            }
+            # Not held to limits.max_event_bytes, which bounds what producers send: this
+            # event's size is bounded by the job id's and the message's.
+            body = exact_bytes(orjson.dumps(event))
+            state = apply_event(state, event)
+            group.states[key] = state
+            group.touched[key] = state
+            group.event_rows.append(
+                (next_id, key.tenant, key.job_id, seq, "failed", ts, None, body.decode())
+            )
+            frame = Frame(
+                key.job_id, seq, next_id, "failed", ts, body, state.kind, tenant=key.tenant
+            )
+            group.frames.setdefault(key, []).append(frame)
+            group.feed.append(frame)
+            outcomes.append(FenceOutcome(AppendedEvent(seq, next_id, ts), state))
+            next_id += 1
+        group.answers.append((op, outcomes))
+        return next_id
 
     def _plan_append(
         self,
@@ -774,7 +893,8 @@ class Writer:
             if new_jobs:
                 await conn.executemany(
                     "INSERT INTO jobs (tenant, job_id, kind, status, last_seq, created_at,"
-                    " updated_at, finished_at, snapshot) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " updated_at, finished_at, snapshot, heartbeat_timeout)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [
                         (
                             tenant,
@@ -786,6 +906,7 @@ class Writer:
                             s.updated_at,
                             s.finished_at,
                             s.to_json().decode(),
+                            s.heartbeat_timeout,
                         )
                         for tenant, s in new_jobs
                     ],

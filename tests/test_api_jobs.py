@@ -44,6 +44,7 @@ SNAPSHOT_FIELDS = {
     "rate",
     "eta_seconds",
     "rate_window",
+    "heartbeat_timeout",
 }
 
 

@@ -200,7 +200,7 @@ def test_apply_event_does_not_change_its_input(running: JobState) -> None:
 
 
 def test_snapshot_has_the_fixed_shape(running: JobState) -> None:
-    """to_dict always has the protocol's 20 fields, null where there is no value."""
+    """to_dict always has the protocol's 21 fields, null where there is no value."""
     assert list(running.to_dict()) == [
         "job_id",
         "kind",
@@ -222,6 +222,7 @@ def test_snapshot_has_the_fixed_shape(running: JobState) -> None:
         "rate",
         "eta_seconds",
         "rate_window",
+        "heartbeat_timeout",
     ]
     assert running.to_dict()["finished_at"] is None
 

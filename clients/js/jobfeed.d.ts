@@ -20,6 +20,8 @@ export interface CreatedEvent extends EventBase {
   type: "created";
   kind?: string;
   metadata?: Record<string, unknown>;
+  /** Seconds without an event before the server fails the job as `worker_lost`. */
+  heartbeat_timeout?: number;
 }
 export interface ProgressEvent extends EventBase {
   type: "progress";
@@ -51,6 +53,8 @@ export interface FailedEvent extends EventBase {
   type: "failed";
   error: ErrorInfo;
   data?: Record<string, unknown>;
+  /** "server": the server failed the job itself (`error.code` "worker_lost"). */
+  by?: "server";
 }
 export interface CancelledEvent extends EventBase {
   type: "cancelled";
@@ -102,6 +106,8 @@ export interface Snapshot {
   eta_seconds: number | null;
   /** The estimator's state: what `applyEvent` needs to go on from this snapshot. */
   rate_window: RateWindow | null;
+  /** Seconds without an event before the server fails the job; null: not watched. */
+  heartbeat_timeout: number | null;
 }
 
 /** Decayed sums of the position's gain and of the seconds passed (docs/protocol.md). */

@@ -64,6 +64,7 @@ export function applyEvent(state, event) {
       rate: null,
       eta_seconds: null,
       rate_window: null,
+      heartbeat_timeout: event.heartbeat_timeout ?? null,
     };
   }
   if (!state) throw new Error(`event ${type} (seq ${event.seq}) before the job's created event`);

@@ -127,6 +127,7 @@ class IngestConnection:
         self._principal = principal
         self._slot = slot
         self._limits = config.limits
+        self._kind_timeouts = config.watchdog.kinds
         self._max_in_flight = config.ingest.max_in_flight
         self._send_timeout = config.stream.send_timeout
         self._writer: Writer = request.app[STORE].writer
@@ -288,8 +289,8 @@ class IngestConnection:
 
     def _create(self, ref: int, frame: dict[str, Any]) -> _Request:
         body = {name: value for name, value in frame.items() if name not in _FRAME_FIELDS}
-        key, kind, metadata = parse_create(self._principal, body, self._limits)
-        future = self._writer.submit_create(key, kind, metadata)
+        job = parse_create(self._principal, body, self._limits, self._kind_timeouts)
+        future = self._writer.submit_create(job.key, job.kind, job.metadata, job.heartbeat_timeout)
         return _Request(ref, future, append=False)
 
     def _refused(self, ref: int | None, error: ServiceError, append: bool = False) -> _Request:

@@ -41,11 +41,14 @@ log = structlog.get_logger("jobfeed.jobs")
 async def create_job(request: web.Request) -> web.Response:
     principal = require(request, WRITE)
     body = await read_json(request, allow_empty=True)
-    key, kind, metadata = parse_create(principal, body, request.app[CONFIG].limits)
-    bind_request(job_id=key.job_id)
-    state = await request.app[STORE].writer.create_job(key, kind, metadata)
+    config = request.app[CONFIG]
+    job = parse_create(principal, body, config.limits, config.watchdog.kinds)
+    bind_request(job_id=job.key.job_id)
+    state = await request.app[STORE].writer.create_job(
+        job.key, job.kind, job.metadata, job.heartbeat_timeout
+    )
     response = json_response(state.to_json(), status=201)
-    response.headers["Location"] = f"/v1/jobs/{key.job_id}"
+    response.headers["Location"] = f"/v1/jobs/{job.key.job_id}"
     return response
 
 

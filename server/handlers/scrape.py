@@ -69,6 +69,7 @@ def _holds_metrics_token(app: web.Application, request: web.Request) -> bool:
 def _sources(app: web.Application, oldest_event_seconds: float | None) -> Sources:
     store, hub = app[STORE], app[HUB]
     writer, deleter, retention = store.writer, store.deleter, store.retention
+    watchdog = store.watchdog
     last = None if retention is None else retention.last
     return Sources(
         commits=writer.commits,
@@ -92,5 +93,7 @@ def _sources(app: web.Application, oldest_event_seconds: float | None) -> Source
         retention_last_seconds=None if last is None else last.seconds,
         retention_last_longest_seconds=None if last is None else last.longest_transaction,
         oldest_event_seconds=oldest_event_seconds,
+        jobs_lost=0 if watchdog is None else watchdog.lost,
+        watched_jobs=0 if watchdog is None else watchdog.watched,
         subscriber_lag=app[STREAMS].lag(hub.high_water, hub.feed.high_water),
     )

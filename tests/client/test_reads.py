@@ -48,3 +48,13 @@ def test_export_resumes_after_a_cut_without_repeating_a_line(
             seqs.append(int(line.split(b'"seq":', 1)[1].split(b",", 1)[0]))
     assert seqs == list(range(1, 2002))
     assert proxy.accepted >= 2  # it did reconnect
+
+
+def test_create_job_with_a_heartbeat_timeout(shared_server: ServerProcess) -> None:
+    """``create_job(heartbeat_timeout=...)`` sends it: the snapshot (and its fold from the
+    log) carries it; without it, null."""
+    job_id = f"watched-{uuid.uuid4().hex[:6]}"
+    with Client(shared_server.url) as client:
+        assert client.create_job(job_id, heartbeat_timeout=600).heartbeat_timeout == 600
+        assert client.get_job(job_id).heartbeat_timeout == 600
+        assert client.create_job().heartbeat_timeout is None

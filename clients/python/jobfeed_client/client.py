@@ -247,10 +247,20 @@ class AsyncClient:
         *,
         kind: str | None = None,
         metadata: Mapping[str, Any] | None = None,
+        heartbeat_timeout: float | None = None,
     ) -> Snapshot:
         """``POST /v1/jobs``; raises ``JobExists`` if ``job_id`` is taken (which includes a
-        retry after the answer to this very creation was lost: ``job()`` attaches instead)."""
-        body = _without_none({"job_id": job_id, "kind": kind, "metadata": metadata})
+        retry after the answer to this very creation was lost: ``job()`` attaches instead).
+        With ``heartbeat_timeout`` (seconds) the server fails the job as ``worker_lost`` if
+        it gets no event for that long before the job finishes."""
+        body = _without_none(
+            {
+                "job_id": job_id,
+                "kind": kind,
+                "metadata": metadata,
+                "heartbeat_timeout": heartbeat_timeout,
+            }
+        )
         _, answer = await self.request("POST", "/v1/jobs", body=body)
         return Snapshot.from_dict(answer)
 

@@ -47,6 +47,8 @@ class Event:
     reason: str | None = None
     kind: str | None = None
     metadata: dict[str, Any] | None = None
+    heartbeat_timeout: float | None = None  # created
+    by: str | None = None  # failed: "server" when the server failed the job (worker_lost)
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -91,6 +93,7 @@ class Snapshot:
     rate: float | None = None
     eta_seconds: float | None = None
     rate_window: dict[str, float] | None = None
+    heartbeat_timeout: float | None = None
 
     @property
     def finished(self) -> bool:
@@ -127,6 +130,7 @@ class Snapshot:
                 updated_at=event.ts,
                 metadata=event.metadata,
                 epoch=log_epoch(event.id, event.ts),
+                heartbeat_timeout=event.heartbeat_timeout,
             )
         if state is None:
             raise ValueError(f"event {event.type!r} (seq {event.seq}) before the job's created")

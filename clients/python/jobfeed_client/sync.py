@@ -196,8 +196,13 @@ class Client:
         *,
         kind: str | None = None,
         metadata: Mapping[str, Any] | None = None,
+        heartbeat_timeout: float | None = None,
     ) -> Snapshot:
-        return self._portal.call(self._async.create_job(job_id, kind=kind, metadata=metadata))
+        return self._portal.call(
+            self._async.create_job(
+                job_id, kind=kind, metadata=metadata, heartbeat_timeout=heartbeat_timeout
+            )
+        )
 
     def get_job(self, job_id: str) -> Snapshot:
         return self._portal.call(self._async.get_job(job_id))
