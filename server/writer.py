@@ -48,7 +48,7 @@ from .frames import Frame
 from .hub import Hub
 from .job_states import JobCache
 from .metrics import GROUP_EVENTS_BUCKETS, Histogram
-from .models import EventIn, ProgressIn
+from .models import EventIn
 from .snapshot import CountsOutOfRange, JobState, apply_event, exact_bytes, progress_in_context
 from .tenancy import JobKey
 from .wal import WalBound
@@ -583,7 +583,7 @@ class Writer:
                 raise JobFinished(job_id, state.status)
             seq = state.last_seq + 1
             fields = event.stored_fields()
-            if isinstance(event, ProgressIn):
+            if event.type == "progress":
                 fields = self._progress_fields(fields, state, index, len(op.events))
             stored_event = {
                 "job_id": job_id,
