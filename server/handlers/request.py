@@ -62,8 +62,13 @@ async def read_json(request: web.Request, *, allow_empty: bool = False) -> Any:
         )
     timeout = request.app[CONFIG].limits.body_timeout
     try:
-        async with asyncio.timeout(timeout):
+        if request.content.is_eof():
+            # The whole body came with the headers (the usual case): nothing to wait for, and
+            # asyncio.timeout costs a loop timer per request (~3 % of W1's server CPU).
             raw = await request.read()
+        else:
+            async with asyncio.timeout(timeout):
+                raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise _too_large(limit) from None
     except TimeoutError:
