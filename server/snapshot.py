@@ -136,7 +136,7 @@ class CountsOutOfRange(ValueError):
     """A progress event's current would exceed the job's total (or the reverse)."""
 
 
-def progress_in_context(fields: dict[str, Any], state: JobState) -> dict[str, Any]:
+def progress_in_context(fields: dict[str, Any], state: JobState | Fold) -> dict[str, Any]:
     """A progress event's stored fields, checked and completed against the job's snapshot.
 
     ``current`` and ``total`` may come in separate events (``{"total": 7}`` then
@@ -171,6 +171,15 @@ def apply_event(state: JobState | None, event: dict[str, Any]) -> JobState:
         )
     if state is None:
         raise ValueError(f"event {event_type!r} before the job's created event")
+    return _evolve(state, event_changes(event))
+
+
+def event_changes(event: dict[str, Any]) -> dict[str, Any]:
+    """The fields a stored event other than ``created`` sets in the snapshot (the rest keep
+    their values). Each event sets fields from its own content alone, so the changes of
+    several events, merged in order, are those of applying them one by one (``Fold``)."""
+    event_type = event["type"]
+    ts = event["ts"]
     changes: dict[str, Any] = {"last_seq": event["seq"], "updated_at": ts}
     if event_type == "progress":
         changes["status"] = "running"
@@ -189,7 +198,59 @@ def apply_event(state: JobState | None, event: dict[str, Any]) -> JobState:
             changes["error"] = event["error"]
         elif "reason" in event:
             changes["message"] = event["reason"]
-    return _evolve(state, changes)
+    return changes
+
+
+class Fold:
+    """``apply_event`` over several events of one job, with the state built once at the end
+    (``result``): the writer folds a request's events through this, and building a JobState
+    per event was a tenth of a 100-event append's server CPU. While folding it answers what
+    the planning asks of the state so far (``finished``, ``last_seq``, ``current``, ...)."""
+
+    __slots__ = ("_changes", "_state")
+
+    def __init__(self, state: JobState) -> None:
+        self._state = state
+        self._changes: dict[str, Any] = {}
+
+    def apply(self, event: dict[str, Any]) -> None:
+        """Fold in ``event``, a stored event other than ``created``."""
+        self._changes.update(event_changes(event))
+
+    def result(self) -> JobState:
+        return _evolve(self._state, self._changes) if self._changes else self._state
+
+    def _now(self, name: str) -> Any:
+        changes = self._changes
+        return changes[name] if name in changes else getattr(self._state, name)
+
+    @property
+    def status(self) -> str:
+        status: str = self._now("status")
+        return status
+
+    @property
+    def finished(self) -> bool:
+        return self.status in TERMINAL_TYPES
+
+    @property
+    def last_seq(self) -> int:
+        last_seq: int = self._now("last_seq")
+        return last_seq
+
+    @property
+    def current(self) -> int | None:
+        current: int | None = self._now("current")
+        return current
+
+    @property
+    def total(self) -> int | None:
+        total: int | None = self._now("total")
+        return total
+
+    @property
+    def kind(self) -> str | None:
+        return self._state.kind  # set by the created event only
 
 
 # Each field's slot setter: a frozen dataclass's fields are set through object's machinery.
