@@ -246,6 +246,7 @@ def create_app(config: Config, config_path: Path | None = None) -> web.Applicati
         config.stream.cache_bytes,
         config.stream.feed_cache_events,
         config.stream.feed_cache_bytes,
+        replay_share_bytes=config.stream.replay_share_bytes,
     )
     if limits.rate_per_client > 0:
         app[RATE_LIMITER] = RateLimiter(

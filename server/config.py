@@ -92,6 +92,9 @@ class StreamConfig(_Section):
     # The feed (GET /v1/feed): recent frames across all jobs, for subscribers near the end.
     feed_cache_events: int = Field(8_192, ge=0)
     feed_cache_bytes: int = Field(16 * 1024 * 1024, ge=0)
+    # Full replay pages kept for the other subscribers of the same job (server.pages); 0: none
+    # kept (concurrent reads of the same page are still shared).
+    replay_share_bytes: int = Field(32 * 1024 * 1024, ge=0)
     # Ids a feed replay scans per SQLite read: a sparse filter reads the log in windows of
     # this many ids (one bounded primary-key range each), never the whole log at once.
     feed_scan_ids: int = Field(10_000, ge=1)

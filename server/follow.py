@@ -92,9 +92,14 @@ async def follow(
                 raise JobDeleted(cursor.key.job_id)
             frames = channel.frames_after(cursor.after, page_events)
             if frames is None or (not frames and not verified):
-                frames = await store.read_after(
-                    cursor.key, cursor.after, page_events, max_bytes=page_bytes
-                )
+                if channel.subscribers > 1:  # others may be reading the same pages
+                    frames = await hub.pages.read(
+                        store, cursor.key, head.epoch, cursor.after, page_events, page_bytes
+                    )
+                else:
+                    frames = await store.read_after(
+                        cursor.key, cursor.after, page_events, max_bytes=page_bytes
+                    )
                 # Only a short page proves the read reached the end of the log; one cut
                 # short by bytes does not.
                 verified = verified or (

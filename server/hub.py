@@ -25,6 +25,7 @@ from collections.abc import Callable
 from .feed import FeedChannel
 from .frames import WRITE_PART_BYTES, Frame
 from .metrics import FramesSent
+from .pages import SharedPages
 from .tenancy import JobKey
 
 # Sends frames to a subscriber now, without blocking; False if it cannot (it then reads them).
@@ -207,10 +208,13 @@ class Hub:
         cache_bytes: int,
         feed_cache_events: int = 8_192,
         feed_cache_bytes: int = 16 * 1024 * 1024,
+        replay_share_bytes: int = 32 * 1024 * 1024,
     ) -> None:
         self.cache_events_per_job = cache_events_per_job
         self.cache_bytes = cache_bytes
         self.feed = FeedChannel(feed_cache_events, feed_cache_bytes)
+        # Replay pages read from SQLite, shared by a job's subscribers (server.pages).
+        self.pages = SharedPages(replay_share_bytes)
         self.closing = False
         self.frames_sent = FramesSent()  # job streams' (GET /metrics)
         # Keyed by (tenant, job_id): two tenants' jobs of the same id never share a channel.
@@ -345,3 +349,4 @@ class Hub:
         if self._channels.get(channel.key) is channel:
             del self._channels[channel.key]
             self._total_bytes -= _CHANNEL_OVERHEAD
+            self.pages.forget(channel.key)

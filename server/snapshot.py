@@ -10,7 +10,7 @@ import sys
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -201,7 +201,7 @@ class CountsOutOfRange(ValueError):
     """A progress event's current would exceed the job's total (or the reverse)."""
 
 
-def progress_in_context(fields: dict[str, Any], state: JobState) -> dict[str, Any]:
+def progress_in_context(fields: dict[str, Any], state: JobState | Fold) -> dict[str, Any]:
     """A progress event's stored fields, checked and completed against the job's snapshot.
 
     ``current`` and ``total`` may come in separate events (``{"total": 7}`` then
@@ -240,9 +240,50 @@ def apply_event(
         )
     if state is None:
         raise ValueError(f"event {event_type!r} before the job's created event")
-    changes: dict[str, Any] = {"last_seq": event["seq"], "updated_at": ts}
+    changes = event_changes(event)
+    _add_derived(state, changes, event)
+    return _evolve(state, changes)
+
+
+class _StateSoFar(Protocol):
+    """What ``_add_derived`` reads of the state before an event: a ``JobState``, or a
+    ``Fold`` part-way through a request's events."""
+
+    @property
+    def started_at(self) -> str | None: ...
+    @property
+    def updated_at(self) -> str: ...
+    @property
+    def current(self) -> int | None: ...
+    @property
+    def progress(self) -> float | None: ...
+    @property
+    def window_advance(self) -> float | None: ...
+    @property
+    def window_seconds(self) -> float | None: ...
+
+
+def _add_derived(state: _StateSoFar, changes: dict[str, Any], event: dict[str, Any]) -> None:
+    """Add to ``changes`` the fields that depend on the state before ``event`` as well as
+    on the event: ``started_at`` and the rate window (see "Rate and ETA" below)."""
+    ts = event["ts"]
     if state.started_at is None:
         changes["started_at"] = ts
+    if event["type"] in TERMINAL_TYPES:
+        if state.window_seconds is not None:
+            changes.update(_NO_ESTIMATE)
+    else:
+        _sample(state, changes, ts)
+
+
+def event_changes(event: dict[str, Any]) -> dict[str, Any]:
+    """The fields a stored event other than ``created`` sets from its own content alone
+    (the rest keep their values; ``_add_derived`` adds those that also depend on the state
+    before it). ``Fold`` merges them in order, deriving each event's own from the state so
+    far, which is applying the events one by one."""
+    event_type = event["type"]
+    ts = event["ts"]
+    changes: dict[str, Any] = {"last_seq": event["seq"], "updated_at": ts}
     if event_type == "progress":
         changes["status"] = "running"
         changes.update({name: event[name] for name in _PROGRESS_FIELDS if name in event})
@@ -260,11 +301,86 @@ def apply_event(
             changes["error"] = event["error"]
         elif "reason" in event:
             changes["message"] = event["reason"]
-        if state.window_seconds is not None:
-            changes.update(_NO_ESTIMATE)
-        return _evolve(state, changes)
-    _sample(state, changes, ts)
-    return _evolve(state, changes)
+    return changes
+
+
+class Fold:
+    """``apply_event`` over several events of one job, with the state built once at the end
+    (``result``): the writer folds a request's events through this, and building a JobState
+    per event was a tenth of a 100-event append's server CPU. While folding it answers what
+    the planning asks of the state so far (``finished``, ``last_seq``, ``current``, ...)."""
+
+    __slots__ = ("_changes", "_state")
+
+    def __init__(self, state: JobState) -> None:
+        self._state = state
+        self._changes: dict[str, Any] = {}
+
+    def apply(self, event: dict[str, Any]) -> None:
+        """Fold in ``event``, a stored event other than ``created``."""
+        changes = event_changes(event)
+        _add_derived(self, changes, event)
+        self._changes.update(changes)
+
+    def result(self) -> JobState:
+        return _evolve(self._state, self._changes) if self._changes else self._state
+
+    def _now(self, name: str) -> Any:
+        changes = self._changes
+        return changes[name] if name in changes else getattr(self._state, name)
+
+    @property
+    def status(self) -> str:
+        status: str = self._now("status")
+        return status
+
+    @property
+    def finished(self) -> bool:
+        return self.status in TERMINAL_TYPES
+
+    @property
+    def last_seq(self) -> int:
+        last_seq: int = self._now("last_seq")
+        return last_seq
+
+    @property
+    def current(self) -> int | None:
+        current: int | None = self._now("current")
+        return current
+
+    @property
+    def total(self) -> int | None:
+        total: int | None = self._now("total")
+        return total
+
+    @property
+    def kind(self) -> str | None:
+        return self._state.kind  # set by the created event only
+
+    @property
+    def started_at(self) -> str | None:
+        started_at: str | None = self._now("started_at")
+        return started_at
+
+    @property
+    def updated_at(self) -> str:
+        updated_at: str = self._now("updated_at")
+        return updated_at
+
+    @property
+    def progress(self) -> float | None:
+        progress: float | None = self._now("progress")
+        return progress
+
+    @property
+    def window_advance(self) -> float | None:
+        advance: float | None = self._now("window_advance")
+        return advance
+
+    @property
+    def window_seconds(self) -> float | None:
+        seconds: float | None = self._now("window_seconds")
+        return seconds
 
 
 # -- Rate and ETA ---------------------------------------------------------------------------
@@ -295,7 +411,7 @@ MAX_ETA_SECONDS = 1e9
 _NO_ESTIMATE = {"window_advance": None, "window_seconds": None}
 
 
-def _sample(state: JobState, changes: dict[str, Any], ts: str) -> None:
+def _sample(state: _StateSoFar, changes: dict[str, Any], ts: str) -> None:
     """Add the window after a non-terminal event to ``changes``."""
     current = changes.get("current", state.current)
     in_units = current is not None

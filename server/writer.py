@@ -48,8 +48,15 @@ from .frames import Frame
 from .hub import Hub
 from .job_states import JobCache
 from .metrics import GROUP_EVENTS_BUCKETS, Histogram
-from .models import EventIn, ProgressIn
-from .snapshot import CountsOutOfRange, JobState, apply_event, exact_bytes, progress_in_context
+from .models import EventIn
+from .snapshot import (
+    CountsOutOfRange,
+    Fold,
+    JobState,
+    apply_event,
+    exact_bytes,
+    progress_in_context,
+)
 from .tenancy import JobKey
 from .wal import WalBound
 
@@ -816,35 +823,35 @@ class Writer:
             group.answers.append((op, AppendResult(job_id, state.last_seq, _filled(answers))))
             return next_id
         rows, frames, new_keys = [], [], {}
+        fold = Fold(state)  # the state is built once, after the request's last event
+        kind = state.kind
+        tenant = job.tenant
         for index, event in fresh:
-            if state.finished:
-                raise JobFinished(job_id, state.status)
-            seq = state.last_seq + 1
+            if fold.finished:
+                raise JobFinished(job_id, fold.status)
+            seq = fold.last_seq + 1
+            event_type = event.type
             fields = event.stored_fields()
-            if isinstance(event, ProgressIn):
-                fields = self._progress_fields(fields, state, index, len(op.events))
+            if event_type == "progress":
+                fields = self._progress_fields(fields, fold, index, len(op.events))
             stored_event = {
                 "job_id": job_id,
                 "seq": seq,
                 "id": next_id,
-                "type": event.type,
+                "type": event_type,
                 "ts": ts,
                 **fields,
             }
             body = self._serialize(stored_event, index)
-            state = apply_event(state, stored_event)
-            rows.append(
-                (next_id, job.tenant, job_id, seq, event.type, ts, event.key, body.decode())
-            )
-            frames.append(
-                Frame(job_id, seq, next_id, event.type, ts, body, state.kind, tenant=job.tenant)
-            )
-            appended = AppendedEvent(seq, next_id, ts)
-            answers[index] = appended
+            fold.apply(stored_event)
+            rows.append((next_id, tenant, job_id, seq, event_type, ts, event.key, body.decode()))
+            frames.append(Frame(job_id, seq, next_id, event_type, ts, body, kind, tenant=tenant))
+            answers[index] = AppendedEvent(seq, next_id, ts)
             if event.key is not None:
                 # What a later request in this group with the same key will be answered.
                 new_keys[(job, event.key)] = AppendedEvent(seq, next_id, ts, True)
             next_id += 1
+        state = fold.result()
         # The whole request fits: only now does it become part of the group.
         group.states[job] = state
         group.touched[job] = state
@@ -857,7 +864,7 @@ class Writer:
 
     @staticmethod
     def _progress_fields(
-        fields: dict[str, Any], state: JobState, index: int, batch_size: int
+        fields: dict[str, Any], state: Fold, index: int, batch_size: int
     ) -> dict[str, Any]:
         try:
             return progress_in_context(fields, state)

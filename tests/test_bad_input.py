@@ -740,3 +740,24 @@ async def test_integer_outside_int64_deep_in_a_body_is_422_not_500(
     raw += b"18446744073709551616" + b"]" * depth + b"}}"
     locs = await locs_of(await post_raw(client, EVENTS, raw))
     assert locs == [["data", "x", *[0] * depth]]
+
+
+@pytest.mark.parametrize(
+    ("raw", "candidate"),
+    [
+        (b'{"t": 1764320000000000000}', False),  # time.time_ns(): 19 digits, inside
+        (b'{"t": 8999999999999999999, "u": "1234567890123456789"}', False),
+        (b'{"t": -8999999999999999999}', False),
+        (b'{"t": 9223372036854775807}', True),  # INT64_MAX itself: looked at, then kept
+        (b'{"t": 9223372036854775808}', True),
+        (b'{"t": 12345678901234567890}', True),
+        (b'{"t": 1764320000000000000, "u": 99999999999999999999}', True),
+        (b'{"t": 1.12345678901234567891}', True),  # fraction digits: the slow path decides
+    ],
+)
+def test_long_integer_prefilter(raw: bytes, candidate: bool) -> None:
+    """The cheap test that sends a body to the exact one: every integer outside signed 64
+    bits is caught (20+ digits, or 19 beginning with 9), nanosecond timestamps are not."""
+    from server.handlers.request import _may_hold_long_integer
+
+    assert _may_hold_long_integer(raw) is candidate

@@ -301,7 +301,7 @@ def test_append_body_batch_keeps_order() -> None:
     body = {"events": [{"type": "log", "message": str(i)} for i in range(5)]}
     events, errors = parse_append_body(body, MAX_EVENTS)
     assert errors == []
-    assert [e.message for e in events if isinstance(e, LogIn)] == ["0", "1", "2", "3", "4"]
+    assert [e.stored_fields()["message"] for e in events] == ["0", "1", "2", "3", "4"]
 
 
 def test_append_body_with_events_and_type_is_a_single_event() -> None:
@@ -477,3 +477,136 @@ def test_any_json_body_gives_events_or_field_errors(body: Any) -> None:
         fields = event.stored_fields()
         assert None not in fields.values()
         orjson.dumps(fields)
+
+
+# -- the fast path (check_event) against the models ----------------------------------------------
+
+_TS = "2026-01-01T00:00:00.000000Z"
+# Values at and around every bound the models hold: counts (0, 2**53), percent (0, 100), the
+# 64-bit rule (only whole bodies reach it: see test_fast_path_whole_body_as_stored), string
+# caps (key 200, text 65,536), integral floats, booleans, nulls.
+_edge_numbers = st.sampled_from(
+    [
+        *(0, 1, 7, 100, 101, -1, 2**53, 2**53 + 1, 2**63 - 1, 2**64 - 1),
+        *(0.0, -0.0, 3.0, 42.5, 100.0, 100.00000000000001, -0.5, 1e300),
+        *(math.inf, -math.inf, math.nan, True, False),
+    ]
+)
+_edge_texts = st.sampled_from(
+    ["", "m", "k" * 200, "k" * 201, "x" * 65_536, "x" * 65_537, "é" * 3, "\x00", "0" * 20]
+)
+_edge_values = json_values | _edge_numbers | _edge_texts | st.just(None)
+_types = (
+    st.sampled_from(
+        [
+            *("progress", "log", "completed", "failed", "cancelled", "created", "heartbeat"),
+            *("error", "note", "a", "stage_done", "a.b-c_1", "a" * 64, "a" * 65, "A", "1a"),
+            *("", "note\n"),
+        ]
+    )
+    | st.integers()
+    | st.none()
+)
+_fast_event = st.fixed_dictionaries(
+    {"type": _types},
+    optional={
+        **{
+            name: _edge_values
+            for name in ("progress", "phase", "message", "current", "total", "result", "reason")
+        },
+        "data": _edge_values | st.dictionaries(st.text(max_size=4), json_values, max_size=3),
+        "level": st.sampled_from(["debug", "info", "warning", "error", "INFO", "", None, 1]),
+        "key": st.sampled_from([None, "", "k", "k" * 200, "k" * 201, 5, "dup"]),
+        "error": _edge_values | st.fixed_dictionaries({"message": _edge_texts}),
+        "extra": _edge_values,
+    },
+)
+_fast_body = _fast_event | st.fixed_dictionaries(
+    {"events": st.lists(_fast_event | _edge_values, min_size=0, max_size=5)}
+)
+
+
+def _as_stored(event: Any) -> tuple[str, Any, bytes]:
+    """What the writer stores of an event: its type, its key, and the serialized fields in
+    their order (orjson tells 1 from 1.0 and keeps the order)."""
+    return event.type, event.key, orjson.dumps(event.stored_fields())
+
+
+@settings(max_examples=1500, deadline=None)
+@given(body=_fast_body)
+def test_fast_path_decides_as_the_models(body: Any) -> None:
+    """parse_append_body with the fast path accepts exactly what the models alone accept,
+    refuses with the same field errors, and gives each event the same type, key and stored
+    fields (values, their types and their order)."""
+    fast_events, fast_errors = parse_append_body(body, MAX_EVENTS)
+    model_events, model_errors = parse_append_body(body, MAX_EVENTS, fast=False)
+    assert fast_errors == model_errors
+    assert [_as_stored(e) for e in fast_events] == [_as_stored(e) for e in model_events]
+
+
+def _outside_int64(value: Any) -> bool:
+    if isinstance(value, dict):
+        return any(_outside_int64(item) for item in value.values())
+    if isinstance(value, list):
+        return any(_outside_int64(item) for item in value)
+    return type(value) is int and not -(2**63) <= value < 2**63
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=_fast_body, big=st.sampled_from([2**63, 2**64, 2**64 + 5, -(2**63) - 1, 10**30]))
+def test_fast_path_whole_body_as_stored(body: Any, big: int) -> None:
+    """From the request's bytes to the stored event: the >64-bit integer rule (a body with one
+    anywhere is refused before the events are looked at, whichever path follows), then the
+    same stored event bytes, so the same size decision (limits.max_event_bytes) either way."""
+    import json
+
+    from server.errors import ValidationFailed
+    from server.handlers.request import parse_json
+
+    if isinstance(body, dict) and body and isinstance(body.get("data"), dict):
+        body = {**body, "data": {**body["data"], "n": big}}
+    try:
+        raw = json.dumps(body, allow_nan=False).encode()
+    except ValueError:
+        return  # NaN or infinity: not JSON, never reaches the models
+    try:
+        parsed_body = parse_json(raw)
+    except ValidationFailed:
+        assert _outside_int64(body)
+        return
+    assert not _outside_int64(body)
+    stored = []
+    for fast in (True, False):
+        events, errors = parse_append_body(parsed_body, MAX_EVENTS, fast=fast)
+        stored.append(
+            (
+                errors,
+                [
+                    orjson.dumps(
+                        {"job_id": "j", "seq": 1, "id": 1, "type": e.type, "ts": _TS}
+                        | e.stored_fields()
+                    )
+                    for e in events
+                ],
+            )
+        )
+    assert stored[0] == stored[1]
+
+
+def test_fast_path_takes_the_usual_events() -> None:
+    """The events producers send all the time do not go through the models at all."""
+    from server.models import CheckedEvent, check_event
+
+    usual: list[dict[str, Any]] = [
+        {"type": "progress", "progress": 42.5, "current": 3, "total": 7, "data": {"t": 1}},
+        {"type": "progress", "progress": 50},
+        {"type": "log", "message": "m", "key": "k1"},
+        {"type": "log", "message": "m", "level": "warning"},
+        {"type": "completed", "result": {"ok": True}},
+        {"type": "cancelled", "reason": "r"},
+        {"type": "stage_done", "message": "m", "data": {}},
+    ]
+    for event in usual:
+        assert isinstance(check_event(event), CheckedEvent), event
+    assert check_event({"type": "failed", "error": {"message": "m"}}) is None
+    assert check_event({"type": "log", "message": "m", "level": None}) is None

@@ -388,3 +388,48 @@ def test_evolve_is_replace(name: str) -> None:
     assert evolved == dataclasses.replace(state, **changes)
     assert getattr(evolved, name) == f"new {name}"
     assert state.status == "running"  # the original is untouched
+
+
+_fold_values = st.none() | st.integers(0, 10) | st.floats(0, 100) | st.text(max_size=3)
+# A stored progress event's fields as the writer stores them (validated: numbers are numbers).
+_progress_fields = {
+    "progress": st.floats(0, 100),
+    "phase": st.text(max_size=3),
+    "message": st.text(max_size=3),
+    "current": st.integers(0, 10),
+    "total": st.integers(10, 20),
+}
+_stored_bodies = st.one_of(
+    st.fixed_dictionaries({"type": st.just("progress")}, optional=_progress_fields),
+    st.fixed_dictionaries({"type": st.just("log"), "message": st.text(max_size=3)}),
+    st.fixed_dictionaries(
+        {"type": st.just("completed")},
+        optional={"result": _fold_values, "message": st.text(max_size=3)},
+    ),
+    st.fixed_dictionaries({"type": st.just("failed"), "error": st.just({"message": "m"})}),
+    st.fixed_dictionaries({"type": st.just("cancelled")}, optional={"reason": st.text(max_size=3)}),
+    st.fixed_dictionaries({"type": st.just("note")}, optional={"data": st.just({"a": 1})}),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(bodies=st.lists(_stored_bodies, max_size=8))
+def test_fold_is_apply_event_one_by_one(bodies: list[dict[str, Any]]) -> None:
+    """The writer's Fold (one JobState per request) gives the state that apply_event gives
+    event by event, and answers the same status, last_seq, current and total on the way."""
+    created = {"job_id": "j", "seq": 1, "id": 1, "type": "created", "ts": "2026-01-01T00:00:00Z"}
+    state = apply_event(None, {**created, "kind": "k"})
+    fold = snapshot.Fold(state)
+    for seq, body in enumerate(bodies, start=2):
+        # Two events a second: one commit's events share a ts (the rate window's dt = 0).
+        event = {"job_id": "j", "seq": seq, "id": seq, "ts": f"2026-01-01T00:00:{seq // 2:02d}Z"}
+        event.update(body)
+        state = apply_event(state, event)
+        fold.apply(event)
+        assert (fold.status, fold.finished, fold.last_seq) == (
+            state.status,
+            state.finished,
+            state.last_seq,
+        )
+        assert (fold.current, fold.total, fold.kind) == (state.current, state.total, state.kind)
+    assert fold.result() == state
