@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import ceilings, feed, ingest, manyjobs, retention, streams, workloads
+from . import backup, ceilings, feed, ingest, manyjobs, retention, streams, workloads
 from .peers import nats, redis
 from .profiles import Profile
 from .stats import Phase
@@ -63,4 +63,6 @@ SUITE = (
     # Pipelined over the producer stream (GET /v1/ingest), beside the peers pipelining theirs.
     Workload("W1i", ingest.w1i, peers=(redis.w1i,)),
     Workload("W2i", ingest.w2i, peers=(nats.w2i,)),
+    # W1 while `jobfeed backup` copies a 1M-event database, against W1 on it without (same run).
+    Workload("W1backup", backup.w1_backup),
 )

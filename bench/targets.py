@@ -185,6 +185,17 @@ TARGETS = (
         against_measured=True,
     ),
     Target(
+        "W1backup",
+        "ack p99 during a backup ≤ 1.5x without one (same database, same run)",
+        starts("W1backup during backup"),
+        "ack p99 ms",
+        False,
+        ratio=1.5,
+        comparator="W1backup, no backup running",
+        comparator_phase=starts("W1backup baseline"),
+        against_measured=True,
+    ),
+    Target(
         "W1i",
         "≥ 1x Redis Streams (appendfsync always, pipelined) events/s",
         starts("W1i pipelined append:"),

@@ -69,3 +69,52 @@ def _read_holder(fd: int) -> str:
     except OSError:
         return ""
     return f" (pid {pid})" if pid.isdigit() else ""
+
+
+# -- a backup in progress ------------------------------------------------------------------------
+
+
+def backup_marker_path(db_path: Path) -> Path:
+    return db_path.with_name(db_path.name + ".backup")
+
+
+class BackupMarker:
+    """Held (a shared ``flock`` on ``<db>.backup``) by ``jobfeed backup`` while its copy
+    reads the database, so that the server's writer knows that the reader pinning the WAL is
+    a backup, which it must not wait for (``server.wal``). Shared: backups may overlap. The
+    kernel drops it when the process ends, however it ends."""
+
+    def __init__(self, db_path: Path) -> None:
+        self.path = backup_marker_path(db_path)
+        self._fd: int | None = None
+
+    def __enter__(self) -> BackupMarker:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def backup_running(db_path: Path) -> bool:
+    """Whether some process holds ``BackupMarker`` on ``db_path`` now (an open, a
+    non-blocking ``flock`` and a close: microseconds, asked only when a WAL restart is due)."""
+    try:
+        fd = os.open(backup_marker_path(db_path), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing our descriptor also drops the lock we may have taken
+    return False

@@ -391,6 +391,9 @@ class FeedCursor:
 
     after: int
     sent: int = 0
+    # Parked at the end of the log, where the publisher moves it (``after`` is then the
+    # live subscriber's, not this one's): nothing committed is waiting for it.
+    parked: bool = False
 
 
 async def follow_feed(
@@ -480,6 +483,7 @@ async def _park(
     live = FeedLive(cursor.after, push)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + first_wait
+    cursor.parked = True
     try:
         while True:
             if await feed.wait_pushed(group, live, max(0.0, deadline - loop.time())):
@@ -488,5 +492,6 @@ async def _park(
                 return False, live.last_push
             deadline = live.last_push + idle_seconds
     finally:
+        cursor.parked = False
         cursor.after = live.after
         cursor.sent += live.pushed

@@ -33,6 +33,9 @@ class Cursor:
     after: int
     sent: int = 0
     done: bool = False
+    # Parked at the end of the log, where the publisher pushes to it (``after`` is then
+    # the live subscriber's, not this one's): nothing committed is waiting for it.
+    parked: bool = False
 
 
 async def follow(
@@ -134,6 +137,7 @@ async def _park(channel: JobChannel, cursor: Cursor, push: PushFn, idle_seconds:
     live = LiveSubscriber(cursor.after, push)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + idle_seconds
+    cursor.parked = True
     try:
         while True:
             if await channel.wait_pushed(live, max(0.0, deadline - loop.time())):
@@ -142,5 +146,6 @@ async def _park(channel: JobChannel, cursor: Cursor, push: PushFn, idle_seconds:
                 return False
             deadline = live.last_push + idle_seconds
     finally:
+        cursor.parked = False
         cursor.after = live.after
         cursor.sent += live.pushed

@@ -64,11 +64,13 @@ class JobHello(_Frame):
 
 
 class FeedHello(_Frame):
-    """First frame of a feed: ``after`` as asked (or "now"), ``last_id`` the log's end."""
+    """First frame of a feed: ``after`` as asked (or "now"), ``last_id`` the log's end,
+    ``epoch`` the log's identity (the database's generation; ``?epoch=`` when resuming)."""
 
     type: Literal["hello"]
     after: Position
     last_id: Position
+    epoch: str
 
 
 class JobHeartbeat(_Frame):

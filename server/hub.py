@@ -228,6 +228,12 @@ class Hub:
     def total_bytes(self) -> int:
         return self._total_bytes
 
+    def high_water(self, key: JobKey) -> int | None:
+        """The last seq of job ``key`` the hub knows committed; None if no channel holds it
+        (no subscriber follows it and nothing of it is cached)."""
+        channel = self._channels.get(key)
+        return None if channel is None else channel.high_water
+
     def attach(self, key: JobKey, committed_seq: int) -> JobChannel:
         """A subscriber's handle on job ``key``; ``committed_seq`` is a last_seq it read."""
         channel = self._channels.get(key)

@@ -15,10 +15,14 @@ from __future__ import annotations
 import bisect
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from . import __version__
+
+if TYPE_CHECKING:
+    from .streams import Lag
 
 # Append acknowledgement latency, seconds: a group commit with fsync is ~0.2-2 ms here
 # (notes/measured-here.md); the top buckets catch a stalled disk.
@@ -149,6 +153,8 @@ class Sources:
     # The worker-lost watchdog (server/watchdog.py); 0 when it is off.
     jobs_lost: int = 0
     watched_jobs: int = 0
+    # (transport, kind) -> the open streams' lag at this scrape (StreamRegistry.lag).
+    subscriber_lag: Mapping[tuple[str, str], Lag] = field(default_factory=dict)
 
 
 def render(metrics: Metrics, sources: Sources) -> str:
@@ -229,6 +235,33 @@ def render(metrics: Metrics, sources: Sources) -> str:
         out.append(f"jobfeed_stream_closes_total{{{labels}}} {count}")
     family("jobfeed_ingest_connections_open", "gauge", "Open producer streams (/v1/ingest).")
     out.append(f"jobfeed_ingest_connections_open {metrics.ingest_opened - metrics.ingest_closed}")
+    family(
+        "jobfeed_subscribers_behind",
+        "gauge",
+        "Open streams with committed events not yet handed to their socket, at the scrape.",
+    )
+    lag_lines: list[str] = []
+    for transport in TRANSPORTS:
+        for kind in KINDS:
+            lag = sources.subscriber_lag.get((transport, kind))
+            labels = f'transport="{transport}",kind="{kind}"'
+            behind, events, most = (lag.behind, lag.events, lag.most) if lag else (0, 0, 0)
+            out.append(f"jobfeed_subscribers_behind{{{labels}}} {behind}")
+            lag_lines.append(f"jobfeed_subscriber_lag_events{{{labels}}} {events}")
+            lag_lines.append(f"jobfeed_subscriber_lag_max_events{{{labels}}} {most}")
+    family(
+        "jobfeed_subscriber_lag_events",
+        "gauge",
+        "Events committed but not yet handed to open streams' sockets, summed over them "
+        "(job streams: the job's seqs; feeds: ids), at the scrape.",
+    )
+    out.extend(line for line in lag_lines if line.startswith("jobfeed_subscriber_lag_events{"))
+    family(
+        "jobfeed_subscriber_lag_max_events",
+        "gauge",
+        "The most events any one open stream is behind the log, at the scrape.",
+    )
+    out.extend(line for line in lag_lines if line.startswith("jobfeed_subscriber_lag_max_"))
     family("jobfeed_refusals_total", "counter", "Requests and streams refused, by error code.")
     for code, count in sorted(metrics.refusals.items()):
         out.append(f'jobfeed_refusals_total{{code="{code}"}} {count}')

@@ -517,6 +517,12 @@ def build_openapi(config: Config) -> dict[str, Any]:
                         "1: start with "
                         "the snapshot of every unfinished matching job (without after)",
                     ),
+                    _query(
+                        "epoch",
+                        {"type": "string"},
+                        "the epoch from an earlier feed hello: another log (a restored or "
+                        "replaced database), or one behind after, is 409 log_reset",
+                    ),
                 ],
                 "responses": {
                     "101": {"description": "WebSocket: hello, the log, then live events"},
@@ -524,7 +530,7 @@ def build_openapi(config: Config) -> dict[str, Any]:
                         "description": "SSE: hello, the log, then live events",
                         "content": {"text/event-stream": {"schema": {"type": "string"}}},
                     },
-                    **_error_responses(400, 405, *common),
+                    **_error_responses(400, 405, 409, *common),
                 },
             },
         },

@@ -182,15 +182,16 @@ _UNIX_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 
 
-def log_epoch(created_id: int, created_ts: str) -> str:
-    """The identity of a job's log: ``{created event id}-{created ts in µs since 1970, hex}``.
+def log_epoch(created_id: int, created_ts: str, generation_suffix: str = "") -> str:
+    """The identity of a job's log: ``{created event id}-{created ts in µs since 1970, hex}``,
+    then ``generation_suffix`` (empty until the database is restored: ``server.generation``).
 
     A job deleted and re-created, or the same job id in another (or a wiped) database, gets
     another epoch even when its created event has the same id, because its ts differs.
     Migration 0003 computes the same string in SQL for snapshots stored before epochs.
     """
     micros = (datetime.fromisoformat(created_ts) - _UNIX_EPOCH) // _MICROSECOND
-    return f"{created_id}-{micros:x}"
+    return f"{created_id}-{micros:x}{generation_suffix}"
 
 
 _PROGRESS_FIELDS = ("progress", "phase", "message", "current", "total")
@@ -218,8 +219,11 @@ def progress_in_context(fields: dict[str, Any], state: JobState | Fold) -> dict[
     return fields
 
 
-def apply_event(state: JobState | None, event: dict[str, Any]) -> JobState:
-    """The snapshot after ``event`` (a stored event, server fields included)."""
+def apply_event(
+    state: JobState | None, event: dict[str, Any], generation_suffix: str = ""
+) -> JobState:
+    """The snapshot after ``event`` (a stored event, server fields included);
+    ``generation_suffix`` ends a new job's epoch (``Generation.job_epoch_suffix``)."""
     event_type = event["type"]
     ts = event["ts"]
     if event_type == "created":
@@ -231,7 +235,7 @@ def apply_event(state: JobState | None, event: dict[str, Any]) -> JobState:
             created_at=ts,
             updated_at=ts,
             metadata=event.get("metadata"),
-            epoch=log_epoch(event["id"], ts),
+            epoch=log_epoch(event["id"], ts, generation_suffix),
             heartbeat_timeout=event.get("heartbeat_timeout"),
         )
     if state is None:

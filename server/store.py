@@ -30,6 +30,7 @@ from .dblock import DatabaseLock
 from .deletion import JobDeleter
 from .feed import FeedFilter
 from .frames import Frame
+from .generation import Generation, read_generation
 from .grants import JobGrants
 from .hub import Hub
 from .retention import OLDEST_EVENT_SQL, RetentionSweep, ts_seconds
@@ -212,6 +213,7 @@ class Store:
         self._lock = DatabaseLock(config.storage.path)
         self.wal = WalBound(config.storage.path, config.storage.wal_max_bytes)
         self.schema_version = 0
+        self.generation = Generation(0, "")  # read from the file at open
 
     @property
     def path(self) -> str:
@@ -246,6 +248,7 @@ class Store:
         if applied:
             log.info("migrations_applied", names=applied, path=self.path)
         self.schema_version = migrate.latest_version(migrate.bundled_migrations())
+        self.generation = await asyncio.to_thread(_read_generation, storage.path)
         self._writer_conn = await self._connect()
         self._checkpoint_conn = await self._connect()
         for _ in range(storage.read_connections):
@@ -262,6 +265,7 @@ class Store:
             probe_seconds=storage.probe_seconds,
             wal=self.wal,
             busy_timeout_ms=storage.busy_timeout_ms,
+            epoch_suffix=self.generation.job_epoch_suffix,
         )
         if self._config.watchdog.enabled:
             # Loaded before the writer runs, and told of every commit from its first one:
@@ -566,6 +570,11 @@ class Store:
 # Job ids are ASCII from [A-Za-z0-9._:-] (all below 0x7f): the ids that start with a prefix
 # are exactly the range [prefix, prefix + "\x7f") (LIKE would match case-insensitively).
 _PREFIX_RANGE = "job_id >= ? AND job_id < ?"
+
+
+def _read_generation(db_path: Path) -> Generation:
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:
+        return read_generation(conn)
 
 
 def prefix_range(prefix: str) -> tuple[str, str]:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
 
 import structlog
 from aiohttp import web
@@ -28,14 +30,41 @@ from .tenancy import JobKey
 log = structlog.get_logger("jobfeed.stream")
 
 
+class Position(Protocol):
+    """A stream's cursor as the lag metric reads it (``follow.Cursor``, ``feed.FeedCursor``):
+    the last seq (job) or id (feed) handed to its socket, and whether it is parked at the
+    end of the log, where the publisher hands it each commit as it happens."""
+
+    @property
+    def after(self) -> int: ...
+
+    @property
+    def parked(self) -> bool: ...
+
+
+@dataclass(slots=True)
+class Lag:
+    """Subscriber lag of one (transport, kind), sampled at a scrape: streams behind the log,
+    events (ids, for a feed) committed but not yet handed to them, in all and at most."""
+
+    behind: int = 0
+    events: int = 0
+    most: int = 0
+
+
 class OpenStream:
-    """One admitted stream: its job (None for a feed), its connection, and whether shutdown
-    dropped it."""
+    """One admitted stream: its job (None for a feed), its connection, its transport
+    (``ws``/``sse``), its cursor once it has one, and whether shutdown dropped it."""
 
-    __slots__ = ("dropped", "key", "lost", "transport")
+    __slots__ = ("cursor", "dropped", "key", "lost", "transport", "transport_name")
 
-    def __init__(self, key: JobKey | None, transport: asyncio.Transport | None) -> None:
+    def __init__(
+        self, key: JobKey | None, transport: asyncio.Transport | None, transport_name: str = "sse"
+    ) -> None:
         self.key = key
+        self.transport_name = transport_name
+        # Set by the handler once the stream follows the log; read only by the lag metric.
+        self.cursor: Position | None = None
         # The asyncio transport itself: aiohttp's protocol forgets it once it starts closing,
         # and a closing transport with a backlog to a peer that never reads lingers forever.
         self.transport = transport
@@ -117,9 +146,35 @@ class StreamRegistry:
                 f"job {key.job_id} has {self._per_job.per_job} open streams "
                 "(stream.max_subscribers_per_job); resume later"
             )
-        stream = OpenStream(key, request.transport)
+        upgrade = request.headers.get("Upgrade", "").lower() == "websocket"
+        stream = OpenStream(key, request.transport, "ws" if upgrade else "sse")
         self._open.add(stream)
         return stream
+
+    def lag(
+        self, job_head: Callable[[JobKey], int | None], feed_head: int
+    ) -> dict[tuple[str, str], Lag]:
+        """How far each open stream is behind the log, by (transport, kind), at this moment:
+        the job's last committed seq (``job_head``; None when no channel holds it) or the
+        last committed id (``feed_head``) minus the stream's position. A stream parked at
+        the end of the log is at it. One pass over the open streams, at scrape time only:
+        nothing on the append or delivery path moves for it."""
+        found: dict[tuple[str, str], Lag] = {}
+        for stream in self._open:
+            cursor = stream.cursor
+            if cursor is None:
+                continue
+            kind = "feed" if stream.key is None else "job"
+            lag = found.setdefault((stream.transport_name, kind), Lag())
+            if cursor.parked:
+                continue
+            head = feed_head if stream.key is None else job_head(stream.key)
+            behind = 0 if head is None else head - cursor.after
+            if behind > 0:
+                lag.behind += 1
+                lag.events += behind
+                lag.most = max(lag.most, behind)
+        return found
 
     def release(self, stream: OpenStream) -> None:
         if stream not in self._open:

@@ -22,6 +22,15 @@ append path ~10 ms at p99 (measured on this project's 2-core machines). Two thin
    again after the WAL grows by another ``retry_step``, so the append path does not stall
    behind it; only near the bound does the writer wait as long as it would for any lock.
 
+3. A backup (``jobfeed backup``, ``server.backup``) reads the whole database in one read
+   transaction, seconds on a large file, and holds ``BackupMarker`` meanwhile. While it is
+   held the writer does not attempt a restart at all (it would wait for that reader: 100 ms
+   per attempt below the bound, ``busy_timeout_ms`` above it, holding appends up for the
+   length of the copy). The WAL then grows past the bound by what is appended during the
+   copy, and the first restart after the copy brings it back (docs/operations.md has the
+   measured figures). The check is a ``flock`` probe of ``<db>.backup``, made only when a
+   restart is due.
+
 ``PRAGMA journal_size_limit = restart_at`` on the writer's connection makes SQLite cut the
 file back to ``restart_at`` at the first commit after each restart, so the file stays at
 about that size and is overwritten in place. Not ``TRUNCATE`` to zero: a commit that extends
@@ -44,6 +53,8 @@ from pathlib import Path
 import aiosqlite
 import structlog
 
+from .dblock import backup_running
+
 log = structlog.get_logger("jobfeed.wal")
 
 # How long a restart waits for readers on old frames (SQLite's busy handler sleeps 1, 2, 5,
@@ -56,6 +67,7 @@ class WalBound:
     """The writer's side of the bound: when to restart the WAL, and doing it."""
 
     def __init__(self, db_path: Path, max_bytes: int) -> None:
+        self.db_path = db_path
         self.wal_path = db_path.with_name(db_path.name + "-wal")
         self.max_bytes = max_bytes
         self.restart_at = max_bytes // 2
@@ -71,6 +83,8 @@ class WalBound:
         self._passive_asked_at: int | None = None  # passive_runs when the writer asked
         self.restarts = 0  # RESTART checkpoints that succeeded
         self.held_up = 0  # attempts given up because a reader kept using old frames
+        self.skipped_for_backup = 0  # restarts due while a backup held its marker
+        self._backup_logged = False
         self._failing = False
 
     def wal_bytes(self) -> int:
@@ -97,6 +111,16 @@ class WalBound:
         size = self.wal_bytes()
         if size <= self._next_attempt_at:
             return
+        if backup_running(self.db_path):
+            # The backup's read pins the WAL until its copy ends: waiting for it would hold
+            # appends up for that long. Let the WAL grow; look again one step later.
+            self.skipped_for_backup += 1
+            self._next_attempt_at = size + self.retry_step
+            if size > self.max_bytes and not self._backup_logged:
+                log.warning("wal_over_bound_during_backup", wal_bytes=size)
+                self._backup_logged = True
+            return
+        self._backup_logged = False
         urgent = size + self.retry_step > self.max_bytes
         if not urgent:
             if self._passive_asked_at is None:

@@ -222,8 +222,11 @@ class Writer:
         probe_seconds: float = 1.0,
         wal: WalBound | None = None,
         busy_timeout_ms: int = 5_000,
+        epoch_suffix: str = "",
     ) -> None:
         self._conn = conn
+        # Ends the epoch of every job created here (server.generation: "" until a restore).
+        self._epoch_suffix = epoch_suffix
         self._hub = hub
         self._max_batch_events = max_batch_events
         self._max_pending = max_pending
@@ -732,7 +735,7 @@ class Writer:
         if op.heartbeat_timeout is not None:
             event["heartbeat_timeout"] = op.heartbeat_timeout
         body = self._serialize(event, 0)
-        state = apply_event(None, event)
+        state = apply_event(None, event, self._epoch_suffix)
         group.states[key] = state
         group.touched[key] = state
         group.created.append(key)

@@ -288,6 +288,47 @@ async def test_log_reset_starts_over_and_a_reload_resumes(served: Served, browse
     await page.close()
 
 
+async def test_a_feed_resumes_with_its_epoch_and_a_stale_one_is_reset(
+    served: Served, browser: Any
+) -> None:
+    """watchFeed keeps the epoch of the feed's hello (and persists it with the position); a
+    watch given an epoch that is not the server's (its database was restored or replaced)
+    is told log_reset (onReset, onError with final false) and starts again from now, with
+    the server's epoch, and then follows live events."""
+    job = "mod-feed-epoch"
+    async with aiohttp.ClientSession(served.url) as session:
+        await create(session, job)
+    page = await open_page(browser, served)
+    watch = """async ({job, epoch, backoff}) => {
+      const m = await import("/client/jobfeed.js");
+      const got = window.got = {events: [], resets: [], errors: []};
+      got.watch = m.watchFeed("/v1/feed", {
+        after: 1, epoch, filters: {job}, backoff, persist: "feed-epoch",
+        onEvent: (event) => got.events.push(event.id),
+        onReset: (error) => got.resets.push(error.code),
+        onError: (error) => got.errors.push([error.code, error.final]),
+      });
+    }"""
+    await page.evaluate(watch, {"job": job, "epoch": "g0-00000000", "backoff": BACKOFF})
+    await page.wait_for_function("got.watch.state === 'live'", timeout=WAIT_MS)
+    got = await page.evaluate(
+        "({resets: got.resets, errors: got.errors, epoch: got.watch.epoch,"
+        " stored: JSON.parse(sessionStorage.getItem('feed-epoch'))})"
+    )
+    assert got["resets"] == ["log_reset"]
+    assert got["errors"] == [["log_reset", False]]
+    assert got["epoch"].startswith("g0-")
+    assert got["epoch"] != "g0-00000000"
+    async with aiohttp.ClientSession(served.url) as session:
+        await append(session, job, {"type": "log", "message": "after the reset"})
+    await page.wait_for_function("got.events.length === 1", timeout=WAIT_MS)
+    stored = await page.evaluate("JSON.parse(sessionStorage.getItem('feed-epoch'))")
+    assert stored == {"after": (await page.evaluate("got.events[0]")), "epoch": got["epoch"]}
+    await page.evaluate("got.watch.stop()")
+    assert page.errors == []
+    await page.close()
+
+
 async def test_auto_transport_falls_back_to_sse_and_passes_the_ticket(
     served: Served, browser: Any
 ) -> None:

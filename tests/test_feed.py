@@ -71,7 +71,10 @@ async def test_replay_from_zero_is_the_merged_log(client: TestClient[Any, Any]) 
     truth = await ground_truth(client.session, base(client), KINDS)
     ws = await read_feed_ws(client.session, feed_url(base(client), 0), until_id=end)
     sse = await read_feed_sse(client.session, feed_url(base(client), 0), until_id=end)
-    assert ws.hello == {"type": "hello", "after": 0, "last_id": end}
+    assert ws.hello is not None
+    epoch = ws.hello["epoch"]
+    assert ws.hello == {"type": "hello", "after": 0, "last_id": end, "epoch": epoch}
+    assert epoch.startswith("g0-")  # a database never restored: generation 0
     assert ws.events == truth
     assert sse.events == truth
     assert sse.retry is not None
@@ -85,7 +88,12 @@ async def test_without_after_the_feed_starts_from_now(client: TestClient[Any, An
     async with client.session.ws_connect(feed_url(base(client))) as ws:
         async with asyncio.timeout(WAIT):
             hello = json.loads((await ws.receive()).data)
-        assert hello == {"type": "hello", "after": before, "last_id": before}
+        assert hello == {
+            "type": "hello",
+            "after": before,
+            "last_id": before,
+            "epoch": hello["epoch"],
+        }
         await append(client, "b-1", {"type": "log", "message": "now"})
         async with asyncio.timeout(WAIT):
             event = json.loads((await ws.receive()).data)

@@ -5,6 +5,7 @@ takes a value that grows with use (operations.md, Metrics)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -182,6 +183,41 @@ async def test_open_streams_and_a_stuck_reader_cut_off(
     )
     assert value(after, "jobfeed_streams_open", transport="ws", kind="job") == 0
     assert moved(before, after, "jobfeed_events_appended_total") == 20
+
+
+async def test_subscriber_lag_counts_a_stuck_reader_and_not_a_live_one(
+    make_config: ConfigFactory, make_client: ClientFactory
+) -> None:
+    """A WebSocket that stops reading falls behind its job's log: it is counted in
+    ``jobfeed_subscribers_behind`` and its lag (events committed, not yet handed to its
+    socket) is in ``jobfeed_subscriber_lag_events`` and ``..._max_events``; a feed that
+    reads everything, parked at the end of the log, is behind by nothing."""
+    config = make_config(stream__send_timeout=60, stream__send_buffer_bytes=4096)
+    client = await make_client(config)
+    await create_job(client, job_id="lagging")
+    ws_job = {"transport": "ws", "kind": "job"}
+    ws_feed = {"transport": "ws", "kind": "feed"}
+    stuck = await StuckSubscriber.connect(
+        str(client.host), int(client.port or 0), "/v1/jobs/lagging/stream?after=0"
+    )
+    async with client.ws_connect("/v1/feed") as feed:
+        async with asyncio.timeout(30):
+            hello = json.loads((await feed.receive()).data)
+        appended = 40
+        for _ in range(appended):  # far more than the small socket buffers hold
+            await append(client, "lagging", {"type": "log", "message": "x" * 30_000})
+        last_id = hello["last_id"] + appended
+        async with asyncio.timeout(30):
+            while json.loads((await feed.receive()).data).get("id") != last_id:
+                pass
+        samples = await scrape_when(client, ("jobfeed_subscribers_behind", ws_job))
+        assert value(samples, "jobfeed_subscribers_behind", **ws_job) == 1
+        lag = value(samples, "jobfeed_subscriber_lag_events", **ws_job)
+        assert 0 < lag <= appended
+        assert value(samples, "jobfeed_subscriber_lag_max_events", **ws_job) == lag
+        assert value(samples, "jobfeed_subscribers_behind", **ws_feed) == 0
+        assert value(samples, "jobfeed_subscriber_lag_events", **ws_feed) == 0
+    stuck.sock.close()
 
 
 async def scrape_when(client: TestClient[Any, Any], *wanted: tuple[str, dict[str, str]]) -> Samples:

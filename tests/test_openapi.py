@@ -239,4 +239,4 @@ def test_every_query_parameter_allows_an_empty_value(config: Config) -> None:
                     seen += 1
                     assert parameter["required"] is False, parameter
                     assert parameter["allowEmptyValue"] is True, parameter
-    assert seen == 16
+    assert seen == 17

@@ -10,13 +10,16 @@ its group's commit) and by every reader after every page.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from server.config import Config
+from server.dblock import BackupMarker
 from server.hub import Hub
 from server.models import LogIn
 from server.store import Store
@@ -104,3 +107,39 @@ async def test_wal_stays_under_its_bound_with_replays_in_progress(store: Store) 
     for job in range(PRODUCERS):
         frames = await store.read_after(JobKey("default", f"j{job}"), 0, 10_000)
         assert [frame.seq for frame in frames] == list(range(1, APPENDS_PER_PRODUCER + 2))
+
+
+async def test_a_backup_in_progress_is_not_waited_for(make_config: ConfigFactory) -> None:
+    """A reader that pins the WAL while it holds the backup marker (what ``jobfeed backup``
+    does during its copy) is not waited for: no restart is attempted while it lasts (none
+    held up), every append succeeds and the WAL passes its bound; once it ends, the next
+    restart brings the WAL back under the bound."""
+    config: Config = make_config(
+        storage__wal_max_bytes=BOUND,
+        storage__checkpoint_seconds=0.05,
+        storage__busy_timeout_ms=200,  # what an attempt that waits would cost, kept short
+    )
+    store = Store(config, Hub(16, 1 << 20))
+    await store.open()
+    db = Path(store.path)
+    key = JobKey("default", "backed-up")
+    try:
+        await store.writer.create_job(key, None, None)
+        with BackupMarker(db), contextlib.closing(sqlite3.connect(db)) as copy:
+            copy.execute("BEGIN")
+            copy.execute("SELECT COUNT(*) FROM events").fetchone()  # its snapshot pins the WAL
+            for _ in range(1_500):
+                await store.writer.append(key, [LogIn(type="log", message="x" * MESSAGE_BYTES)])
+            assert wal_size(db) > BOUND
+            assert store.wal.skipped_for_backup > 0
+            assert store.wal.held_up == 0
+            copy.execute("COMMIT")
+        restarts = store.wal.restarts
+        for index in range(200):
+            await store.writer.append(key, [LogIn(type="log", message=f"after {index}")])
+        assert store.wal.restarts > restarts
+        assert wal_size(db) <= BOUND + SLACK
+        frames = await store.read_after(key, 0, 10_000)
+        assert [frame.seq for frame in frames] == list(range(1, 1_702))
+    finally:
+        await store.close()

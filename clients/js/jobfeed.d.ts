@@ -134,6 +134,8 @@ export interface FeedHello {
   type: "hello";
   after: number;
   last_id: number;
+  /** The log's identity (the server database's generation): resume with it as `?epoch=`. */
+  epoch: string;
 }
 export interface FeedHeartbeat {
   type: "heartbeat";
@@ -182,7 +184,7 @@ interface WatchOptions {
    */
   getTicket?: () => string | null | Promise<string | null>;
   /**
-   * Keep the position (and a job's epoch and snapshot) in sessionStorage, so that a reload
+   * Keep the position and epoch (and a job's snapshot) in sessionStorage, so that a reload
    * of the page resumes: `true` (a key made from the URL and filters) or a key of your own.
    * An explicit `after` wins over a stored one.
    */
@@ -190,7 +192,10 @@ interface WatchOptions {
   onStatus?: (state: WatchState, watch: Watch) => void;
   /** A final refusal (final: true), or a log_reset (final: false: the watch starts over). */
   onError?: (error: JobfeedError) => void;
-  /** The log this watch held is gone (re-created job, another database): it starts over. */
+  /**
+   * The log this watch held is gone (re-created job, a restored or replaced database): a job
+   * watch starts over from seq 0, a feed from now (what the page built from it is stale).
+   */
   onReset?: (error: JobfeedError) => void;
 }
 
@@ -216,6 +221,8 @@ export interface FeedFilters {
 export interface WatchFeedOptions extends WatchOptions {
   /** An event id, e.g. a `GET /v1/jobs` answer's `cursor`; absent: from now. */
   after?: number;
+  /** The epoch of the feed that `after` is in (an earlier feed hello's `epoch`). */
+  epoch?: string;
   filters?: FeedFilters;
   /** Ask for the unfinished jobs' snapshots first (only without `after`). */
   snapshots?: boolean;

@@ -285,7 +285,7 @@ class Watch {
   #attemptUrl(ticket) {
     const url = new URL(this.#url);
     if (this.after !== null && this.after !== undefined) url.searchParams.set("after", this.after);
-    if (this.#kind === "job" && this.epoch) url.searchParams.set("epoch", this.epoch);
+    if (this.epoch) url.searchParams.set("epoch", this.epoch);
     if (this.#kind === "feed") appendFilters(url, this.#options.filters, this.#options.snapshots);
     if (ticket) url.searchParams.set("ticket", ticket);
     return url;
@@ -463,6 +463,9 @@ class Watch {
     }
     if (this.snapshot || (frame.type === "created" && this.after === 0)) {
       this.snapshot = applyEvent(this.snapshot, frame);
+      // The hello's epoch: after a restore it carries the database's generation, which the
+      // created event alone does not (docs/protocol.md, the log's epoch).
+      if (frame.type === "created" && this.epoch) this.snapshot.epoch = this.epoch;
     }
     this.after = seq;
     this.#save();
@@ -473,6 +476,11 @@ class Watch {
 
   #acceptFeedFrame(frame) {
     if (frame.type === "hello" && !("seq" in frame)) {
+      if (this.epoch && frame.epoch && frame.epoch !== this.epoch) {
+        // Not sent by a server that got our epoch (it refuses with 4409): the same remedy.
+        const message = `the feed is epoch ${frame.epoch}, not ${this.epoch}`;
+        return { kind: "reset", error: new JobfeedError("log_reset", message, { final: false }) };
+      }
       if (this.after === null || this.after === undefined) this.after = frame.after;
       this.#helloSeen(frame);
       return null;
@@ -510,7 +518,7 @@ class Watch {
   }
 
   #helloSeen(frame) {
-    if (this.#kind === "job") this.epoch = frame.epoch ?? this.epoch;
+    this.epoch = frame.epoch ?? this.epoch;
     this.hello = frame;
     this.#failures = 0;
     this.#reauths = 0;
@@ -518,11 +526,14 @@ class Watch {
   }
 
   // log_reset: the log we hold is not the job's log any more. Start over from its beginning.
+  // The feed (a restored database) starts again from now, with the snapshots again if it
+  // asked for them; what the page built from the old log is stale (onReset: list again).
   #reset(error) {
     error.final = false;
-    this.after = this.#kind === "job" ? 0 : this.after;
+    this.after = this.#kind === "job" ? 0 : null;
     this.epoch = null;
     this.snapshot = null;
+    if (this.#kind === "feed") this.snapshots.clear();
     this.#call("onReset", error);
     this.#report(error);
     this.#save();
@@ -586,8 +597,8 @@ class Watch {
     const saved = parseJson(storage()?.getItem(key) ?? "");
     if (!saved || typeof saved.after !== "number") return;
     this.after = saved.after;
+    this.epoch = saved.epoch ?? null;
     if (this.#kind === "job") {
-      this.epoch = saved.epoch ?? null;
       this.snapshot = saved.snapshot ?? null;
     }
   }
@@ -598,7 +609,7 @@ class Watch {
     const saved =
       this.#kind === "job"
         ? { after: this.after, epoch: this.epoch, snapshot: this.snapshot }
-        : { after: this.after };
+        : { after: this.after, epoch: this.epoch };
     try {
       storage()?.setItem(key, JSON.stringify(saved));
     } catch {
@@ -679,8 +690,10 @@ export function watchJob(url, options = {}) {
 
 /**
  * Follow the feed (many jobs, one cursor): `url` is the feed, e.g. "/v1/feed". `after` is an
- * event id (a list's `cursor`; absent: from now); `filters` {job, prefix, kind, type};
- * `jobs` seeds the snapshots that events are folded into. Never ends by itself.
+ * event id (a list's `cursor`; absent: from now), `epoch` the one an earlier feed's hello
+ * gave with it; `filters` {job, prefix, kind, type}; `jobs` seeds the snapshots that events
+ * are folded into. Never ends by itself. On log_reset (the server's database was restored)
+ * it calls onReset(error) and starts again from now (with `snapshots`, they come again).
  */
 export function watchFeed(url, options = {}) {
   return new Watch("feed", url, options);

@@ -22,7 +22,7 @@ import structlog
 from aiohttp import web
 
 from ..auth import PRINCIPAL, READ, TenantGrant, require
-from ..errors import BadRequest, InvalidParameter, ServiceError, WSClose
+from ..errors import BadRequest, InvalidParameter, LogReset, ServiceError, WSClose
 from ..feed import (
     ALL_EVENTS,
     FeedClosing,
@@ -119,14 +119,18 @@ def _values(
 @dataclass(frozen=True, slots=True)
 class FeedStart:
     """Where an admitted feed subscriber starts: ``after``; the log's end (``last_id``) when
-    it began; and, for ``snapshots=1``, the unfinished jobs' snapshots at ``last_id``."""
+    it began; for ``snapshots=1``, the unfinished jobs' snapshots at ``last_id``; and the
+    log's identity (``epoch``: the database's generation, ``server.generation``)."""
 
     after: int
     last_id: int
     snapshots: list[bytes]
+    epoch: str
 
     def hello(self) -> bytes:
-        return control_frame({"type": "hello", "after": self.after, "last_id": self.last_id})
+        return control_frame(
+            {"type": "hello", "after": self.after, "last_id": self.last_id, "epoch": self.epoch}
+        )
 
 
 async def start_feed(
@@ -142,12 +146,12 @@ async def start_feed(
     snapshots = request.query.get("snapshots") or "0"
     if snapshots not in ("0", "1"):
         raise InvalidParameter(f"snapshots must be 0 or 1, not {snapshots[:40]!r}")
+    epoch = app[STORE].generation.feed_epoch
     if raw_after is not None:
         after = parse_int("after", raw_after)
         last_id = feed_channel.high_water
-        if after > last_id:
-            raise InvalidParameter(f"after={after} is past the end of the log ({last_id})")
-        return FeedStart(after, last_id, [])
+        check_feed_offset(after, last_id, epoch, request.query.get("epoch") or None)
+        return FeedStart(after, last_id, [], epoch)
     if snapshots == "1":
         maximum = config.feed_max_snapshots
         last_id, found = await app[STORE].feed_start(feed_filter, maximum)
@@ -156,9 +160,30 @@ async def start_feed(
                 f"more than {maximum} unfinished jobs match (stream.feed_max_snapshots); "
                 "narrow the filter"
             )
-        return FeedStart(last_id, last_id, found)
+        return FeedStart(last_id, last_id, found, epoch)
     last_id = feed_channel.high_water
-    return FeedStart(last_id, last_id, [])
+    return FeedStart(last_id, last_id, [], epoch)
+
+
+def check_feed_offset(after: int, last_id: int, epoch: str, client_epoch: str | None) -> None:
+    """Refuse a resume point that is not in the log as it is now (as ``check_offset`` does
+    for a job): with the ``epoch`` of an earlier hello, another epoch means another log (a
+    restored, wiped or replaced database), and ``after`` past the end in the same epoch means
+    the log lost events the client had: both ``LogReset``. Without one, ``after`` past the
+    end is a bad parameter."""
+    if client_epoch is not None:
+        if client_epoch != epoch:
+            raise LogReset(
+                f"the log is epoch {epoch}, not {client_epoch}: the database was restored "
+                "or replaced; start again from after=0 (or from now)"
+            )
+        if after > last_id:
+            raise LogReset(
+                f"after={after} is past the end of the log ({last_id}) in the same epoch: "
+                "the log lost events you had; start again from after=0"
+            )
+    if after > last_id:
+        raise InvalidParameter(f"after={after} is past the end of the log ({last_id})")
 
 
 def _follow(
@@ -211,6 +236,7 @@ async def serve_feed_websocket(request: web.Request) -> web.WebSocketResponse:
         stream = streams.admit(request, None)
         start = await start_feed(request, feed_filter, request.query.get("after") or None)
         after = cursor.after = start.after
+        stream.cursor = cursor  # for the lag metric
         opening = [start.hello(), *_snapshot_frames(start.snapshots)]
         for index in range(0, len(opening), _SNAPSHOT_CHUNK):
             async with asyncio.timeout(config.send_timeout):
@@ -290,6 +316,7 @@ async def _feed_sse(
     # From here on every ending is the end of the body or a dropped connection.
     bound_send_buffer(request, config.send_buffer_bytes)
     cursor = FeedCursor(start.after)
+    stream.cursor = cursor  # for the lag metric
     started = time.monotonic()
     outcome = "client_gone"
     metrics = request.app[METRICS]

@@ -15,7 +15,7 @@ from aiohttp.typedefs import Handler
 
 from ..auth import ADMIN, authenticate, bearer_token
 from ..errors import Forbidden, ServiceError
-from ..keys import AUTH, CONFIG, HUB, METRICS, STORE
+from ..keys import AUTH, CONFIG, HUB, METRICS, STORE, STREAMS
 from ..metrics import Sources, render
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -95,4 +95,5 @@ def _sources(app: web.Application, oldest_event_seconds: float | None) -> Source
         oldest_event_seconds=oldest_event_seconds,
         jobs_lost=0 if watchdog is None else watchdog.lost,
         watched_jobs=0 if watchdog is None else watchdog.watched,
+        subscriber_lag=app[STREAMS].lag(hub.high_water, hub.feed.high_water),
     )

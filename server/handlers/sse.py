@@ -55,6 +55,7 @@ async def _stream(
     # dropped connection), never an error response (which would land inside the body).
     bound_send_buffer(request, config.send_buffer_bytes)
     cursor = Cursor(key, after)
+    stream.cursor = cursor  # for the lag metric
     started = time.monotonic()
     outcome = "client_gone"
     metrics = request.app[METRICS]

@@ -89,6 +89,7 @@ async def serve_websocket(request: web.Request, job_id: str) -> web.WebSocketRes
         async with subscribe(request, principal, job_id, raw_after) as subscription:
             cursor.key = subscription.key
             after = cursor.after = subscription.after
+            subscription.stream.cursor = cursor  # for the lag metric
             await ws.send_frame(subscription.hello(), WSMsgType.TEXT)
             push = functools.partial(push_frames, request, ws)
             batches = follow_job(request, cursor, subscription, push)

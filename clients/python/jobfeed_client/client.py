@@ -217,14 +217,16 @@ class AsyncClient:
         kind: str | Iterable[str] | None = None,
         type: str | Iterable[str] | None = None,
         snapshots: bool = False,
+        epoch: str | None = None,
         transport: Transport = "websocket",
     ) -> AsyncFeed:
         """The events of every job that matches the filters (AND between them; several
         values of ``job``, ``kind`` or ``type`` are OR), in commit order, each once, across
         reconnects; never ends by itself. ``after`` is an event id (``0``: the whole log,
         ``None``: from now; the ``cursor`` of ``GET /v1/jobs`` continues a listing).
-        ``snapshots=True`` first yields a ``Snapshot`` of every matching unfinished job. See
-        ``AsyncFeed``."""
+        ``snapshots=True`` first yields a ``Snapshot`` of every matching unfinished job.
+        ``epoch`` (an earlier feed's ``epoch``) goes with ``after``: a log that is not that
+        one any more (a restored database) raises ``LogReset``. See ``AsyncFeed``."""
         return AsyncFeed(
             self,
             after=after,
@@ -233,6 +235,7 @@ class AsyncClient:
             kind=kind,
             type=type,
             snapshots=snapshots,
+            epoch=epoch,
             transport=transport,
         )
 

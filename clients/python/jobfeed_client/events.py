@@ -240,11 +240,13 @@ class JobHello(TypedDict):
 
 
 class FeedHello(TypedDict):
-    """A feed's first frame: ``after`` its start, ``last_id`` the log's end then."""
+    """A feed's first frame: ``after`` its start, ``last_id`` the log's end then, ``epoch``
+    the log's identity (the server database's generation)."""
 
     type: Literal["hello"]
     after: int
     last_id: int
+    epoch: str
 
 
 class JobHeartbeat(TypedDict):

@@ -15,6 +15,12 @@ matching unfinished job, consistent with that position, then the events after it
 snapshots are asked for once: a connection lost while they are still arriving resumes from
 their position, and the rest of them are not sent again (the server marks no end of the
 snapshots; docs/python-client.md says so).
+
+``epoch`` is the log's identity from the first hello (the server database's generation):
+every resume sends it with ``after``, and a log that is not that one any more (the database
+was restored from a backup, or replaced) raises ``LogReset`` instead of handing out other
+events under ids already seen, as a job stream does. A feed started with an ``after`` from
+an earlier run should be given that run's ``epoch`` too.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .errors import ProtocolViolation
+from .errors import ProtocolViolation, error_from_close
 from .events import Event, Snapshot
 from .resuming import Resume, ResumingStream, Transport
 
@@ -41,7 +47,8 @@ def _values(value: str | Iterable[str] | None) -> tuple[str, ...]:
 class AsyncFeed(ResumingStream[FeedItem]):
     """Iterate with ``async for item in feed``: ``Snapshot`` items first (``snapshots=True``),
     then ``Event`` items. While it runs, ``after`` is the position to resume from (None until
-    the first hello when started "from now"), ``resumes`` how many times it reconnected,
+    the first hello when started "from now"), ``epoch`` the log's identity (None until the
+    first hello unless given), ``resumes`` how many times it reconnected,
     ``state`` one of ``connecting``, ``live``, ``waiting``."""
 
     def __init__(
@@ -54,6 +61,7 @@ class AsyncFeed(ResumingStream[FeedItem]):
         kind: str | Iterable[str] | None = None,
         type: str | Iterable[str] | None = None,
         snapshots: bool = False,
+        epoch: str | None = None,
         transport: Transport = "websocket",
     ) -> None:
         super().__init__(client, transport)
@@ -67,6 +75,7 @@ class AsyncFeed(ResumingStream[FeedItem]):
         self.kinds = _values(kind)
         self.types = _values(type)
         self.snapshots = snapshots
+        self.epoch = epoch
 
     def _url(self) -> str:
         return f"{self._client.url}/v1/feed"
@@ -79,6 +88,8 @@ class AsyncFeed(ResumingStream[FeedItem]):
         params += [("type", value) for value in self.types]
         if self.after is not None:
             params.append(("after", str(self.after)))
+            if self.epoch:
+                params.append(("epoch", self.epoch))
         elif self.snapshots:
             # Only until the first hello: from then on the position is known, and the
             # server sends snapshots only to a subscription without one.
@@ -114,6 +125,18 @@ class AsyncFeed(ResumingStream[FeedItem]):
             start = frame.get("after")
             if not isinstance(start, int) or (self.after is not None and start != self.after):
                 raise ProtocolViolation(f"feed: hello from {start!r}, asked for {self.after}")
+            epoch = frame.get("epoch")
+            if self.epoch is not None and isinstance(epoch, str) and epoch != self.epoch:
+                # Not sent by a server that got our epoch (it refuses with 4409 / 409).
+                raise error_from_close(
+                    4409,
+                    {
+                        "code": "log_reset",
+                        "message": f"the feed is epoch {epoch}, not {self.epoch}",
+                    },
+                )
+            if isinstance(epoch, str):
+                self.epoch = epoch
             self.after = start
             self._accepted(frame)
         elif kind == "heartbeat":

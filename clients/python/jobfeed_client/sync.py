@@ -172,6 +172,7 @@ class Client:
         kind: str | Iterable[str] | None = None,
         type: str | Iterable[str] | None = None,
         snapshots: bool = False,
+        epoch: str | None = None,
         transport: Transport = "websocket",
     ) -> Feed:
         """``for item in client.feed(prefix="build-"):`` (see ``AsyncClient.feed``)."""
@@ -184,6 +185,7 @@ class Client:
                 kind=kind,
                 type=type,
                 snapshots=snapshots,
+                epoch=epoch,
                 transport=transport,
             ),
         )

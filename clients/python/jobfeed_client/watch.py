@@ -12,6 +12,7 @@ rather than something to paper over.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -82,6 +83,10 @@ class AsyncWatch(ResumingStream[Event]):
         event = Event.from_dict(frame)
         if self.snapshot is not None or (event.type == "created" and self.after == 0):
             self.snapshot = Snapshot.apply(self.snapshot, event)
+            if event.type == "created" and self.epoch:
+                # The hello's epoch: after a restore it carries the database's generation,
+                # which the created event alone does not (docs/protocol.md, the log's epoch).
+                self.snapshot = dataclasses.replace(self.snapshot, epoch=self.epoch)
         self.after = seq
         return event
 
