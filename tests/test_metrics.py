@@ -283,7 +283,8 @@ async def test_own_address_in_a_real_process(tmp_path: Path) -> None:
             auth__secrets=f'["{SECRET}"]',
             metrics__token=METRICS_TOKEN,
         )
-        line = server.log.find("metrics_listening")
+        # Logged after "listening" (the API's site starts first): wait for it, do not peek.
+        line = await asyncio.to_thread(server.log.wait_for, "metrics_listening", 30)
         assert line is not None, server.describe()
         metrics_url = f"http://127.0.0.1:{line['port']}/metrics"
         async with aiohttp.ClientSession() as session:
