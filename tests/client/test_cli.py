@@ -274,6 +274,10 @@ def test_tail_past_the_end_still_exits_by_status(
     assert result.stdout == ""
 
 
+def _sigint_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class LineReader:
     """A running ``jobfeed feed``: its stdout read line by line on a thread, so that the test
     waits for each line with a timeout."""
@@ -286,6 +290,9 @@ class LineReader:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            # As a terminal starts it: Ctrl-C is KeyboardInterrupt. A shell's background job
+            # (a CI step run with `&`, `nohup`) inherits SIGINT ignored, which Python keeps.
+            preexec_fn=_sigint_default,
         )
         self.lines: queue.Queue[str] = queue.Queue()
         assert self.popen.stdout is not None
