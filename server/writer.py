@@ -354,15 +354,7 @@ class Writer:
         metadata: dict[str, Any] | None,
         heartbeat_timeout: float | None = None,
     ) -> JobState:
-        op = _Op(
-            key,
-            self._new_future(),
-            kind=kind,
-            metadata=metadata,
-            heartbeat_timeout=heartbeat_timeout,
-        )
-        result: JobState = await self._submit(op).future
-        return result
+        return await self.submit_create(key, kind, metadata, heartbeat_timeout)
 
     async def fence(self, fences: list[Fence]) -> list[FenceOutcome]:
         """Append the watchdog's ``failed`` to each job whose log still ends at the fence's
@@ -374,9 +366,7 @@ class Writer:
         return result
 
     async def append(self, key: JobKey, events: list[EventIn]) -> AppendResult:
-        op = self._submit(_Op(key, self._new_future(), events=events))
-        result: AppendResult = await op.future
-        return result
+        return await self.submit_append(key, events)
 
     async def run_exclusive(self, work: Callable[[], Awaitable[T]]) -> T:
         """Run ``work`` in the writer's task, alone: after the groups queued before it have
