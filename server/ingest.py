@@ -18,6 +18,7 @@ from aiohttp import web
 
 from .errors import Overloaded, ShuttingDown
 from .keys import CONFIG, INGEST
+from .streams import wait_then_drop
 
 log = structlog.get_logger("jobfeed.ingest")
 
@@ -90,16 +91,7 @@ class IngestRegistry:
         self._all_ended = asyncio.Event()
         for slot in list(self._open):
             slot.stop("shutdown")
-        if self._open:
-            try:
-                async with asyncio.timeout(grace):
-                    await self._all_ended.wait()
-            except TimeoutError:
-                pass
-        if self._open:
-            log.info("ingest_dropped", count=len(self._open), grace=grace)
-            for slot in list(self._open):
-                slot.drop()
+        await wait_then_drop(self._open, self._all_ended, grace, log, "ingest_dropped")
 
 
 async def ingest_ctx(app: web.Application) -> AsyncIterator[None]:

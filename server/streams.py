@@ -16,7 +16,7 @@ ends its handler at once. Nothing here awaits a socket, so no client can hold sh
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -28,6 +28,33 @@ from .limits import JobStreamSlots, JsonErrorRequestHandler
 from .tenancy import JobKey
 
 log = structlog.get_logger("jobfeed.stream")
+
+
+class Droppable(Protocol):
+    def drop(self) -> None:
+        """Abort the connection at once, without a close handshake."""
+
+
+async def wait_then_drop(
+    members: Collection[Droppable],
+    all_ended: asyncio.Event,
+    grace: float,
+    logger: structlog.stdlib.BoundLogger,
+    dropped_event: str,
+) -> None:
+    """Shutdown's last step for a set of open connections: wait up to ``grace`` seconds for
+    ``members`` to empty (their ``release`` sets ``all_ended``), then drop those still open,
+    logging ``dropped_event`` with their count."""
+    if members:
+        try:
+            async with asyncio.timeout(grace):
+                await all_ended.wait()
+        except TimeoutError:
+            pass
+    if members:
+        logger.info(dropped_event, count=len(members), grace=grace)
+        for member in list(members):
+            member.drop()
 
 
 class Position(Protocol):
@@ -189,13 +216,4 @@ class StreamRegistry:
         """Shutdown (after the hub has woken every cursor): wait up to ``grace`` seconds for
         the streams to end themselves, then drop the connections of those still open."""
         self._all_ended = asyncio.Event()
-        if self._open:
-            try:
-                async with asyncio.timeout(grace):
-                    await self._all_ended.wait()
-            except TimeoutError:
-                pass
-        if self._open:
-            log.info("streams_dropped", count=len(self._open), grace=grace)
-            for stream in list(self._open):
-                stream.drop()
+        await wait_then_drop(self._open, self._all_ended, grace, log, "streams_dropped")
