@@ -55,16 +55,16 @@ READ_AFTER_SQL = (
 )
 
 
-def list_jobs_sql(
+def jobs_where(
     tenant: str,
     status: str | None,
     kind: str | None,
-    limit: int,
+    prefix: str | None,
     before: int | None,
     grants: JobGrants | None,
-    prefix: str | None = None,
 ) -> tuple[str, list[str | int]]:
-    """The listing query (newest first, one more row than ``limit``) and its parameters."""
+    """The WHERE of a tenant's jobs selected by the list's filters (None: no filter), and its
+    parameters: shared by the listing and the dashboard's counts."""
     clauses: list[str] = ["tenant = ?"]
     params: list[str | int] = [tenant]
     if status is not None:
@@ -83,7 +83,20 @@ def list_jobs_sql(
         clause, grant_params = grants.sql_filter("job_id")
         clauses.append(clause)
         params.extend(grant_params)
-    where = " AND ".join(clauses)
+    return " AND ".join(clauses), params
+
+
+def list_jobs_sql(
+    tenant: str,
+    status: str | None,
+    kind: str | None,
+    limit: int,
+    before: int | None,
+    grants: JobGrants | None,
+    prefix: str | None = None,
+) -> tuple[str, list[str | int]]:
+    """The listing query (newest first, one more row than ``limit``) and its parameters."""
+    where, params = jobs_where(tenant, status, kind, prefix, before, grants)
     query = f"SELECT job_no, snapshot FROM jobs WHERE {where} ORDER BY job_no DESC LIMIT ?"
     return query, [*params, limit + 1]
 
@@ -460,19 +473,7 @@ class Store:
         """How many of a tenant's jobs (those ``grants`` cover; None: all) there are in each
         status (only statuses that have some), of ``kind`` and with ids starting with
         ``prefix`` when given: the dashboard's counts."""
-        clauses: list[str] = ["tenant = ?"]
-        params: list[str | int] = [tenant]
-        if kind is not None:
-            clauses.append("kind = ?")
-            params.append(kind)
-        if prefix is not None:
-            clauses.append(_PREFIX_RANGE)
-            params.extend(prefix_range(prefix))
-        if grants is not None:
-            clause, grant_params = grants.sql_filter("job_id")
-            clauses.append(clause)
-            params.extend(grant_params)
-        where = " AND ".join(clauses)
+        where, params = jobs_where(tenant, None, kind, prefix, None, grants)
         rows = await self._read(
             f"SELECT status, count(*) FROM jobs WHERE {where} GROUP BY status", params
         )
