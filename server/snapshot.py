@@ -10,7 +10,7 @@ import sys
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import orjson
 
@@ -304,6 +304,20 @@ def event_changes(event: dict[str, Any]) -> dict[str, Any]:
     return changes
 
 
+T = TypeVar("T")
+
+
+class _SoFar(Generic[T]):
+    """A ``Fold`` attribute: the field's value with the changes folded so far."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._name = name
+
+    def __get__(self, fold: Fold, owner: type | None = None) -> T:
+        value: T = fold._now(self._name)
+        return value
+
+
 class Fold:
     """``apply_event`` over several events of one job, with the state built once at the end
     (``result``): the writer folds a request's events through this, and building a JobState
@@ -329,58 +343,24 @@ class Fold:
         changes = self._changes
         return changes[name] if name in changes else getattr(self._state, name)
 
-    @property
-    def status(self) -> str:
-        status: str = self._now("status")
-        return status
+    # The state so far: what the state would be had the events folded in been applied.
+    status: _SoFar[str] = _SoFar()
+    last_seq: _SoFar[int] = _SoFar()
+    current: _SoFar[int | None] = _SoFar()
+    total: _SoFar[int | None] = _SoFar()
+    started_at: _SoFar[str | None] = _SoFar()
+    updated_at: _SoFar[str] = _SoFar()
+    progress: _SoFar[float | None] = _SoFar()
+    window_advance: _SoFar[float | None] = _SoFar()
+    window_seconds: _SoFar[float | None] = _SoFar()
 
     @property
     def finished(self) -> bool:
         return self.status in TERMINAL_TYPES
 
     @property
-    def last_seq(self) -> int:
-        last_seq: int = self._now("last_seq")
-        return last_seq
-
-    @property
-    def current(self) -> int | None:
-        current: int | None = self._now("current")
-        return current
-
-    @property
-    def total(self) -> int | None:
-        total: int | None = self._now("total")
-        return total
-
-    @property
     def kind(self) -> str | None:
         return self._state.kind  # set by the created event only
-
-    @property
-    def started_at(self) -> str | None:
-        started_at: str | None = self._now("started_at")
-        return started_at
-
-    @property
-    def updated_at(self) -> str:
-        updated_at: str = self._now("updated_at")
-        return updated_at
-
-    @property
-    def progress(self) -> float | None:
-        progress: float | None = self._now("progress")
-        return progress
-
-    @property
-    def window_advance(self) -> float | None:
-        advance: float | None = self._now("window_advance")
-        return advance
-
-    @property
-    def window_seconds(self) -> float | None:
-        seconds: float | None = self._now("window_seconds")
-        return seconds
 
 
 # -- Rate and ETA ---------------------------------------------------------------------------
