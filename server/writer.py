@@ -187,6 +187,19 @@ class _Group:
     feed: list[Frame] = field(default_factory=list)
     keys: dict[tuple[JobKey, str], AppendedEvent] = field(default_factory=dict)
     answers: list[tuple[_Op, Any]] = field(default_factory=list)
+    # Appends fold into one Fold per job for the whole group: a pipelining producer's
+    # thousand single-event requests build the job's state once, in ``settle``, not once each.
+    folds: dict[JobKey, Fold] = field(default_factory=dict)
+
+    def settle(self) -> None:
+        """Put the state each fold stands for in ``states`` and ``touched``: before anything
+        reads ``states`` other than an append (a fence), and once planning ends."""
+        for key, fold in self.folds.items():
+            if fold.changed:
+                state = fold.result()
+                self.states[key] = state
+                self.touched[key] = state
+        self.folds.clear()
 
 
 class _CommitFailed(Exception):
@@ -588,6 +601,7 @@ class Writer:
                 log.exception("plan_failed", tenant=op.key.tenant, job_id=op.key.job_id)
                 if not op.future.done():
                     op.future.set_exception(exc)
+        group.settle()
         if group.event_rows:
             try:
                 await self._write(group)
@@ -744,6 +758,7 @@ class Writer:
         what earlier requests of this group will commit, so an append that reached the
         writer first always wins, and one that comes after is refused (job_finished)."""
         assert op.fences is not None
+        group.settle()  # the fences read the states the appends before them have folded
         outcomes: list[FenceOutcome] = []
         for fence in op.fences:
             key = fence.key
@@ -796,9 +811,12 @@ class Writer:
         assert op.events is not None
         job = op.key
         job_id = job.job_id
-        state = group.states.get(job)
-        if state is None:
-            raise JobNotFound(job_id)
+        fold = group.folds.get(job)
+        if fold is None:
+            state = group.states.get(job)
+            if state is None:
+                raise JobNotFound(job_id)
+            fold = Fold(state)  # kept in the group only once an event is folded in
         answers: list[AppendedEvent | None] = []
         fresh: list[tuple[int, EventIn]] = []
         for index, event in enumerate(op.events):
@@ -810,46 +828,52 @@ class Writer:
                 fresh.append((index, event))
         if not fresh:
             # A pure retry: answered from what is stored, even after the job has finished.
-            group.answers.append((op, AppendResult(job_id, state.last_seq, _filled(answers))))
+            group.answers.append((op, AppendResult(job_id, fold.last_seq, _filled(answers))))
             return next_id
         rows, frames, new_keys = [], [], {}
-        fold = Fold(state)  # the state is built once, after the request's last event
-        kind = state.kind
+        kind = fold.kind
         tenant = job.tenant
-        for index, event in fresh:
-            if fold.finished:
-                raise JobFinished(job_id, fold.status)
-            seq = fold.last_seq + 1
-            event_type = event.type
-            fields = event.stored_fields()
-            if event_type == "progress":
-                fields = self._progress_fields(fields, fold, index, len(op.events))
-            stored_event = {
-                "job_id": job_id,
-                "seq": seq,
-                "id": next_id,
-                "type": event_type,
-                "ts": ts,
-                **fields,
-            }
-            body = self._serialize(stored_event, index)
-            fold.apply(stored_event)
-            rows.append((next_id, tenant, job_id, seq, event_type, ts, event.key, body.decode()))
-            frames.append(Frame(job_id, seq, next_id, event_type, ts, body, kind, tenant=tenant))
-            answers[index] = AppendedEvent(seq, next_id, ts)
-            if event.key is not None:
-                # What a later request in this group with the same key will be answered.
-                new_keys[(job, event.key)] = AppendedEvent(seq, next_id, ts, True)
-            next_id += 1
-        state = fold.result()
+        before = fold.mark()
+        try:
+            for index, event in fresh:
+                if fold.finished:
+                    raise JobFinished(job_id, fold.status)
+                seq = fold.last_seq + 1
+                event_type = event.type
+                fields = event.stored_fields()
+                if event_type == "progress":
+                    fields = self._progress_fields(fields, fold, index, len(op.events))
+                stored_event = {
+                    "job_id": job_id,
+                    "seq": seq,
+                    "id": next_id,
+                    "type": event_type,
+                    "ts": ts,
+                    **fields,
+                }
+                body = self._serialize(stored_event, index)
+                fold.apply(stored_event)
+                rows.append(
+                    (next_id, tenant, job_id, seq, event_type, ts, event.key, body.decode())
+                )
+                frames.append(
+                    Frame(job_id, seq, next_id, event_type, ts, body, kind, tenant=tenant)
+                )
+                answers[index] = AppendedEvent(seq, next_id, ts)
+                if event.key is not None:
+                    # What a later request in this group with the same key will be answered.
+                    new_keys[(job, event.key)] = AppendedEvent(seq, next_id, ts, True)
+                next_id += 1
+        except BaseException:
+            fold.restore(before)  # the request is refused whole: none of its events count
+            raise
         # The whole request fits: only now does it become part of the group.
-        group.states[job] = state
-        group.touched[job] = state
+        group.folds[job] = fold
         group.event_rows.extend(rows)
         group.frames.setdefault(job, []).extend(frames)
         group.feed.extend(frames)
         group.keys.update(new_keys)
-        group.answers.append((op, AppendResult(job_id, state.last_seq, _filled(answers))))
+        group.answers.append((op, AppendResult(job_id, fold.last_seq, _filled(answers))))
         return next_id
 
     @staticmethod

@@ -17,7 +17,7 @@ import orjson
 import pytest
 
 from server.config import Config
-from server.errors import JobFinished, JobNotFound, StorageUnavailable
+from server.errors import JobFinished, JobNotFound, StorageUnavailable, ValidationFailed
 from server.hub import Hub
 from server.models import CompletedIn, LogIn, ProgressIn
 from server.store import Store
@@ -80,6 +80,35 @@ async def test_a_refused_request_does_not_spoil_its_group(store: Store) -> None:
     assert isinstance(outcomes[2], JobFinished)
     assert await stored_seqs(store, "open") == [1, 2, 3]
     assert await stored_seqs(store, "done") == [1, 2]
+
+
+async def test_a_request_refused_part_way_leaves_the_job_as_before_it(store: Store) -> None:
+    """One group folds every append to a job into one state: the middle request's first
+    event folds in before its second is refused (current over the total it just set), and
+    the request after it sees the job as the first request left it, not a trace of the
+    refused one (its phase, its total)."""
+    await store.writer.create_job(key("fold"), None, None)
+    commits_before = store.writer.commits
+    outcomes = await asyncio.gather(
+        store.writer.append(key("fold"), [ProgressIn(type="progress", current=1, total=10)]),
+        store.writer.append(
+            key("fold"),
+            [
+                ProgressIn(type="progress", phase="refused", total=3),
+                ProgressIn(type="progress", current=5),
+            ],
+        ),
+        store.writer.append(key("fold"), [ProgressIn(type="progress", current=2)]),
+        return_exceptions=True,
+    )
+    assert store.writer.commits - commits_before == 1, "the three requests share a group"
+    assert isinstance(outcomes[1], ValidationFailed)
+    assert await stored_seqs(store, "fold") == [1, 2, 3]
+    snapshot_json = await store.snapshot_json(key("fold"))
+    assert snapshot_json is not None
+    snapshot = orjson.loads(snapshot_json)
+    assert (snapshot["last_seq"], snapshot["phase"]) == (3, None)
+    assert (snapshot["current"], snapshot["total"], snapshot["progress"]) == (2, 10, 20.0)
 
 
 async def test_batch_with_terminal_then_more_writes_nothing(store: Store) -> None:
