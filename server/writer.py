@@ -118,10 +118,9 @@ class AppendResult:
     job_id: str
     last_seq: int
     events: list[AppendedEvent]
-
-    @property
-    def all_duplicates(self) -> bool:
-        return all(event.duplicate for event in self.events)
+    # Every event was a retry of a stored key (answered 200, not 201). Set by the writer,
+    # which knows it, rather than counted again from ``events`` for every answer.
+    all_duplicates: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -828,7 +827,8 @@ class Writer:
                 fresh.append((index, event))
         if not fresh:
             # A pure retry: answered from what is stored, even after the job has finished.
-            group.answers.append((op, AppendResult(job_id, fold.last_seq, _filled(answers))))
+            retry = AppendResult(job_id, fold.last_seq, _filled(answers), all_duplicates=True)
+            group.answers.append((op, retry))
             return next_id
         rows, frames, new_keys = [], [], {}
         kind = fold.kind
