@@ -418,6 +418,10 @@ class Store:
         return bytes(rows[0][0]) if rows else None
 
     async def job_head(self, key: JobKey) -> JobHead | None:
+        state = self.writer.committed_state(key)
+        if state is not None:
+            # No read: a reconnect storm's thousand subscribers would each make one.
+            return JobHead(state.status, state.last_seq, state.epoch)
         rows = await self._read(HEAD_SQL, key)
         if not rows:
             return None

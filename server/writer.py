@@ -314,6 +314,12 @@ class Writer:
         """The writing connection, for ``run_exclusive`` work (server/deletion.py)."""
         return self._conn
 
+    def committed_state(self, key: JobKey) -> JobState | None:
+        """The job's state as of the last commit that touched it, when the cache holds it
+        (None: ask the file). Updated right after each commit, before anything of it is
+        published or acknowledged, and forgotten when the job is deleted."""
+        return self._jobs.get(key)
+
     def forget(self, key: JobKey, status: str) -> None:
         """Job ``key`` (of ``status``) was deleted by exclusive work: drop its cached state
         and its count. Only from inside ``run_exclusive``: no group is planned meanwhile."""

@@ -15,6 +15,7 @@ from aiohttp.test_utils import TestClient
 
 from server.config import Config
 from server.frames import ws_text_header
+from server.keys import STORE
 from tests.conftest import ClientFactory, ConfigFactory, append, create_job
 from tests.streams import read_ws, stored_log
 
@@ -359,6 +360,10 @@ async def test_a_bug_after_the_upgrade_closes_1011_not_an_http_500(
     await running_job(client, "ws-damaged", 0)
     with sqlite3.connect(config.storage.path) as db:
         db.execute("UPDATE jobs SET snapshot = 'not json' WHERE job_id = 'ws-damaged'")
+    # The writer's cache still holds the job as it committed it: drop it, so that the
+    # stream reads the damaged row (as it would once the cache evicts the job).
+    assert client.app is not None
+    client.app[STORE].writer.forget_all()
     with structlog.testing.capture_logs() as logs:
         async with client.ws_connect(stream_path("ws-damaged")) as ws:
             message = await receive(ws)
