@@ -286,6 +286,7 @@ class Store:
             self.watchdog = Watchdog(self._writer, self._config.watchdog)
             watched = await self.watchdog.load(self._writer_conn)
             self._writer.on_commit = self.watchdog.note_commit
+            self._writer.on_forget = self.watchdog.forget
             log.info("watchdog_loaded", watched=watched)
         await self._writer.start()
         self._deleter = JobDeleter(self._writer, self._hub)

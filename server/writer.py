@@ -255,6 +255,8 @@ class Writer:
         # Called after each commit with the job states it wrote and the monotonic time of the
         # commit (the watchdog's schedule, ``server.watchdog``); None: nobody watches.
         self.on_commit: Callable[[Mapping[JobKey, JobState], float], None] | None = None
+        # Told of each job deleted (``forget``): the watchdog stops watching it at once.
+        self.on_forget: Callable[[JobKey], None] | None = None
         self._next_id = 1
         self._last_ts = ""
         self._task: asyncio.Task[None] | None = None
@@ -325,6 +327,8 @@ class Writer:
         and its count. Only from inside ``run_exclusive``: no group is planned meanwhile."""
         self._jobs.discard(key)
         self._count_status(status, None)
+        if self.on_forget is not None:
+            self.on_forget(key)
 
     def forget_all(self) -> None:
         """Drop every cached job state (a deletion's COMMIT failed: its outcome is unknown,
