@@ -10,13 +10,11 @@ behind: nothing is queued for it anywhere.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator
 
 from .errors import JobDeleted
 from .frames import Frame, within_bytes
-from .hub import Hub, JobChannel, LiveSubscriber, PushFn
+from .hub import Hub, LiveSubscriber
 from .store import JobHead, Store
 from .tenancy import JobKey
 
@@ -25,17 +23,17 @@ class StreamClosing(Exception):
     """The server is shutting down; the subscriber should resume elsewhere (1001)."""
 
 
-@dataclass(slots=True)
-class Cursor:
-    """Where a subscriber is: ``after`` is the last seq it was sent (its resume offset)."""
+class Cursor(LiveSubscriber):
+    """Where a subscriber is: ``after`` is the last seq it was sent (its resume offset),
+    ``sent`` how many frames it was sent, ``done`` whether it reached the terminal event.
+    Parked (``follow(park=True)``), the publisher advances it as it pushes."""
 
-    key: JobKey
-    after: int
-    sent: int = 0
-    done: bool = False
-    # Parked at the end of the log, where the publisher pushes to it (``after`` is then
-    # the live subscriber's, not this one's): nothing committed is waiting for it.
-    parked: bool = False
+    __slots__ = ("done", "key")
+
+    def __init__(self, key: JobKey, after: int) -> None:
+        super().__init__(after)
+        self.key = key
+        self.done = False
 
 
 async def follow(
@@ -47,15 +45,18 @@ async def follow(
     page_events: int,
     page_bytes: int,
     idle_seconds: float,
-    push: PushFn | None = None,
+    park: bool = False,
     deletion_mark: int | None = None,
-) -> AsyncIterator[list[Frame] | None]:
+) -> AsyncGenerator[list[Frame] | None, None]:
     """Yield batches of frames past ``cursor.after`` in order; ``None`` after
     ``idle_seconds`` without any (time for a heartbeat). Ends after the terminal event.
 
-    With ``push``, a cursor at the end of the log parks on the channel and the publisher
-    sends it new frames directly (advancing the cursor); the generator resumes only when
-    the subscriber must read for itself, or to heartbeat.
+    With ``park``, a cursor at the end of the log parks on the channel instead of waiting
+    (``JobChannel.park``) and the generator yields an empty batch: the caller may then let
+    it be, with no task, while the publisher pushes new frames to the cursor (advancing it)
+    and calls it back when it is due a heartbeat; the caller resumes the generator when the
+    cursor is woken to read for itself (or to heartbeat when it could not at once). Closing
+    the generator while it is parked unparks the cursor.
 
     ``head`` is the job's status and last_seq read before the caller sent its hello, so
     that a finished job whose log the subscriber already has ends at once.
@@ -119,33 +120,13 @@ async def follow(
                 continue
             if hub.closing:  # checked again: close() may have run during the read above
                 raise StreamClosing()
-            if push is not None:
-                before = cursor.sent
-                idle = not await _park(channel, cursor, push, idle_seconds)
-                sent.push += cursor.sent - before
-            else:
-                idle = not await channel.wait_beyond(cursor.after, idle_seconds)
-            if idle and not hub.closing:
+            if park:
+                if channel.park(cursor, idle_seconds):
+                    try:
+                        yield []
+                    finally:
+                        channel.unpark(cursor)
+            elif not await channel.wait_beyond(cursor.after, idle_seconds) and not hub.closing:
                 yield None
     finally:
         hub.detach(channel)
-
-
-async def _park(channel: JobChannel, cursor: Cursor, push: PushFn, idle_seconds: float) -> bool:
-    """Park at the end of the log while the publisher pushes; True when there is something
-    to read, False after ``idle_seconds`` with nothing sent (pushes restart the clock)."""
-    live = LiveSubscriber(cursor.after, push)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + idle_seconds
-    cursor.parked = True
-    try:
-        while True:
-            if await channel.wait_pushed(live, max(0.0, deadline - loop.time())):
-                return True
-            if live.last_push is None or live.last_push + idle_seconds <= loop.time():
-                return False
-            deadline = live.last_push + idle_seconds
-    finally:
-        cursor.parked = False
-        cursor.after = live.after
-        cursor.sent += live.pushed

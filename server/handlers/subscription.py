@@ -7,7 +7,7 @@ an error frame and a close code (``close_code_for``), so the two cannot drift ap
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -27,7 +27,6 @@ from ..errors import (
 )
 from ..follow import Cursor, follow
 from ..frames import Frame, control_frame
-from ..hub import PushFn
 from ..keys import CONFIG, HUB, STORE, STREAMS
 from ..models import TERMINAL_TYPES
 from ..store import JobHead
@@ -73,9 +72,10 @@ def follow_job(
     request: web.Request,
     cursor: Cursor,
     subscription: Subscription,
-    push: PushFn | None = None,
-) -> AsyncIterator[list[Frame] | None]:
-    """The job cursor with the stream settings (``push``: a WebSocket's direct send)."""
+    park: bool = False,
+) -> AsyncGenerator[list[Frame] | None, None]:
+    """The job cursor with the stream settings (``park``: a WebSocket's, pushed to at the
+    end of the log)."""
     config = request.app[CONFIG].stream
     return follow(
         request.app[STORE],
@@ -85,7 +85,7 @@ def follow_job(
         page_events=config.page_events,
         page_bytes=config.page_bytes,
         idle_seconds=config.heartbeat_seconds,
-        push=push,
+        park=park,
         deletion_mark=subscription.deletion_mark,
     )
 

@@ -1,9 +1,14 @@
 """WebSocket transport: hello, the replay, then live events, heartbeats and ping/pong.
 
-Only this handler's task calls ``receive()`` (client pings, client closes); a sender task
-runs the cursor. Close codes follow protocol v1: 1000 after the terminal event, 1001 on
-shutdown, 1009 for a client frame over ``stream.max_client_frame_bytes``, 1011 on a bug,
-1013 for a peer that does not drain within ``stream.send_timeout``, 4004 / 4400 / 4409 final.
+Only this handler's task calls ``receive()`` (client pings, client closes); the sending side
+runs beside it. A job stream's sender (``JobSender``) has a task only while it replays or
+waits for its peer to drain: caught up, it parks on the job's channel, where the publisher
+writes new frames to its socket and calls it back for a heartbeat, and an idle subscriber
+costs no task (docs/performance.md, W7).
+
+Close codes follow protocol v1: 1000 after the terminal event, 1001 on shutdown, 1009 for a
+client frame over ``stream.max_client_frame_bytes``, 1011 on a bug, 1013 for a peer that
+does not drain within ``stream.send_timeout``, 4004 / 4400 / 4409 final.
 
 Whoever ends the stream closes the socket with a bound: the close frame goes out behind what
 is already queued, and a peer that has not taken it all in time is dropped (one that is not
@@ -14,11 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
+import contextvars
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 import structlog
@@ -81,25 +86,19 @@ async def serve_websocket(request: web.Request, job_id: str) -> web.WebSocketRes
     started = time.monotonic()
     metrics = request.app[METRICS]
     metrics.stream_opened("ws", "job")
-    cursor = Cursor(JobKey(DEFAULT_TENANT, job_id), 0)
     end = StreamEnd()
+    sender = JobSender(request, ws, JobKey(DEFAULT_TENANT, job_id), end)
     after = None
     try:
         raw_after = request.query.get("after") or "0"
         async with subscribe(request, principal, job_id, raw_after) as subscription:
-            cursor.key = subscription.key
-            after = cursor.after = subscription.after
-            subscription.stream.cursor = cursor  # for the lag metric
+            sender.key = subscription.key
+            after = sender.after = subscription.after
+            subscription.stream.cursor = sender  # for the lag metric
             await ws.send_frame(subscription.hello(), WSMsgType.TEXT)
-            push = functools.partial(push_frames, request, ws)
-            batches = follow_job(request, cursor, subscription, push)
-
-            def heartbeat() -> bytes:
-                return control_frame({"type": "heartbeat", "last_seq": cursor.after})
-
-            sending = send_batches(request, ws, batches, heartbeat, end)
+            sender.follow(follow_job(request, sender, subscription, park=True))
             guard = guard_stream(request, principal, job_id)
-            await run_stream(request, ws, subscription.stream, end, sending, guard)
+            await run_stream(request, ws, subscription.stream, end, sender, guard)
     except ServiceError as exc:
         end.outcome, end.close_code = "refused", close_code_for(exc)
         metrics.refused(exc.code)
@@ -107,7 +106,7 @@ async def serve_websocket(request: web.Request, job_id: str) -> web.WebSocketRes
     except ConnectionError:
         end.outcome, end.close_code = "client_gone", ws.close_code or ABNORMAL_CLOSE
     except Exception:
-        log.exception("stream_failed", job_id=job_id, last_seq=cursor.after)
+        log.exception("stream_failed", job_id=job_id, last_seq=sender.after)
         end.outcome, end.close_code = "error", WSClose.INTERNAL
         await close_socket(request, ws, WSClose.INTERNAL, b"internal error")
     finally:
@@ -117,13 +116,163 @@ async def serve_websocket(request: web.Request, job_id: str) -> web.WebSocketRes
             "stream_closed",
             transport="ws",
             after=after,
-            sent=cursor.sent,
-            last_seq=cursor.after,
+            sent=sender.sent,
+            last_seq=sender.after,
             outcome=end.outcome or "client_gone",
             close_code=end.close_code,
             seconds=round(time.monotonic() - started, 3),
         )
     return ws
+
+
+class Sender(Protocol):
+    """A stream's sending side, beside the handler's receive loop (``run_stream``)."""
+
+    def start(self) -> None:
+        """Begin sending (the handler has sent the hello)."""
+
+    async def stop(self) -> None:
+        """The receive loop has ended: wait for a sender that is ending the stream itself
+        (its close is bounded), cancel one that is not, and release what it holds; raise
+        what failed in the sender's own ending."""
+
+
+class TaskSender:
+    """A sender that is one task for the whole stream: ``sending`` (``send_batches``)."""
+
+    __slots__ = ("_end", "_sending", "_task")
+
+    def __init__(self, sending: Coroutine[Any, Any, None], end: StreamEnd) -> None:
+        self._sending = sending
+        self._end = end
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._sending)
+
+    async def stop(self) -> None:
+        if self._task is None:
+            self._sending.close()
+        elif (failure := await _stopped(self._task, self._end)) is not None:
+            raise failure
+
+
+class JobSender(Cursor):
+    """A job stream's cursor and sending side: a task while there is something to read or
+    to wait for (a replay, a drain, the close), none while it is parked at the end of the log.
+
+    Parked (``server.hub.JobChannel.park``), the publisher writes new frames to the socket
+    itself (``push``, only while the socket takes data without waiting), wakes it when it
+    must read for itself (``wake``: a task resumes the cursor), and calls ``idle`` when a
+    heartbeat is due (written at once, or by a task that waits for the drain). Tasks run in
+    the request's logging context. Every guarantee of the cursor holds: it only moves to
+    seqs read or pushed in order, and a task that cannot drain within ``stream.send_timeout``
+    ends the stream (1013)."""
+
+    __slots__ = ("_batches", "_context", "_end", "_request", "_stopping", "_task", "_ws")
+
+    def __init__(
+        self, request: web.Request, ws: web.WebSocketResponse, key: JobKey, end: StreamEnd
+    ) -> None:
+        super().__init__(key, 0)
+        self._request = request
+        self._ws = ws
+        self._end = end
+        self._batches: AsyncGenerator[list[Frame] | None, None] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._context = contextvars.copy_context()
+        self._stopping = False
+
+    def follow(self, batches: AsyncGenerator[list[Frame] | None, None]) -> None:
+        """The cursor's batches (``follow(park=True)``), from the hello on."""
+        self._batches = batches
+
+    def start(self) -> None:
+        self._resume(False)
+
+    def push(self, frames: list[Frame]) -> bool:
+        """The publisher's direct send while parked: only while the socket takes data
+        without waiting; otherwise it is woken and sends under ``stream.send_timeout``."""
+        if self._request.protocol.writing_paused:
+            return False
+        try:
+            _write(self._request, self._ws, _frame_parts(frames))
+        except ConnectionError:
+            return False
+        return True
+
+    def wake(self) -> None:
+        self._resume(False)
+
+    def idle(self) -> bool:
+        if self._stopping:
+            return True  # the handler unparks it
+        if not self._request.protocol.writing_paused:
+            frame = self._heartbeat()
+            try:
+                _write(self._request, self._ws, [ws_text_header(len(frame)), frame])
+            except ConnectionError:
+                pass  # the task meets the error
+            else:
+                return True
+        self._resume(True)
+        return False
+
+    async def stop(self) -> None:
+        self._stopping = True  # no task starts after this
+        task, self._task = self._task, None
+        failure = None if task is None else await _stopped(task, self._end)
+        if self._batches is not None:
+            await self._batches.aclose()  # unparks the cursor, releases the job's channel
+        if failure is not None:
+            raise failure
+
+    def _resume(self, heartbeat: bool) -> None:
+        if not self._stopping:
+            self._task = asyncio.get_running_loop().create_task(
+                self._send(heartbeat), context=self._context
+            )
+
+    def _heartbeat(self) -> bytes:
+        return control_frame({"type": "heartbeat", "last_seq": self.after})
+
+    async def _send(self, heartbeat: bool) -> None:
+        """The task: a ``heartbeat`` first, then the cursor's batches until it parks (the
+        task ends, the cursor stays), ends the job (1000) or the stream is ended."""
+        request, ws, batches = self._request, self._ws, self._batches
+        assert batches is not None
+        send_timeout = request.app[CONFIG].stream.send_timeout
+        try:
+            if heartbeat:
+                frame = self._heartbeat()
+                async with asyncio.timeout(send_timeout):
+                    await _send(request, ws, [ws_text_header(len(frame)), frame])
+            async for batch in batches:
+                if not batch:  # parked: the publisher takes it from here
+                    self._task = None
+                    return
+                async with asyncio.timeout(send_timeout):
+                    # In parts, waiting for the peer between them: a slow reader never has
+                    # a whole batch buffered in the transport.
+                    for part in parts_of(batch, WRITE_PART_BYTES):
+                        await _send(request, ws, _frame_parts(part))
+        except Exception as exc:
+            await end_stream(request, ws, self._end, exc)
+            return
+        await end_stream(request, ws, self._end, None)
+
+
+async def _stopped(task: asyncio.Task[None], end: StreamEnd) -> BaseException | None:
+    """Stop a sender's task; what failed in it (a bug in the sender's own ending: the
+    caller raises it, to be logged and closed with 1011).
+
+    A sender that is ending the stream is left to finish (its close is bounded), so that
+    the peer is dropped if it does not take the close. Otherwise the peer went away, and
+    the cursor has nobody to send to."""
+    if end.outcome is None:
+        task.cancel()
+    await asyncio.wait([task])
+    return None if task.cancelled() else task.exception()
 
 
 async def open_socket(request: web.Request) -> web.WebSocketResponse:
@@ -147,15 +296,14 @@ async def run_stream(
     ws: web.WebSocketResponse,
     stream: OpenStream,
     end: StreamEnd,
-    sending: Coroutine[Any, Any, None],
+    sender: Sender,
     guard: StreamGuard | None = None,
 ) -> None:
-    """Run ``sending`` (the cursor's sender) in its own task while this one answers client
-    frames, until one side ends the stream; ``end`` then says how. With a ``guard`` (auth
-    on), the credential's expiry or revocation, or a refused ``auth`` frame, ends it too:
-    ``error`` then 4401 / 4403."""
+    """Run ``sender`` beside this task, which answers client frames, until one side ends
+    the stream; ``end`` then says how. With a ``guard`` (auth on), the credential's expiry
+    or revocation, or a refused ``auth`` frame, ends it too: ``error`` then 4401 / 4403."""
     config = request.app[CONFIG].stream
-    sender = asyncio.create_task(sending)
+    sender.start()
     ending: ServiceError | None = None
     try:
         if guard is None:
@@ -170,14 +318,7 @@ async def run_stream(
             raise
         ending = guard.end_error()  # the credential expired or was revoked
     finally:
-        # A sender that is ending the stream is left to finish (its close is bounded), so
-        # that the peer is dropped if it does not take the close. Otherwise the peer went
-        # away, and the cursor has nobody to send to.
-        if end.outcome is None:
-            sender.cancel()
-        await asyncio.wait([sender])
-        if not sender.cancelled() and (failure := sender.exception()) is not None:
-            raise failure  # a bug in the sender's own ending: logged, 1011 by the caller
+        await sender.stop()
     if end.outcome is None and ending is not None:
         end.outcome, end.close_code = ending.code, close_code_for(ending)
         await refuse(request, ws, end.close_code, ending.code, ending.message)
@@ -221,9 +362,8 @@ async def send_batches(
     end: StreamEnd,
 ) -> None:
     """Send a cursor's batches (``None``: time for a ``heartbeat()`` frame) until they end
-    (a job stream's terminal event: 1000) or the stream is closed, then close the socket."""
+    or the stream is closed, then close the socket (``end_stream``)."""
     config = request.app[CONFIG].stream
-    within = config.send_timeout  # for a peer that is reading, a close is one more send
     try:
         async for batch in batches:
             async with asyncio.timeout(config.send_timeout):
@@ -235,24 +375,38 @@ async def send_batches(
                 # whole batch buffered in the transport.
                 for part in parts_of(batch, WRITE_PART_BYTES):
                     await _send(request, ws, _frame_parts(part))
+    except Exception as exc:
+        await end_stream(request, ws, end, exc)
+        return
+    await end_stream(request, ws, end, None)
+
+
+async def end_stream(
+    request: web.Request, ws: web.WebSocketResponse, end: StreamEnd, error: Exception | None
+) -> None:
+    """The sender has stopped, with ``error`` (None: the cursor ended, after a job's
+    terminal event: 1000): say how in ``end`` and close the socket, within a bound."""
+    within = request.app[CONFIG].stream.send_timeout  # for a reading peer, one more send
+    if error is None:
         end.outcome, end.close_code, reason = "done", WSClose.DONE, b"job finished"
-    except (StreamClosing, FeedClosing):
+    elif isinstance(error, (StreamClosing, FeedClosing)):
         end.outcome, end.close_code = "shutdown", WSClose.GOING_AWAY
         reason = b"server shutting down"
-    except JobDeleted as deleted:
+    elif isinstance(error, JobDeleted):
         # Final: an error frame saying so, then 4410 (a client must not resume a log that
         # is gone; the id may be created again, with a new epoch).
-        end.outcome, end.close_code = deleted.code, WSClose.JOB_DELETED
-        await refuse(request, ws, WSClose.JOB_DELETED, deleted.code, deleted.message)
+        end.outcome, end.close_code = error.code, WSClose.JOB_DELETED
+        await refuse(request, ws, WSClose.JOB_DELETED, error.code, error.message)
         return
-    except TimeoutError:
+    elif isinstance(error, TimeoutError):
         # The peer stopped reading. Dropping it bounds what we hold; it resumes by offset.
         end.outcome, end.close_code, reason = "send_timeout", WSClose.OVERLOADED, b"send timeout"
         within = _STUCK_CLOSE_SECONDS
-    except ConnectionError:
+    elif isinstance(error, ConnectionError):
         return  # the connection is gone; the handler's receive loop tells how
-    except Exception:
-        log.exception("stream_failed")  # the request's context names the job or the feed
+    else:
+        # The request's context names the job or the feed.
+        log.error("stream_failed", exc_info=error)
         end.outcome, end.close_code, reason = "error", WSClose.INTERNAL, b"internal error"
         within = _STUCK_CLOSE_SECONDS
     await _close(request, ws, end.close_code, reason, within)
