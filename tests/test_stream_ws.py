@@ -282,10 +282,12 @@ async def test_heartbeat_when_idle(make_config: ConfigFactory, make_client: Clie
 
 def sending_tasks() -> list[asyncio.Task[Any]]:
     """Tasks running a stream's sending side (its cursor), not the handlers' own."""
+    ours = ("handlers/ws.py", "server/follow.py")
     return [
         task
         for task in asyncio.all_tasks()
-        if task.get_coro().cr_code.co_filename.endswith(("handlers/ws.py", "server/follow.py"))
+        if getattr(task.get_coro(), "cr_code", None) is not None
+        and task.get_coro().cr_code.co_filename.endswith(ours)  # type: ignore[union-attr]
     ]
 
 

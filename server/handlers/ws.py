@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import orjson
 import structlog
-from aiohttp import WSMsgType, web
+from aiohttp import WSMessage, WSMsgType, web
 
 from ..auth import PRINCIPAL
 from ..errors import JobDeleted, ServiceError, WSClose
@@ -44,6 +44,9 @@ from .subscription import close_code_for, follow_job, subscribe
 log = structlog.get_logger("jobfeed.stream")
 
 _PONG = control_frame({"type": "pong"})
+# What ends the receive loop (``async for`` over the socket stops at the same).
+_CLOSED = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED)
+_UNGUARDED = contextlib.nullcontext()  # authentication is off: nothing expires
 _AUTH_OFF_OK = control_frame({"type": "auth_ok", "expires_at": None})
 # A peer that was cut off (send timeout, a bug, a refusal) gets this long to take the close.
 _STUCK_CLOSE_SECONDS = 1.0
@@ -305,12 +308,19 @@ async def run_stream(
     config = request.app[CONFIG].stream
     sender.start()
     ending: ServiceError | None = None
+    # Made at the first client frame: most peers send none. The loop is here, not in a
+    # coroutine of its own: every frame on this task's stack lasts as long as the stream.
+    client_frames: ClientFrames | None = None
     try:
-        if guard is None:
-            await _receive_until_closed(ws, config.client_frames_per_second, None)
-        else:
-            async with guard:
-                await _receive_until_closed(ws, config.client_frames_per_second, guard)
+        async with guard or _UNGUARDED:
+            while (message := await ws.receive()).type not in _CLOSED:
+                if client_frames is None:
+                    client_frames = ClientFrames(config.client_frames_per_second, guard)
+                reply = client_frames.answer(message)
+                if reply is not None:
+                    await ws.send_frame(reply, WSMsgType.TEXT)
+    except ConnectionError:
+        pass  # the connection is gone: the sender is stopped below, the caller says how
     except StreamEnded as ended:
         ending = ended.error
     except TimeoutError:
@@ -502,41 +512,38 @@ async def _drained(protocol: web.RequestHandler | None) -> None:
         await asyncio.shield(protocol._drain_helper())
 
 
-async def _receive_until_closed(
-    ws: web.WebSocketResponse, frames_per_second: float, guard: StreamGuard | None
-) -> None:
-    """Answer client frames until the socket closes (or its connection is lost)."""
-    with contextlib.suppress(ConnectionError):
-        await _answer_client_frames(ws, frames_per_second, guard)
-
-
-async def _answer_client_frames(
-    ws: web.WebSocketResponse, frames_per_second: float, guard: StreamGuard | None
-) -> None:
-    """Answer client pings and ``auth`` frames; refuse anything else politely; return when
-    the socket closes. An ``auth`` frame the guard refuses raises ``StreamEnded``.
+class ClientFrames:
+    """Answers to client frames: ``pong`` to a ping, ``auth_ok`` to an ``auth`` frame (one
+    the guard refuses raises ``StreamEnded``), an ``error`` frame for anything else.
 
     Client frames beyond ``stream.client_frames_per_second`` (a burst of twice that) are
     read and dropped unanswered, so a ping flood cannot make the server write for it; the
     first dropped frame of each flood gets one ``rate_limited`` error frame.
     """
-    budget: RateLimiter | None = None  # made at the first client frame: most peers send none
-    warned = False
-    async for message in ws:
-        if budget is None:
-            budget = RateLimiter(frames_per_second, max(1, int(2 * frames_per_second)), 1)
-        if budget.take("") > 0:
-            if not warned:
-                warned = True
-                error = {
+
+    __slots__ = ("_budget", "_frames_per_second", "_guard", "_warned")
+
+    def __init__(self, frames_per_second: float, guard: StreamGuard | None) -> None:
+        self._frames_per_second = frames_per_second
+        self._budget = RateLimiter(frames_per_second, max(1, int(2 * frames_per_second)), 1)
+        self._guard = guard
+        self._warned = False
+
+    def answer(self, message: WSMessage) -> bytes | None:
+        """The frame to send back for ``message``, if any."""
+        if self._budget.take("") > 0:
+            if self._warned:
+                return None
+            self._warned = True
+            return control_frame(
+                {
                     "type": "error",
                     "code": "rate_limited",
-                    "message": f"more than {frames_per_second:g} client frames per second "
-                    "(stream.client_frames_per_second); extra frames are ignored",
+                    "message": f"more than {self._frames_per_second:g} client frames per "
+                    "second (stream.client_frames_per_second); extra frames are ignored",
                 }
-                await ws.send_frame(control_frame(error), WSMsgType.TEXT)
-            continue
-        warned = False
+            )
+        self._warned = False
         if message.type == WSMsgType.TEXT:
             try:
                 payload = orjson.loads(message.data)
@@ -544,23 +551,25 @@ async def _answer_client_frames(
                 payload = None
             kind = payload.get("type") if isinstance(payload, dict) else None
             if kind == "ping":
-                await ws.send_frame(_PONG, WSMsgType.TEXT)
-            elif kind == "auth":
-                await ws.send_frame(_refresh(guard, payload), WSMsgType.TEXT)
-            else:
-                error = {
+                return _PONG
+            if kind == "auth":
+                return _refresh(self._guard, payload)
+            return control_frame(
+                {
                     "type": "error",
                     "code": "unknown_frame",
                     "message": 'client frames are {"type": "ping"} and {"type": "auth"}',
                 }
-                await ws.send_frame(control_frame(error), WSMsgType.TEXT)
-        elif message.type == WSMsgType.BINARY:
-            error = {
-                "type": "error",
-                "code": "unknown_frame",
-                "message": "binary frames are not part of the protocol",
-            }
-            await ws.send_frame(control_frame(error), WSMsgType.TEXT)
+            )
+        if message.type == WSMsgType.BINARY:
+            return control_frame(
+                {
+                    "type": "error",
+                    "code": "unknown_frame",
+                    "message": "binary frames are not part of the protocol",
+                }
+            )
+        return None
 
 
 def _refresh(guard: StreamGuard | None, payload: dict[str, object]) -> bytes:
