@@ -333,6 +333,26 @@ async def test_an_idle_subscriber_holds_no_task(
             await ws.close()
 
 
+async def test_the_handshake_names_its_request(client: TestClient[Any, Any]) -> None:
+    """The 101 carries X-Request-ID, as every response does (the stream forgets its
+    handshake's headers once they are sent)."""
+    await running_job(client, "ws-rid", 0)
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    try:
+        writer.write(
+            f"GET {stream_path('ws-rid', 1)} HTTP/1.1\r\nHost: {client.host}\r\n"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+            "X-Request-ID: trace-ws-1\r\n\r\n".encode()
+        )
+        async with asyncio.timeout(WAIT):
+            head = await reader.readuntil(b"\r\n\r\n")
+    finally:
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 101 "), head
+    assert b"\r\nX-Request-ID: trace-ws-1\r\n" in head, head
+
+
 async def test_get_without_upgrade_or_accept_is_400(client: TestClient[Any, Any]) -> None:
     """A plain GET on /stream is neither transport: 400 in the error shape."""
     await running_job(client, "ws-plain", 0)

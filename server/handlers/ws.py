@@ -290,6 +290,9 @@ async def open_socket(request: web.Request) -> web.WebSocketResponse:
         compress=False,  # compression halves fan-out throughput; events are small
     )
     await ws.prepare(request)
+    # The handshake's headers went out with the 101 and nothing reads them again; kept, they
+    # would hold ~0.5 KB (a resized table, the accept key) for as long as the stream lasts.
+    ws.headers.clear()
     bound_send_buffer(request, config.send_buffer_bytes)
     return ws
 
