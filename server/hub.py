@@ -51,7 +51,7 @@ class LiveSubscriber:
     nothing was sent to it for its ``idle_seconds`` (time for a heartbeat). This base takes
     no pushes and sends no heartbeat: it is only ever woken."""
 
-    __slots__ = ("_idle_tick", "after", "idle_seconds", "last_sent", "parked", "sent")
+    __slots__ = ("_idle_group", "after", "idle_seconds", "last_sent", "parked", "sent")
 
     def __init__(self, after: int) -> None:
         self.after = after
@@ -61,7 +61,8 @@ class LiveSubscriber:
         self.parked = False
         self.idle_seconds = 0.0
         self.last_sent = 0.0  # loop time it parked or was last pushed to
-        self._idle_tick = 0  # the idle tick it waits in while parked
+        # Those due a heartbeat at the same idle tick, with it, while it is parked.
+        self._idle_group: set[LiveSubscriber] | None = None
 
     def push(self, frames: list[Frame]) -> bool:
         """Send ``frames`` now, without blocking; False if it cannot (it is then woken)."""
@@ -102,7 +103,7 @@ class JobChannel:
         self.cached_bytes = 0
         self.subscribers = 0
         self.deleted = False  # the job was deleted: its subscribers end (4410)
-        self.live: dict[int, LiveSubscriber] = {}
+        self.live: set[LiveSubscriber] = set()
         self.sent = FramesSent() if sent is None else sent  # pushes are counted here
         # Parked subscribers by the idle tick at which they are due a heartbeat.
         self._idle: dict[int, set[LiveSubscriber]] = {}
@@ -143,20 +144,21 @@ class JobChannel:
         live.parked = True
         live.idle_seconds = idle_seconds
         live.last_sent = loop.time()
-        self.live[id(live)] = live
+        self.live.add(live)
         self._idle_at(loop, live.last_sent + idle_seconds, live)
         return True
 
     def unpark(self, live: LiveSubscriber) -> None:
         """``live`` leaves (its stream ends): no push, wake-up or heartbeat reaches it after."""
-        if self.live.pop(id(live), None) is not None:
+        if live in self.live:
+            self.live.remove(live)
             self._left(live)
 
     def _left(self, live: LiveSubscriber) -> None:
         live.parked = False
-        waiting = self._idle.get(live._idle_tick)
-        if waiting is not None:
-            waiting.discard(live)
+        if live._idle_group is not None:
+            live._idle_group.discard(live)
+            live._idle_group = None
 
     def _idle_at(
         self, loop: asyncio.AbstractEventLoop, deadline: float, live: LiveSubscriber
@@ -171,7 +173,7 @@ class JobChannel:
             waiting = self._idle[tick] = set()
             loop.call_at(tick * _IDLE_TICK, self._expire, tick)
         waiting.add(live)
-        live._idle_tick = tick
+        live._idle_group = waiting
 
     def _expire(self, tick: int) -> None:
         waiting = self._idle.pop(tick, None)
@@ -179,7 +181,9 @@ class JobChannel:
             return
         loop = asyncio.get_running_loop()
         now = loop.time()
-        for live in waiting:
+        for live in list(waiting):
+            if live._idle_group is not waiting:
+                continue  # it left while another was called back
             due = live.last_sent + live.idle_seconds
             if math.ceil(due / _IDLE_TICK) > tick:  # pushed to since: not idle that long
                 self._idle_at(loop, due, live)
@@ -187,8 +191,9 @@ class JobChannel:
                 live.last_sent = now
                 self._idle_at(loop, now + live.idle_seconds, live)
             else:  # it reads, and heartbeats, for itself
-                self.live.pop(id(live), None)
+                self.live.discard(live)
                 live.parked = False
+                live._idle_group = None
 
     def deliver(self, frames: list[Frame]) -> None:
         """Push newly committed ``frames`` to the parked subscribers that can take them now;
@@ -202,7 +207,7 @@ class JobChannel:
             now = asyncio.get_running_loop().time()
             count = len(frames)
             stalled = []
-            for key, live in self.live.items():
+            for live in self.live:
                 if live.after >= last:
                     continue
                 if pushable and live.after == first - 1 and _pushed(live, frames):
@@ -211,9 +216,9 @@ class JobChannel:
                     live.last_sent = now
                     self.sent.push += count
                 else:
-                    stalled.append(key)
-            for key in stalled:
-                live = self.live.pop(key)
+                    stalled.append(live)
+            for live in stalled:
+                self.live.remove(live)
                 self._left(live)
                 live.wake()
         self.wake()
@@ -224,11 +229,12 @@ class JobChannel:
         self._changed = asyncio.Event()
 
     def wake_all(self) -> None:
-        woken = list(self.live.values())
+        woken = list(self.live)
         self.live.clear()
         self._idle.clear()
         for live in woken:
             live.parked = False
+            live._idle_group = None
             live.wake()
         self.wake()
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from server.config import Config
-from server.follow import Cursor, StreamClosing, follow
+from server.follow import Cursor, JobReader, StreamClosing, follow
 from server.frames import Frame
 from server.hub import Hub
 from server.models import CompletedIn, LogIn
@@ -60,7 +60,6 @@ class Feed:
         page_events: int = 500,
         page_bytes: int = 1 << 20,
         idle_seconds: float = 60,
-        park: bool = False,
     ) -> AsyncGenerator[list[Frame] | None, None]:
         return follow(
             self.store,
@@ -70,8 +69,10 @@ class Feed:
             page_events=page_events,
             page_bytes=page_bytes,
             idle_seconds=idle_seconds,
-            park=park,
         )
+
+    def reader(self, cursor: Cursor, head: JobHead) -> JobReader:
+        return JobReader(self.store, self.hub, cursor, head, page_events=500, page_bytes=1 << 20)
 
 
 FeedFactory = Callable[..., Awaitable[Feed]]
@@ -101,7 +102,7 @@ async def next_batch(batches: AsyncIterator[list[Frame] | None]) -> list[Frame] 
 
 
 class Parked(Cursor):
-    """A cursor that parks on a socket taking every push (``follow(park=True)``): records
+    """A cursor that parks on a socket taking every push (``JobChannel.park``): records
     the seqs pushed; ``woken`` and ``idled`` are set when the channel calls it back (it
     answers ``idle`` with a heartbeat of its own and stays parked)."""
 
@@ -293,45 +294,48 @@ async def test_yields_none_when_idle(make_feed: FeedFactory) -> None:
 
 
 async def test_live_events_are_pushed_while_parked(make_feed: FeedFactory) -> None:
-    """With ``park``, a caught-up cursor parks (an empty batch) and live events reach it
-    through pushes (the cursor advancing with them), with the generator left alone, until
-    one must be read: then the cursor is woken, and the terminal event comes through the
-    generator, in order after the pushed ones."""
+    """At the end of the log a reader returns an empty batch; its cursor, parked on the
+    channel, gets live events through pushes (advancing with them) until one must be read:
+    then it is woken, and the terminal event is read, in order after the pushed ones."""
     feed = await make_feed()
     await feed.create()
     await feed.log(2)
     cursor = Parked(0)
-    batches = feed.follow(cursor, await feed.head(), park=True)
-    assert [f.seq for f in await next_batch(batches) or []] == [1, 2, 3]  # read, not pushed
-    assert await next_batch(batches) == []
-    assert cursor.parked
-    await feed.log(1)
-    await feed.log(2)
-    assert cursor.pushed == [4, 5, 6]
-    assert (cursor.after, cursor.sent) == (6, 6)
-    assert not cursor.woken.is_set()
-    await feed.complete()
-    async with asyncio.timeout(WAIT):
-        await cursor.woken.wait()
-    assert not cursor.parked
-    assert [f.seq for f in await next_batch(batches) or []] == [7]
-    assert await drain(batches) == []
-    assert (cursor.after, cursor.sent, cursor.done) == (7, 7, True)
+    reader = feed.reader(cursor, await feed.head())
+    assert await reader.open()
+    try:
+        assert [f.seq for f in await reader.next_batch()] == [1, 2, 3]  # read, not pushed
+        assert await reader.next_batch() == []
+        assert reader.channel.park(cursor, 60)
+        await feed.log(1)
+        await feed.log(2)
+        assert cursor.pushed == [4, 5, 6]
+        assert (cursor.after, cursor.sent, cursor.parked) == (6, 6, True)
+        assert not cursor.woken.is_set()
+        await feed.complete()
+        async with asyncio.timeout(WAIT):
+            await cursor.woken.wait()
+        assert not cursor.parked
+        assert [f.seq for f in await reader.next_batch()] == [7]
+        assert (cursor.after, cursor.sent, cursor.done) == (7, 7, True)
+    finally:
+        reader.close()
 
 
-async def test_closing_a_parked_cursor_unparks_it(make_feed: FeedFactory) -> None:
-    """A stream that ends while parked closes its generator: nothing is pushed to it after,
-    and its channel is released."""
+async def test_closing_a_reader_unparks_its_cursor(make_feed: FeedFactory) -> None:
+    """A stream that ends while parked closes its reader: nothing is pushed to the cursor
+    after, and the channel is released."""
     feed = await make_feed()
     await feed.create()
     cursor = Parked(1)
-    batches = feed.follow(cursor, await feed.head(), park=True)
-    assert await next_batch(batches) == []
-    channel = feed.hub.attach(key(JOB), 0)
-    feed.hub.detach(channel)
-    assert (channel.subscribers, list(channel.live.values())) == (1, [cursor])
-    await batches.aclose()
-    assert (channel.subscribers, channel.live, cursor.parked) == (0, {}, False)
+    reader = feed.reader(cursor, await feed.head())
+    assert await reader.open()
+    assert await reader.next_batch() == []
+    channel = reader.channel
+    assert channel.park(cursor, 60)
+    assert (channel.subscribers, channel.live) == (1, {cursor})
+    reader.close()
+    assert (channel.subscribers, channel.live, cursor.parked) == (0, set(), False)
     await feed.log(1)
     assert cursor.pushed == []
 
@@ -344,21 +348,26 @@ async def test_pushes_hold_off_the_heartbeat(make_feed: FeedFactory) -> None:
     await feed.create()
     idle = 1.0
     cursor = Parked(1)
-    batches = feed.follow(cursor, await feed.head(), idle_seconds=idle, park=True)
-    assert await next_batch(batches) == []
-    idled = asyncio.create_task(cursor.idled.wait())
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    # Pushes every idle/10 for twice idle_seconds: the stream is never idle that long.
-    while loop.time() - started < 2 * idle:
-        await feed.log(1)
-        assert not idled.done(), "heartbeat while events were being pushed"
-        await asyncio.wait({idled}, timeout=idle / 10)
-    assert len(cursor.pushed) >= 10
-    async with asyncio.timeout(WAIT):
-        await idled  # quiet now: the heartbeat
-    assert cursor.parked
-    assert not cursor.woken.is_set()
+    reader = feed.reader(cursor, await feed.head())
+    assert await reader.open()
+    try:
+        assert await reader.next_batch() == []
+        assert reader.channel.park(cursor, idle)
+        idled = asyncio.create_task(cursor.idled.wait())
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        # Pushes every idle/10 for twice idle_seconds: the stream is never idle that long.
+        while loop.time() - started < 2 * idle:
+            await feed.log(1)
+            assert not idled.done(), "heartbeat while events were being pushed"
+            await asyncio.wait({idled}, timeout=idle / 10)
+        assert len(cursor.pushed) >= 10
+        async with asyncio.timeout(WAIT):
+            await idled  # quiet now: the heartbeat
+        assert cursor.parked
+        assert not cursor.woken.is_set()
+    finally:
+        reader.close()
 
 
 async def test_raises_stream_closing_on_hub_close(make_feed: FeedFactory) -> None:

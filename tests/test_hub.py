@@ -173,7 +173,7 @@ class Socket(LiveSubscriber):
 def park(channel: JobChannel, live: LiveSubscriber, idle_seconds: float = 60) -> None:
     assert channel.park(live, idle_seconds)
     assert live.parked
-    assert id(live) in channel.live
+    assert live in channel.live
 
 
 async def test_publish_pushes_to_a_parked_subscriber_without_waking_it() -> None:
@@ -189,7 +189,7 @@ async def test_publish_pushes_to_a_parked_subscriber_without_waking_it() -> None
     assert (live.after, live.sent, live.woken, live.parked) == (6, 3, 0, True)
     assert hub.frames_sent.push == 3
     channel.unpark(live)
-    assert id(live) not in channel.live  # unparked, it leaves nothing behind
+    assert live not in channel.live  # unparked, it leaves nothing behind
     assert not live.parked
     hub.publish(key("job"), frames(7, 7))
     assert live.seqs == [4, 5, 6]
@@ -270,7 +270,7 @@ async def test_an_idle_parked_subscriber_is_called_for_a_heartbeat(heartbeats: b
         await live.called.wait()
     assert (live.idled, live.woken) == (1, 0)
     assert live.parked is heartbeats
-    assert (id(live) in channel.live) is heartbeats
+    assert (live in channel.live) is heartbeats
     if heartbeats:
         live.called.clear()
         async with asyncio.timeout(5):

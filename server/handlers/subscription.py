@@ -25,7 +25,7 @@ from ..errors import (
     Unauthorized,
     WSClose,
 )
-from ..follow import Cursor, follow
+from ..follow import Cursor, JobReader, follow
 from ..frames import Frame, control_frame
 from ..keys import CONFIG, HUB, STORE, STREAMS
 from ..models import TERMINAL_TYPES
@@ -69,13 +69,9 @@ class Subscription:
 
 
 def follow_job(
-    request: web.Request,
-    cursor: Cursor,
-    subscription: Subscription,
-    park: bool = False,
+    request: web.Request, cursor: Cursor, subscription: Subscription
 ) -> AsyncGenerator[list[Frame] | None, None]:
-    """The job cursor with the stream settings (``park``: a WebSocket's, pushed to at the
-    end of the log)."""
+    """The job cursor with the stream settings."""
     config = request.app[CONFIG].stream
     return follow(
         request.app[STORE],
@@ -85,7 +81,20 @@ def follow_job(
         page_events=config.page_events,
         page_bytes=config.page_bytes,
         idle_seconds=config.heartbeat_seconds,
-        park=park,
+        deletion_mark=subscription.deletion_mark,
+    )
+
+
+def job_reader(request: web.Request, cursor: Cursor, subscription: Subscription) -> JobReader:
+    """The job cursor's reads with the stream settings (a WebSocket's sender drives them)."""
+    config = request.app[CONFIG].stream
+    return JobReader(
+        request.app[STORE],
+        request.app[HUB],
+        cursor,
+        subscription.head,
+        page_events=config.page_events,
+        page_bytes=config.page_bytes,
         deletion_mark=subscription.deletion_mark,
     )
 

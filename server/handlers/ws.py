@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import contextvars
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -32,14 +32,14 @@ from aiohttp import WSMessage, WSMsgType, web
 from ..auth import PRINCIPAL
 from ..errors import JobDeleted, ServiceError, WSClose
 from ..feed import FeedClosing
-from ..follow import Cursor, StreamClosing
+from ..follow import Cursor, JobReader, StreamClosing
 from ..frames import WRITE_PART_BYTES, Frame, control_frame, parts_of, ws_text_header
 from ..keys import CONFIG, METRICS
 from ..limits import RateLimiter, bound_send_buffer
 from ..streams import OpenStream
 from ..tenancy import DEFAULT_TENANT, JobKey
 from .guard import StreamGuard, guard_stream
-from .subscription import close_code_for, follow_job, subscribe
+from .subscription import close_code_for, job_reader, subscribe
 
 log = structlog.get_logger("jobfeed.stream")
 
@@ -99,7 +99,7 @@ async def serve_websocket(request: web.Request, job_id: str) -> web.WebSocketRes
             after = sender.after = subscription.after
             subscription.stream.cursor = sender  # for the lag metric
             await ws.send_frame(subscription.hello(), WSMsgType.TEXT)
-            sender.follow(follow_job(request, sender, subscription, park=True))
+            sender.reader = job_reader(request, sender, subscription)
             guard = guard_stream(request, principal, job_id)
             await run_stream(request, ws, subscription.stream, end, sender, guard)
     except ServiceError as exc:
@@ -166,13 +166,13 @@ class JobSender(Cursor):
 
     Parked (``server.hub.JobChannel.park``), the publisher writes new frames to the socket
     itself (``push``, only while the socket takes data without waiting), wakes it when it
-    must read for itself (``wake``: a task resumes the cursor), and calls ``idle`` when a
-    heartbeat is due (written at once, or by a task that waits for the drain). Tasks run in
-    the request's logging context. Every guarantee of the cursor holds: it only moves to
-    seqs read or pushed in order, and a task that cannot drain within ``stream.send_timeout``
-    ends the stream (1013)."""
+    must read for itself (``wake``: a task reads on), and calls ``idle`` when a heartbeat is
+    due (written at once, or by a task that waits for the drain). Tasks run in the request's
+    logging context. Every guarantee of the cursor holds: it only moves to seqs read or
+    pushed in order, and a task that cannot drain within ``stream.send_timeout`` ends the
+    stream (1013)."""
 
-    __slots__ = ("_batches", "_context", "_end", "_request", "_stopping", "_task", "_ws")
+    __slots__ = ("_context", "_end", "_request", "_stopping", "_task", "_ws", "reader")
 
     def __init__(
         self, request: web.Request, ws: web.WebSocketResponse, key: JobKey, end: StreamEnd
@@ -181,17 +181,13 @@ class JobSender(Cursor):
         self._request = request
         self._ws = ws
         self._end = end
-        self._batches: AsyncGenerator[list[Frame] | None, None] | None = None
+        self.reader: JobReader | None = None  # set once subscribed, before ``start``
         self._task: asyncio.Task[None] | None = None
         self._context = contextvars.copy_context()
         self._stopping = False
 
-    def follow(self, batches: AsyncGenerator[list[Frame] | None, None]) -> None:
-        """The cursor's batches (``follow(park=True)``), from the hello on."""
-        self._batches = batches
-
     def start(self) -> None:
-        self._resume(False)
+        self._resume(opening=True)
 
     def push(self, frames: list[Frame]) -> bool:
         """The publisher's direct send while parked: only while the socket takes data
@@ -205,7 +201,7 @@ class JobSender(Cursor):
         return True
 
     def wake(self) -> None:
-        self._resume(False)
+        self._resume()
 
     def idle(self) -> bool:
         if self._stopping:
@@ -218,47 +214,55 @@ class JobSender(Cursor):
                 pass  # the task meets the error
             else:
                 return True
-        self._resume(True)
+        self._resume(heartbeat=True)
         return False
 
     async def stop(self) -> None:
         self._stopping = True  # no task starts after this
         task, self._task = self._task, None
         failure = None if task is None else await _stopped(task, self._end)
-        if self._batches is not None:
-            await self._batches.aclose()  # unparks the cursor, releases the job's channel
+        if self.reader is not None:
+            self.reader.close()  # unparks the cursor, releases the job's channel
         if failure is not None:
             raise failure
 
-    def _resume(self, heartbeat: bool) -> None:
+    def _resume(self, *, opening: bool = False, heartbeat: bool = False) -> None:
         if not self._stopping:
             self._task = asyncio.get_running_loop().create_task(
-                self._send(heartbeat), context=self._context
+                self._send(opening, heartbeat), context=self._context
             )
 
     def _heartbeat(self) -> bytes:
         return control_frame({"type": "heartbeat", "last_seq": self.after})
 
-    async def _send(self, heartbeat: bool) -> None:
-        """The task: a ``heartbeat`` first, then the cursor's batches until it parks (the
-        task ends, the cursor stays), ends the job (1000) or the stream is ended."""
-        request, ws, batches = self._request, self._ws, self._batches
-        assert batches is not None
-        send_timeout = request.app[CONFIG].stream.send_timeout
+    async def _send(self, opening: bool, heartbeat: bool) -> None:
+        """The task: the cursor's batches (after a ``heartbeat``) until it parks (the task
+        ends, the cursor stays), ends the job (1000) or the stream is ended."""
+        request, ws, reader = self._request, self._ws, self.reader
+        assert reader is not None
+        config = request.app[CONFIG].stream
         try:
+            if opening and not await reader.open():
+                await end_stream(request, ws, self._end, None)  # finished, nothing to send
+                return
             if heartbeat:
                 frame = self._heartbeat()
-                async with asyncio.timeout(send_timeout):
+                async with asyncio.timeout(config.send_timeout):
                     await _send(request, ws, [ws_text_header(len(frame)), frame])
-            async for batch in batches:
-                if not batch:  # parked: the publisher takes it from here
-                    self._task = None
-                    return
-                async with asyncio.timeout(send_timeout):
+            while True:
+                batch = await reader.next_batch()
+                if not batch:
+                    if reader.channel.park(self, config.heartbeat_seconds):
+                        self._task = None  # the publisher takes it from here
+                        return
+                    continue  # committed while it read: read that first
+                async with asyncio.timeout(config.send_timeout):
                     # In parts, waiting for the peer between them: a slow reader never has
                     # a whole batch buffered in the transport.
                     for part in parts_of(batch, WRITE_PART_BYTES):
                         await _send(request, ws, _frame_parts(part))
+                if self.done:
+                    break
         except Exception as exc:
             await end_stream(request, ws, self._end, exc)
             return
