@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import itertools
 import sqlite3
+import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -427,7 +428,10 @@ class Store:
         if not rows:
             return None
         status, last_seq, epoch = rows[0]
-        return JobHead(status.decode(), last_seq, None if epoch is None else epoch.decode())
+        # Interned: a stream holds its head for as long as it lasts, and there are five statuses.
+        return JobHead(
+            sys.intern(status.decode()), last_seq, None if epoch is None else epoch.decode()
+        )
 
     async def list_jobs(
         self,
