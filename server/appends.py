@@ -116,10 +116,21 @@ def refuse_oversize(job_id: str, body: dict[str, Any], limit: int) -> None:
             )
 
 
+# The answer to a single-event append, the producer stream's common case, formatted: the
+# same bytes as orjson's dump of the dict (the ts is the writer's, ASCII digits and
+# punctuation), in a quarter of the time (0.44 against 1.76 µs with ``ack_frame``).
+_ONE_EVENT_ACK = b'{"job_id":%b,"last_seq":%d,"events":[{"seq":%d,"id":%d,"ts":"%b"}]}'
+
+
 def append_ack(result: AppendResult) -> bytes:
     """The acknowledgement of an append as JSON: the HTTP 201/200 body, and the producer
     stream's ``ack`` frame once ``ack_frame`` puts ``type`` and ``ref`` in front. Serialized
     once, here, for both."""
+    events = result.events
+    if len(events) == 1 and not events[0].duplicate:
+        event = events[0]
+        job_id = orjson.dumps(result.job_id)
+        return _ONE_EVENT_ACK % (job_id, result.last_seq, event.seq, event.id, event.ts.encode())
     return orjson.dumps(
         {
             "job_id": result.job_id,

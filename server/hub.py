@@ -2,9 +2,11 @@
 
 The writer publishes each committed batch here; subscribers (``server.follow``) read recent
 frames from a job's cache and wait on its channel when they are at the end. A subscriber that
-waits with a push function (``LiveSubscriber``: a WebSocket whose socket is not backed up) is
-handed new frames by the publisher itself, in the same loop step, as a raw fan-out would: no
-task wake-up per subscriber per event. The hub never holds a subscriber's backlog: one that
+parks there instead (``LiveSubscriber``: a WebSocket whose socket is not backed up) is handed
+new frames by the publisher itself, in the same loop step, as a raw fan-out would: no task
+wake-up per subscriber per event, and no task at all while it is parked (the channel calls it
+back to push, to wake it, and when it is due a heartbeat). The hub never holds a subscriber's
+backlog: one that
 cannot take a push at once (its socket is backed up, the frames end the job, it is not
 contiguous) is woken instead and reads what it missed from the cache or SQLite at its own pace.
 
@@ -20,16 +22,12 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import OrderedDict
-from collections.abc import Callable
 
 from .feed import FeedChannel
 from .frames import WRITE_PART_BYTES, Frame
 from .metrics import FramesSent
 from .pages import SharedPages
 from .tenancy import JobKey
-
-# Sends frames to a subscriber now, without blocking; False if it cannot (it then reads them).
-PushFn = Callable[[list[Frame]], bool]
 
 # Parked subscribers' idle deadlines are rounded up to a multiple of this (seconds), so that
 # those parked at about the same time share one loop timer; a heartbeat is at most this late.
@@ -45,21 +43,39 @@ _DELETIONS_REMEMBERED = 4_096
 
 
 class LiveSubscriber:
-    """A subscriber parked at the end of a job's log: ``after`` is its position, advanced by
-    the publisher as it pushes; ``woken`` resolves when it must read for itself."""
+    """A cursor that can park at the end of a job's log (``JobChannel.park``): ``after`` is
+    its position and ``sent`` the frames handed to it, both advanced by the publisher as it
+    pushes. A parked subscriber needs no task of its own: the channel calls it back.
+    Subclasses (a WebSocket's sender) say how: ``push`` hands it frames now or returns
+    False; ``wake`` tells it to read for itself (it is no longer parked); ``idle`` says that
+    nothing was sent to it for its ``idle_seconds`` (time for a heartbeat). This base takes
+    no pushes and sends no heartbeat: it is only ever woken."""
 
-    __slots__ = ("after", "last_push", "push", "pushed", "woken")
+    __slots__ = ("_idle_group", "after", "idle_seconds", "last_sent", "parked", "sent")
 
-    def __init__(self, after: int, push: PushFn) -> None:
+    def __init__(self, after: int) -> None:
         self.after = after
-        self.push = push
-        self.pushed = 0  # frames pushed while parked
-        self.last_push: float | None = None  # loop time of the last push
-        self.woken: asyncio.Future[bool] | None = None
+        self.sent = 0
+        # Parked at the end of the log, where the publisher pushes to it: nothing committed
+        # is waiting for it (the lag metric counts it as caught up).
+        self.parked = False
+        self.idle_seconds = 0.0
+        self.last_sent = 0.0  # loop time it parked or was last pushed to
+        # Those due a heartbeat at the same idle tick, with it, while it is parked.
+        self._idle_group: set[LiveSubscriber] | None = None
+
+    def push(self, frames: list[Frame]) -> bool:
+        """Send ``frames`` now, without blocking; False if it cannot (it is then woken)."""
+        return False
 
     def wake(self) -> None:
-        if self.woken is not None and not self.woken.done():
-            self.woken.set_result(True)
+        """It must read for itself: something it could not take was committed, the job was
+        deleted, or the server is closing. Called once per parking, after it is unparked."""
+
+    def idle(self) -> bool:
+        """Nothing was sent to it for ``idle_seconds``: True if it sent its heartbeat at once
+        and stays parked, False if it goes to read (and heartbeat) for itself."""
+        return False
 
 
 class JobChannel:
@@ -75,10 +91,11 @@ class JobChannel:
         "high_water",
         "key",
         "live",
+        "sent",
         "subscribers",
     )
 
-    def __init__(self, key: JobKey, high_water: int) -> None:
+    def __init__(self, key: JobKey, high_water: int, sent: FramesSent | None = None) -> None:
         self.key = key
         self.high_water = high_water
         self.frames: list[Frame] = []
@@ -86,9 +103,10 @@ class JobChannel:
         self.cached_bytes = 0
         self.subscribers = 0
         self.deleted = False  # the job was deleted: its subscribers end (4410)
-        self.live: dict[int, LiveSubscriber] = {}
-        # Parked subscribers' futures by the idle tick at which they time out.
-        self._idle: dict[int, set[asyncio.Future[bool]]] = {}
+        self.live: set[LiveSubscriber] = set()
+        self.sent = FramesSent() if sent is None else sent  # pushes are counted here
+        # Parked subscribers by the idle tick at which they are due a heartbeat.
+        self._idle: dict[int, set[LiveSubscriber]] = {}
         self._changed = asyncio.Event()
 
     def frames_after(self, after: int, limit: int) -> list[Frame] | None:
@@ -114,45 +132,68 @@ class JobChannel:
             return False
         return True
 
-    async def wait_pushed(self, live: LiveSubscriber, timeout: float) -> bool:
-        """Park ``live`` at the end of the log; frames published meanwhile are pushed to it.
-        True when it must read for itself, False when ``timeout`` passes first."""
+    def park(self, live: LiveSubscriber, idle_seconds: float) -> bool:
+        """Park ``live`` at the end of the log: frames published from now on are pushed to
+        it while it can take them, it is woken when it must read for itself, and asked for a
+        heartbeat after ``idle_seconds`` with nothing sent (pushes restart the clock).
+        False, without parking, if something past ``live.after`` is committed already (it
+        was published while the caller read): the caller reads it first."""
         if self.high_water > live.after:
-            return True
+            return False
         loop = asyncio.get_running_loop()
-        woken: asyncio.Future[bool] = loop.create_future()
-        live.woken = woken
-        self.live[id(live)] = live
-        tick = self._expire_at(loop, loop.time() + timeout, woken)
-        try:
-            return await woken
-        finally:
-            expiring = self._idle.get(tick)
-            if expiring is not None:
-                expiring.discard(woken)
-            self.live.pop(id(live), None)
-            live.woken = None
+        live.parked = True
+        live.idle_seconds = idle_seconds
+        live.last_sent = loop.time()
+        self.live.add(live)
+        self._idle_at(loop, live.last_sent + idle_seconds, live)
+        return True
 
-    def _expire_at(
-        self, loop: asyncio.AbstractEventLoop, deadline: float, woken: asyncio.Future[bool]
-    ) -> int:
-        """Resolve ``woken`` with False at ``deadline``, rounded up to the next idle tick.
+    def unpark(self, live: LiveSubscriber) -> None:
+        """``live`` leaves (its stream ends): no push, wake-up or heartbeat reaches it after."""
+        if live in self.live:
+            self.live.remove(live)
+            self._left(live)
 
-        Not asyncio.timeout() and not a timer each: a parked subscriber waits here for as
-        long as it is idle, and a Timeout plus a loop timer cost ~0.8 KB per subscriber.
-        Subscribers parked within the same tick share one timer."""
+    def _left(self, live: LiveSubscriber) -> None:
+        live.parked = False
+        if live._idle_group is not None:
+            live._idle_group.discard(live)
+            live._idle_group = None
+
+    def _idle_at(
+        self, loop: asyncio.AbstractEventLoop, deadline: float, live: LiveSubscriber
+    ) -> None:
+        """Call ``live.idle`` at ``deadline``, rounded up to the next idle tick.
+
+        Not a timer each: a parked subscriber waits for as long as it is idle, and a timer
+        costs ~0.5 KB per subscriber. Subscribers due within the same tick share one timer."""
         tick = math.ceil(deadline / _IDLE_TICK)
-        expiring = self._idle.get(tick)
-        if expiring is None:
-            expiring = self._idle[tick] = set()
+        waiting = self._idle.get(tick)
+        if waiting is None:
+            waiting = self._idle[tick] = set()
             loop.call_at(tick * _IDLE_TICK, self._expire, tick)
-        expiring.add(woken)
-        return tick
+        waiting.add(live)
+        live._idle_group = waiting
 
     def _expire(self, tick: int) -> None:
-        for woken in self._idle.pop(tick, ()):
-            if not woken.done():
-                woken.set_result(False)
+        waiting = self._idle.pop(tick, None)
+        if not waiting:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for live in list(waiting):
+            if live._idle_group is not waiting:
+                continue  # it left while another was called back
+            due = live.last_sent + live.idle_seconds
+            if math.ceil(due / _IDLE_TICK) > tick:  # pushed to since: not idle that long
+                self._idle_at(loop, due, live)
+            elif _idled(live):  # it sent its heartbeat and stays parked
+                live.last_sent = now
+                self._idle_at(loop, now + live.idle_seconds, live)
+            else:  # it reads, and heartbeats, for itself
+                self.live.discard(live)
+                live.parked = False
+                live._idle_group = None
 
     def deliver(self, frames: list[Frame]) -> None:
         """Push newly committed ``frames`` to the parked subscribers that can take them now;
@@ -164,18 +205,22 @@ class JobChannel:
             # waits on a push, so it must not hand any one socket more than a part.
             pushable = not frames[-1].terminal and _bytes(frames) <= WRITE_PART_BYTES
             now = asyncio.get_running_loop().time()
+            count = len(frames)
             stalled = []
-            for key, live in self.live.items():
+            for live in self.live:
                 if live.after >= last:
                     continue
                 if pushable and live.after == first - 1 and _pushed(live, frames):
                     live.after = last
-                    live.pushed += len(frames)
-                    live.last_push = now
+                    live.sent += count
+                    live.last_sent = now
+                    self.sent.push += count
                 else:
-                    stalled.append(key)
-            for key in stalled:
-                self.live.pop(key).wake()
+                    stalled.append(live)
+            for live in stalled:
+                self.live.remove(live)
+                self._left(live)
+                live.wake()
         self.wake()
 
     def wake(self) -> None:
@@ -184,9 +229,13 @@ class JobChannel:
         self._changed = asyncio.Event()
 
     def wake_all(self) -> None:
-        for live in self.live.values():
-            live.wake()
+        woken = list(self.live)
         self.live.clear()
+        self._idle.clear()
+        for live in woken:
+            live.parked = False
+            live._idle_group = None
+            live.wake()
         self.wake()
 
 
@@ -198,7 +247,14 @@ def _pushed(live: LiveSubscriber, frames: list[Frame]) -> bool:
     try:
         return live.push(frames)
     except Exception:
-        return False  # its own task will meet the error and end the stream properly
+        return False  # woken, it meets the error itself and ends the stream properly
+
+
+def _idled(live: LiveSubscriber) -> bool:
+    try:
+        return live.idle()
+    except Exception:
+        return False
 
 
 class Hub:
@@ -238,7 +294,7 @@ class Hub:
         """A subscriber's handle on job ``key``; ``committed_seq`` is a last_seq it read."""
         channel = self._channels.get(key)
         if channel is None:
-            channel = JobChannel(key, committed_seq)
+            channel = JobChannel(key, committed_seq, self.frames_sent)
             self._channels[key] = channel
             self._total_bytes += _CHANNEL_OVERHEAD
         elif committed_seq > channel.high_water:
@@ -255,7 +311,7 @@ class Hub:
         """Called by the writer after commit, with one job's new frames in seq order."""
         channel = self._channels.get(key)
         if channel is None:
-            channel = JobChannel(key, frames[0].seq - 1)
+            channel = JobChannel(key, frames[0].seq - 1, self.frames_sent)
             self._channels[key] = channel
             self._total_bytes += _CHANNEL_OVERHEAD
         else:

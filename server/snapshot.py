@@ -10,7 +10,7 @@ import sys
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, TypeVar
 
 import orjson
 
@@ -241,36 +241,39 @@ def apply_event(
     if state is None:
         raise ValueError(f"event {event_type!r} before the job's created event")
     changes = event_changes(event)
-    _add_derived(state, changes, event)
+    _add_derived(_so_far(state), changes, event)
     return _evolve(state, changes)
 
 
-class _StateSoFar(Protocol):
-    """What ``_add_derived`` reads of the state before an event: a ``JobState``, or a
-    ``Fold`` part-way through a request's events."""
-
-    @property
-    def started_at(self) -> str | None: ...
-    @property
-    def updated_at(self) -> str: ...
-    @property
-    def current(self) -> int | None: ...
-    @property
-    def progress(self) -> float | None: ...
-    @property
-    def window_advance(self) -> float | None: ...
-    @property
-    def window_seconds(self) -> float | None: ...
+# What ``_add_derived`` reads of the state before an event: the fields of a ``JobState``, or
+# of a ``Fold`` part-way through a group's events, as a plain dict (read once per event,
+# many times: a dict lookup instead of an attribute through a descriptor).
+_SO_FAR_FIELDS = (
+    "status",
+    "last_seq",
+    "current",
+    "total",
+    "started_at",
+    "updated_at",
+    "progress",
+    "window_advance",
+    "window_seconds",
+)
 
 
-def _add_derived(state: _StateSoFar, changes: dict[str, Any], event: dict[str, Any]) -> None:
-    """Add to ``changes`` the fields that depend on the state before ``event`` as well as
-    on the event: ``started_at`` and the rate window (see "Rate and ETA" below)."""
+def _so_far(state: JobState) -> dict[str, Any]:
+    return {name: getattr(state, name) for name in _SO_FAR_FIELDS}
+
+
+def _add_derived(state: dict[str, Any], changes: dict[str, Any], event: dict[str, Any]) -> None:
+    """Add to ``changes`` the fields that depend on the state before ``event`` (``state``:
+    its ``_SO_FAR_FIELDS``) as well as on the event: ``started_at`` and the rate window (see
+    "Rate and ETA" below)."""
     ts = event["ts"]
-    if state.started_at is None:
+    if state["started_at"] is None:
         changes["started_at"] = ts
     if event["type"] in TERMINAL_TYPES:
-        if state.window_seconds is not None:
+        if state["window_seconds"] is not None:
             changes.update(_NO_ESTIMATE)
     else:
         _sample(state, changes, ts)
@@ -314,7 +317,7 @@ class _SoFar(Generic[T]):
         self._name = name
 
     def __get__(self, fold: Fold, owner: type | None = None) -> T:
-        value: T = fold._now(self._name)
+        value: T = fold._so_far[self._name]
         return value
 
 
@@ -325,17 +328,21 @@ class Fold:
     folding it answers what the planning asks of the state so far (``finished``,
     ``last_seq``, ``current``, ...)."""
 
-    __slots__ = ("_changes", "_state")
+    __slots__ = ("_changes", "_so_far", "_state")
 
     def __init__(self, state: JobState) -> None:
         self._state = state
         self._changes: dict[str, Any] = {}
+        # The state's _SO_FAR_FIELDS with every change folded in (and the other changed
+        # fields too, which nothing reads here).
+        self._so_far = _so_far(state)
 
     def apply(self, event: dict[str, Any]) -> None:
         """Fold in ``event``, a stored event other than ``created``."""
         changes = event_changes(event)
-        _add_derived(self, changes, event)
+        _add_derived(self._so_far, changes, event)
         self._changes.update(changes)
+        self._so_far.update(changes)
 
     def result(self) -> JobState:
         return _evolve(self._state, self._changes) if self._changes else self._state
@@ -344,32 +351,23 @@ class Fold:
     def changed(self) -> bool:
         return bool(self._changes)
 
-    def mark(self) -> dict[str, Any]:
+    def mark(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """Where the fold is now, for ``restore``: a request refused part-way through its
         events leaves the fold as it was before the request."""
-        return dict(self._changes)
+        return dict(self._changes), dict(self._so_far)
 
-    def restore(self, mark: dict[str, Any]) -> None:
-        self._changes = mark
-
-    def _now(self, name: str) -> Any:
-        changes = self._changes
-        return changes[name] if name in changes else getattr(self._state, name)
+    def restore(self, mark: tuple[dict[str, Any], dict[str, Any]]) -> None:
+        self._changes, self._so_far = mark
 
     # The state so far: what the state would be had the events folded in been applied.
     status: _SoFar[str] = _SoFar()
     last_seq: _SoFar[int] = _SoFar()
     current: _SoFar[int | None] = _SoFar()
     total: _SoFar[int | None] = _SoFar()
-    started_at: _SoFar[str | None] = _SoFar()
-    updated_at: _SoFar[str] = _SoFar()
-    progress: _SoFar[float | None] = _SoFar()
-    window_advance: _SoFar[float | None] = _SoFar()
-    window_seconds: _SoFar[float | None] = _SoFar()
 
     @property
     def finished(self) -> bool:
-        return self.status in TERMINAL_TYPES
+        return self._so_far["status"] in TERMINAL_TYPES
 
     @property
     def kind(self) -> str | None:
@@ -404,25 +402,25 @@ MAX_ETA_SECONDS = 1e9
 _NO_ESTIMATE = {"window_advance": None, "window_seconds": None}
 
 
-def _sample(state: _StateSoFar, changes: dict[str, Any], ts: str) -> None:
+def _sample(state: dict[str, Any], changes: dict[str, Any], ts: str) -> None:
     """Add the window after a non-terminal event to ``changes``."""
-    current = changes.get("current", state.current)
+    current = changes.get("current", state["current"])
     in_units = current is not None
-    position = current if in_units else changes.get("progress", state.progress)
+    position = current if in_units else changes.get("progress", state["progress"])
     if position is None:
         return  # nothing to measure yet
-    before = state.current if state.current is not None else state.progress
+    before = state["current"] if state["current"] is not None else state["progress"]
     if (
-        state.window_seconds is None  # the first sample (or a snapshot stored before 0007)
+        state["window_seconds"] is None  # the first sample (or a snapshot stored before 0007)
         or before is None
-        or (state.current is not None) != in_units
+        or (state["current"] is not None) != in_units
         or position < before
     ):
         advance = seconds = 0.0
     else:
-        advance = state.window_advance or 0.0
-        seconds = state.window_seconds
-        elapsed = 0.0 if ts == state.updated_at else _seconds_between(state.updated_at, ts)
+        advance = state["window_advance"] or 0.0
+        seconds = state["window_seconds"]
+        elapsed = 0.0 if ts == state["updated_at"] else _seconds_between(state["updated_at"], ts)
         gain = position - before
         if elapsed or gain:
             decay = RATE_WINDOW_SECONDS / (RATE_WINDOW_SECONDS + elapsed)

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import itertools
 import sqlite3
+import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -286,6 +287,7 @@ class Store:
             self.watchdog = Watchdog(self._writer, self._config.watchdog)
             watched = await self.watchdog.load(self._writer_conn)
             self._writer.on_commit = self.watchdog.note_commit
+            self._writer.on_forget = self.watchdog.forget
             log.info("watchdog_loaded", watched=watched)
         await self._writer.start()
         self._deleter = JobDeleter(self._writer, self._hub)
@@ -418,11 +420,18 @@ class Store:
         return bytes(rows[0][0]) if rows else None
 
     async def job_head(self, key: JobKey) -> JobHead | None:
+        state = self.writer.committed_state(key)
+        if state is not None:
+            # No read: a reconnect storm's thousand subscribers would each make one.
+            return JobHead(state.status, state.last_seq, state.epoch)
         rows = await self._read(HEAD_SQL, key)
         if not rows:
             return None
         status, last_seq, epoch = rows[0]
-        return JobHead(status.decode(), last_seq, None if epoch is None else epoch.decode())
+        # Interned: a stream holds its head for as long as it lasts, and there are five statuses.
+        return JobHead(
+            sys.intern(status.decode()), last_seq, None if epoch is None else epoch.decode()
+        )
 
     async def list_jobs(
         self,

@@ -139,6 +139,10 @@ class Watchdog:
                 watched.last_seq = state.last_seq
                 watched.seen = now
 
+    def forget(self, key: JobKey) -> None:
+        """``Writer.on_forget``: the job was deleted; its heap entry is skipped when due."""
+        self._jobs.pop(key, None)
+
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="jobfeed-watchdog")
 

@@ -291,6 +291,8 @@ class Writer:
         # Called after each commit with the job states it wrote and the monotonic time of the
         # commit (the watchdog's schedule, ``server.watchdog``); None: nobody watches.
         self.on_commit: Callable[[Mapping[JobKey, JobState], float], None] | None = None
+        # Told of each job deleted (``forget``): the watchdog stops watching it at once.
+        self.on_forget: Callable[[JobKey], None] | None = None
         self._next_id = 1
         self._last_ts = ""
         self._task: asyncio.Task[None] | None = None
@@ -350,11 +352,19 @@ class Writer:
         """The writing connection, for ``run_exclusive`` work (server/deletion.py)."""
         return self._conn
 
+    def committed_state(self, key: JobKey) -> JobState | None:
+        """The job's state as of the last commit that touched it, when the cache holds it
+        (None: ask the file). Updated right after each commit, before anything of it is
+        published or acknowledged, and forgotten when the job is deleted."""
+        return self._jobs.get(key)
+
     def forget(self, key: JobKey, status: str) -> None:
         """Job ``key`` (of ``status``) was deleted by exclusive work: drop its cached state
         and its count. Only from inside ``run_exclusive``: no group is planned meanwhile."""
         self._jobs.discard(key)
         self._count_status(status, None)
+        if self.on_forget is not None:
+            self.on_forget(key)
 
     def forget_all(self) -> None:
         """Drop every cached job state (a deletion's COMMIT failed: its outcome is unknown,
@@ -507,6 +517,8 @@ class Writer:
             following: _Flight | None = None
             if committed and carried is None and not stop_seen and self._next_group_now():
                 ops, weight, stop_seen, carried = self._gather([], 0)
+                # Never suspends (``_next_group_now``: nothing to read), so nothing else runs
+                # between the commit's cached states (``committed_state``) and its publishing.
                 following = await self._launch_guarded(ops, weight)
             if committed:  # otherwise its requests have their failure already
                 self._answer(flight)

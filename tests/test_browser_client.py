@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
+import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -715,3 +717,54 @@ async def test_a_deleted_job_ends_the_watch_for_good(served: Served, browser: An
         assert got == {"events": [1, 2], "errors": [["job_deleted", True]], "resumes": 0}
     assert page.errors == []
     await page.close()
+
+
+async def test_a_feed_folds_a_restored_databases_job_epochs(tmp_path: Path, browser: Any) -> None:
+    """After ``jobfeed restore`` a job's epoch ends with the database's generation: the
+    snapshot watchFeed folds from a job's created event carries it, as the server's does
+    (the created event alone does not name the generation; the feed's hello does)."""
+    with launching(tmp_path) as launcher:
+        first = await launcher.start(**SETTINGS)
+        first.kill(signal.SIGTERM)
+        assert await first.wait_async(30) == 0
+        backup = tmp_path / "backup.db"
+        for command in (["backup", str(backup)], ["restore", str(backup)]):
+            done = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "server",
+                *command,
+                env={**os.environ, "JOBFEED_STORAGE__PATH": str(launcher.db_path)},
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            _, stderr = await asyncio.wait_for(done.communicate(), 60)
+            assert done.returncode == 0, stderr.decode()
+        restored = Served(launcher, await launcher.start(**SETTINGS))
+        page = await open_page(browser, restored)
+        await page.evaluate(
+            """async ({backoff}) => {
+              const m = await import("/client/jobfeed.js");
+              const got = window.got = {snapshots: {}};
+              got.watch = m.watchFeed("/v1/feed", {
+                backoff,
+                onEvent: (event, snapshot) => { got.snapshots[event.job_id] = snapshot; },
+              });
+            }""",
+            {"backoff": BACKOFF},
+        )
+        await page.wait_for_function("got.watch.state === 'live'", timeout=WAIT_MS)
+        job = "mod-restored"
+        async with aiohttp.ClientSession(restored.url) as session:
+            await create(session, job)
+            await append(session, job, {"type": "progress", "progress": 50})
+            expected = await snapshot(session, job)
+        await page.wait_for_function(f"got.snapshots[{job!r}]?.last_seq === 2", timeout=WAIT_MS)
+        folded = await page.evaluate(f"got.snapshots[{job!r}]")
+        feed_epoch = await page.evaluate("got.watch.epoch")
+        await page.evaluate("got.watch.stop()")
+        assert page.errors == []
+        await page.close()
+    assert feed_epoch.startswith("g1-"), feed_epoch
+    assert expected["epoch"].endswith(f"-{feed_epoch}"), expected["epoch"]
+    assert folded == expected

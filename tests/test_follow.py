@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
 from server.config import Config
-from server.follow import Cursor, StreamClosing, follow
+from server.follow import Cursor, JobReader, StreamClosing, follow
 from server.frames import Frame
-from server.hub import Hub, PushFn
+from server.hub import Hub
 from server.models import CompletedIn, LogIn
 from server.store import JobHead, Store
 from server.tenancy import JobKey
@@ -60,8 +60,7 @@ class Feed:
         page_events: int = 500,
         page_bytes: int = 1 << 20,
         idle_seconds: float = 60,
-        push: PushFn | None = None,
-    ) -> AsyncIterator[list[Frame] | None]:
+    ) -> AsyncGenerator[list[Frame] | None, None]:
         return follow(
             self.store,
             self.hub,
@@ -70,8 +69,10 @@ class Feed:
             page_events=page_events,
             page_bytes=page_bytes,
             idle_seconds=idle_seconds,
-            push=push,
         )
+
+    def reader(self, cursor: Cursor, head: JobHead) -> JobReader:
+        return JobReader(self.store, self.hub, cursor, head, page_events=500, page_bytes=1 << 20)
 
 
 FeedFactory = Callable[..., Awaitable[Feed]]
@@ -100,16 +101,29 @@ async def next_batch(batches: AsyncIterator[list[Frame] | None]) -> list[Frame] 
         return await anext(batches)
 
 
-async def parked(hub: Hub, job_id: str = JOB) -> None:
-    """Until a cursor with a push function is parked on ``job_id``'s channel. A cursor that
-    has caught up still makes one SQLite read before it parks; a commit that lands during
-    that read (a loaded machine) is read, not pushed. Parking is a state with no event to
-    wait on: yield to the loop until it holds."""
-    channel = hub.attach(key(job_id), 0)  # the cursor's own handle keeps the channel alive
-    hub.detach(channel)
-    async with asyncio.timeout(WAIT):
-        while not channel.live:  # noqa: ASYNC110 - the hub has no event for "parked"
-            await asyncio.sleep(0)
+class Parked(Cursor):
+    """A cursor that parks on a socket taking every push (``JobChannel.park``): records
+    the seqs pushed; ``woken`` and ``idled`` are set when the channel calls it back (it
+    answers ``idle`` with a heartbeat of its own and stays parked)."""
+
+    __slots__ = ("idled", "pushed", "woken")
+
+    def __init__(self, after: int) -> None:
+        super().__init__(key(JOB), after)
+        self.pushed: list[int] = []
+        self.woken = asyncio.Event()
+        self.idled = asyncio.Event()
+
+    def push(self, frames: list[Frame]) -> bool:
+        self.pushed.extend(f.seq for f in frames)
+        return True
+
+    def wake(self) -> None:
+        self.woken.set()
+
+    def idle(self) -> bool:
+        self.idled.set()
+        return True
 
 
 async def drain(batches: AsyncIterator[list[Frame] | None]) -> list[list[Frame]]:
@@ -280,56 +294,80 @@ async def test_yields_none_when_idle(make_feed: FeedFactory) -> None:
 
 
 async def test_live_events_are_pushed_while_parked(make_feed: FeedFactory) -> None:
-    """With a push function, a caught-up cursor parks and live events reach it through the
-    push (the cursor advancing with them) until one must be read: the terminal event comes
-    through the generator, in order after the pushed ones."""
+    """At the end of the log a reader returns an empty batch; its cursor, parked on the
+    channel, gets live events through pushes (advancing with them) until one must be read:
+    then it is woken, and the terminal event is read, in order after the pushed ones."""
     feed = await make_feed()
     await feed.create()
     await feed.log(2)
-    pushed: list[int] = []
+    cursor = Parked(0)
+    reader = feed.reader(cursor, await feed.head())
+    assert await reader.open()
+    try:
+        assert [f.seq for f in await reader.next_batch()] == [1, 2, 3]  # read, not pushed
+        assert await reader.next_batch() == []
+        assert reader.channel.park(cursor, 60)
+        await feed.log(1)
+        await feed.log(2)
+        assert cursor.pushed == [4, 5, 6]
+        assert (cursor.after, cursor.sent, cursor.parked) == (6, 6, True)
+        assert not cursor.woken.is_set()
+        await feed.complete()
+        async with asyncio.timeout(WAIT):
+            await cursor.woken.wait()
+        assert not cursor.parked
+        assert [f.seq for f in await reader.next_batch()] == [7]
+        assert (cursor.after, cursor.sent, cursor.done) == (7, 7, True)
+    finally:
+        reader.close()
 
-    def push(batch: list[Frame]) -> bool:
-        pushed.extend(f.seq for f in batch)
-        return True
 
-    cursor = Cursor(key(JOB), 0)
-    batches = feed.follow(cursor, await feed.head(), push=push)
-    assert [f.seq for f in await next_batch(batches) or []] == [1, 2, 3]  # read, not pushed
-    waiting = asyncio.create_task(next_batch(batches))
-    await parked(feed.hub)
+async def test_closing_a_reader_unparks_its_cursor(make_feed: FeedFactory) -> None:
+    """A stream that ends while parked closes its reader: nothing is pushed to the cursor
+    after, and the channel is released."""
+    feed = await make_feed()
+    await feed.create()
+    cursor = Parked(1)
+    reader = feed.reader(cursor, await feed.head())
+    assert await reader.open()
+    assert await reader.next_batch() == []
+    channel = reader.channel
+    assert channel.park(cursor, 60)
+    assert (channel.subscribers, channel.live) == (1, {cursor})
+    reader.close()
+    assert (channel.subscribers, channel.live, cursor.parked) == (0, set(), False)
     await feed.log(1)
-    await feed.log(2)
-    assert pushed == [4, 5, 6]
-    await feed.complete()
-    assert [f.seq for f in await waiting or []] == [7]
-    assert await drain(batches) == []
-    assert (cursor.after, cursor.sent, cursor.done) == (7, 7, True)
+    assert cursor.pushed == []
 
 
 async def test_pushes_hold_off_the_heartbeat(make_feed: FeedFactory) -> None:
     """A heartbeat is for a quiet stream: while pushes keep flowing, idle_seconds restarts
-    at each one; once they stop, the heartbeat comes."""
+    at each one; once they stop, the parked cursor is called back for its heartbeat (and,
+    having sent it, stays parked)."""
     feed = await make_feed()
     await feed.create()
-    pushed: list[int] = []
-
-    def push(batch: list[Frame]) -> bool:
-        pushed.extend(f.seq for f in batch)
-        return True
-
     idle = 1.0
-    batches = feed.follow(Cursor(key(JOB), 1), await feed.head(), idle_seconds=idle, push=push)
-    waiting = asyncio.create_task(next_batch(batches))
-    await parked(feed.hub)
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    # Pushes every idle/10 for twice idle_seconds: the stream is never idle that long.
-    while loop.time() - started < 2 * idle:
-        await feed.log(1)
-        assert not waiting.done(), "heartbeat while events were being pushed"
-        await asyncio.wait({waiting}, timeout=idle / 10)
-    assert len(pushed) >= 10
-    assert await waiting is None  # quiet now: the heartbeat
+    cursor = Parked(1)
+    reader = feed.reader(cursor, await feed.head())
+    assert await reader.open()
+    try:
+        assert await reader.next_batch() == []
+        assert reader.channel.park(cursor, idle)
+        idled = asyncio.create_task(cursor.idled.wait())
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        # Pushes every idle/10 for twice idle_seconds: the stream is never idle that long.
+        while loop.time() - started < 2 * idle:
+            await feed.log(1)
+            assert not idled.done(), "heartbeat while events were being pushed"
+            await asyncio.wait({idled}, timeout=idle / 10)
+        assert len(cursor.pushed) >= 10
+        async with asyncio.timeout(WAIT):
+            await idled  # quiet now: the heartbeat
+        assert cursor.parked
+        assert not cursor.woken.is_set()
+    finally:
+        reader.close()
 
 
 async def test_raises_stream_closing_on_hub_close(make_feed: FeedFactory) -> None:

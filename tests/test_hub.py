@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import pytest
 
@@ -140,104 +139,144 @@ async def test_close_wakes_waiters() -> None:
 # -- pushes to parked subscribers ---------------------------------------------------------------
 
 
-class Socket:
-    """A push target: records what it was sent; ``accepts`` False is a backed-up socket."""
+class Socket(LiveSubscriber):
+    """A parked subscriber: records the seqs pushed to it and how often it was woken or
+    idle; ``accepts`` False is a backed-up socket, ``heartbeats`` False one that cannot
+    write its heartbeat at once. ``called`` is set at each wake-up or idle call."""
 
-    def __init__(self, accepts: bool = True) -> None:
+    __slots__ = ("accepts", "called", "heartbeats", "idled", "seqs", "woken")
+
+    def __init__(self, after: int, accepts: bool = True, heartbeats: bool = True) -> None:
+        super().__init__(after)
         self.accepts = accepts
-        self.sent: list[int] = []
+        self.heartbeats = heartbeats
+        self.seqs: list[int] = []
+        self.woken = 0
+        self.idled = 0
+        self.called = asyncio.Event()
 
-    def push(self, batch: list[Frame]) -> bool:
+    def push(self, frames: list[Frame]) -> bool:
         if self.accepts:
-            self.sent.extend(f.seq for f in batch)
+            self.seqs.extend(f.seq for f in frames)
         return self.accepts
 
+    def wake(self) -> None:
+        self.woken += 1
+        self.called.set()
 
-async def park(channel: JobChannel, live: LiveSubscriber) -> asyncio.Task[bool]:
-    """``live`` parked on ``channel`` (a task), once it is registered."""
-    task = asyncio.create_task(channel.wait_pushed(live, timeout=60))
-    await asyncio.sleep(0)  # one turn of the loop: the task's first step registers it
-    assert id(live) in channel.live
-    return task
+    def idle(self) -> bool:
+        self.idled += 1
+        self.called.set()
+        return self.heartbeats
+
+
+def park(channel: JobChannel, live: LiveSubscriber, idle_seconds: float = 60) -> None:
+    assert channel.park(live, idle_seconds)
+    assert live.parked
+    assert live in channel.live
 
 
 async def test_publish_pushes_to_a_parked_subscriber_without_waking_it() -> None:
     """A caught-up subscriber gets each publish in the publisher's own step, in order, and
-    stays parked: no wake-up per event."""
+    stays parked: no wake-up per event, no task of its own."""
     hub = big_hub()
     channel = hub.attach(key("job"), 3)
-    socket = Socket()
-    live = LiveSubscriber(3, socket.push)
-    waiting = await park(channel, live)
+    live = Socket(3)
+    park(channel, live)
     hub.publish(key("job"), frames(4, 5))
     hub.publish(key("job"), frames(6, 6))
-    assert socket.sent == [4, 5, 6]
-    assert (live.after, live.pushed) == (6, 3)
-    assert not waiting.done()
-    waiting.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await waiting
-    assert id(live) not in channel.live  # a cancelled wait leaves nothing behind
+    assert live.seqs == [4, 5, 6]
+    assert (live.after, live.sent, live.woken, live.parked) == (6, 3, 0, True)
+    assert hub.frames_sent.push == 3
+    channel.unpark(live)
+    assert live not in channel.live  # unparked, it leaves nothing behind
+    assert not live.parked
+    hub.publish(key("job"), frames(7, 7))
+    assert live.seqs == [4, 5, 6]
 
 
 @pytest.mark.parametrize(
-    ("socket", "published", "why"),
+    ("live", "published", "why"),
     [
-        (Socket(accepts=False), frames(4, 4), "backed-up socket"),
-        (Socket(), [frame(4, event_type="completed")], "terminal event"),
-        (Socket(), frames(5, 6), "not contiguous with its position"),
-        (Socket(), frames(4, 5, size=WRITE_PART_BYTES // 2 + 1), "more than one write part"),
+        (Socket(3, accepts=False), frames(4, 4), "backed-up socket"),
+        (Socket(3), [frame(4, event_type="completed")], "terminal event"),
+        (Socket(3), frames(5, 6), "not contiguous with its position"),
+        (Socket(3), frames(4, 5, size=WRITE_PART_BYTES // 2 + 1), "more than one write part"),
     ],
     ids=["backed-up", "terminal", "gap", "large"],
 )
 async def test_a_subscriber_that_cannot_take_a_push_is_woken(
-    socket: Socket, published: list[Frame], why: str
+    live: Socket, published: list[Frame], why: str
 ) -> None:
     """Anything the publisher cannot hand over at once wakes the subscriber to read for
-    itself (from the cache or SQLite), with its position unmoved."""
+    itself (from the cache or SQLite), unparked, with its position unmoved."""
     hub = big_hub()
     channel = hub.attach(key("job"), 3)
-    live = LiveSubscriber(3, socket.push)
-    waiting = await park(channel, live)
+    park(channel, live)
     hub.publish(key("job"), published)
-    async with asyncio.timeout(5):
-        assert await waiting is True, why
-    assert socket.sent == []
+    assert live.woken == 1, why
+    assert live.seqs == []
     assert live.after == 3
+    assert not live.parked
     assert not channel.live
 
 
 async def test_a_push_that_raises_wakes_the_subscriber() -> None:
-    """A push function that fails (a bug, a dying transport) never reaches the publisher."""
+    """A push that fails (a bug, a dying transport) never reaches the publisher."""
+
+    class Broken(Socket):
+        __slots__ = ()
+
+        def push(self, frames: list[Frame]) -> bool:
+            raise ConnectionResetError("gone")
+
     hub = big_hub()
     channel = hub.attach(key("job"), 3)
-
-    def broken(batch: list[Frame]) -> bool:
-        raise ConnectionResetError("gone")
-
-    live = LiveSubscriber(3, broken)
-    waiting = await park(channel, live)
+    live = Broken(3)
+    park(channel, live)
     hub.publish(key("job"), frames(4, 4))
-    async with asyncio.timeout(5):
-        assert await waiting is True
-    assert live.after == 3
+    assert (live.woken, live.after, live.parked) == (1, 3, False)
 
 
 async def test_close_wakes_parked_subscribers() -> None:
     hub = big_hub()
     channel = hub.attach(key("job"), 1)
-    live = LiveSubscriber(1, Socket().push)
-    waiting = await park(channel, live)
+    live = Socket(1)
+    park(channel, live)
     hub.close()
-    async with asyncio.timeout(5):
-        assert await waiting is True
+    assert (live.woken, live.parked) == (1, False)
     assert hub.closing
 
 
-async def test_wait_pushed_returns_at_once_when_already_beyond() -> None:
+async def test_park_refuses_a_subscriber_behind_the_high_water_mark() -> None:
+    """Frames committed while a subscriber read are not pushed: it reads them first."""
     channel = big_hub().attach(key("job"), 5)
+    live = Socket(4)
+    assert channel.park(live, 60) is False
+    assert not channel.live
+    assert not live.parked
+
+
+@pytest.mark.parametrize("heartbeats", [True, False], ids=["writes-it", "reads"])
+async def test_an_idle_parked_subscriber_is_called_for_a_heartbeat(heartbeats: bool) -> None:
+    """After idle_seconds with nothing pushed, a parked subscriber is called back for a
+    heartbeat: one that writes it at once stays parked (and is called again after another
+    idle_seconds); one that cannot is unparked, to send it from its own task."""
+    hub = big_hub()
+    channel = hub.attach(key("job"), 1)
+    live = Socket(1, heartbeats=heartbeats)
+    park(channel, live, idle_seconds=0.01)
     async with asyncio.timeout(5):
-        assert await channel.wait_pushed(LiveSubscriber(4, Socket().push), timeout=60) is True
+        await live.called.wait()
+    assert (live.idled, live.woken) == (1, 0)
+    assert live.parked is heartbeats
+    assert (live in channel.live) is heartbeats
+    if heartbeats:
+        live.called.clear()
+        async with asyncio.timeout(5):
+            await live.called.wait()
+        assert live.idled == 2
+        channel.unpark(live)
 
 
 # -- memory bounds --------------------------------------------------------------------------

@@ -15,7 +15,9 @@ from aiohttp.test_utils import TestClient
 
 from server.config import Config
 from server.frames import ws_text_header
-from tests.conftest import ClientFactory, ConfigFactory, append, create_job
+from server.keys import AUTH, HUB, STORE
+from server.tenancy import DEFAULT_TENANT, JobKey
+from tests.conftest import AUTH_TENANT, ClientFactory, ConfigFactory, append, create_job
 from tests.streams import read_ws, stored_log
 
 # Every test that builds a config runs with authentication off and on (tests/conftest.py).
@@ -278,6 +280,79 @@ async def test_heartbeat_when_idle(make_config: ConfigFactory, make_client: Clie
         assert await receive_json(ws) == {"type": "heartbeat", "last_seq": last_seq}
 
 
+def sending_tasks() -> list[asyncio.Task[Any]]:
+    """Tasks running a stream's sending side (its cursor), not the handlers' own."""
+    ours = ("handlers/ws.py", "server/follow.py")
+    return [
+        task
+        for task in asyncio.all_tasks()
+        if getattr(task.get_coro(), "cr_code", None) is not None
+        and task.get_coro().cr_code.co_filename.endswith(ours)  # type: ignore[union-attr]
+    ]
+
+
+async def parked_subscribers(client: TestClient[Any, Any], job_id: str, count: int) -> None:
+    """Until ``count`` subscribers are parked on the job's channel. Parking is a state with
+    no event to wait on: yield to the loop until it holds."""
+    hub = client.app[HUB]
+    tenant = AUTH_TENANT if client.app[AUTH].enabled else DEFAULT_TENANT
+    channel = hub.attach(JobKey(tenant, job_id), 0)  # the subscribers' own channel
+    hub.detach(channel)
+    async with asyncio.timeout(WAIT):
+        while len(channel.live) < count:  # noqa: ASYNC110
+            await asyncio.sleep(0)
+
+
+async def test_an_idle_subscriber_holds_no_task(
+    make_config: ConfigFactory, make_client: ClientFactory
+) -> None:
+    """Caught up, a subscriber parks on its job's channel with no task of its own (W7: an
+    idle WebSocket costs its connection and its cursor); heartbeats and live events still
+    reach it, written by the channel's callbacks."""
+    client = await make_client(make_config(stream__heartbeat_seconds=0.2))
+    last_seq = await running_job(client, "ws-idle", 1)
+    sockets = [await client.ws_connect(stream_path("ws-idle", last_seq)) for _ in range(3)]
+    try:
+        for ws in sockets:
+            assert (await receive_json(ws))["type"] == "hello"
+        await parked_subscribers(client, "ws-idle", 3)
+        assert sending_tasks() == []
+        for ws in sockets:
+            assert await receive_json(ws) == {"type": "heartbeat", "last_seq": last_seq}
+        await parked_subscribers(client, "ws-idle", 3)
+        assert sending_tasks() == []
+        await append(client, "ws-idle", {"type": "log", "message": "live"})
+        for ws in sockets:
+            frame = await receive_json(ws)
+            while frame["type"] == "heartbeat":
+                frame = await receive_json(ws)
+            assert frame["seq"] == last_seq + 1
+        assert sending_tasks() == []
+    finally:
+        for ws in sockets:
+            await ws.close()
+
+
+async def test_the_handshake_names_its_request(client: TestClient[Any, Any]) -> None:
+    """The 101 carries X-Request-ID, as every response does (the stream forgets its
+    handshake's headers once they are sent)."""
+    await running_job(client, "ws-rid", 0)
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    try:
+        writer.write(
+            f"GET {stream_path('ws-rid', 1)} HTTP/1.1\r\nHost: {client.host}\r\n"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+            "X-Request-ID: trace-ws-1\r\n\r\n".encode()
+        )
+        async with asyncio.timeout(WAIT):
+            head = await reader.readuntil(b"\r\n\r\n")
+    finally:
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 101 "), head
+    assert b"\r\nX-Request-ID: trace-ws-1\r\n" in head, head
+
+
 async def test_get_without_upgrade_or_accept_is_400(client: TestClient[Any, Any]) -> None:
     """A plain GET on /stream is neither transport: 400 in the error shape."""
     await running_job(client, "ws-plain", 0)
@@ -359,6 +434,10 @@ async def test_a_bug_after_the_upgrade_closes_1011_not_an_http_500(
     await running_job(client, "ws-damaged", 0)
     with sqlite3.connect(config.storage.path) as db:
         db.execute("UPDATE jobs SET snapshot = 'not json' WHERE job_id = 'ws-damaged'")
+    # The writer's cache still holds the job as it committed it: drop it, so that the
+    # stream reads the damaged row (as it would once the cache evicts the job).
+    assert client.app is not None
+    client.app[STORE].writer.forget_all()
     with structlog.testing.capture_logs() as logs:
         async with client.ws_connect(stream_path("ws-damaged")) as ws:
             message = await receive(ws)

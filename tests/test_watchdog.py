@@ -242,6 +242,24 @@ async def test_a_deleted_or_recreated_job_is_not_fenced(
     assert got["status"] == "queued"
 
 
+async def test_a_deleted_job_is_no_longer_watched(
+    make_client: ClientFactory, make_config: ConfigFactory
+) -> None:
+    """Deleting a watched job takes it out of the schedule (and ``jobfeed_watched_jobs``)
+    at once, not when its deadline comes."""
+    client = await make_client(make_config(auth__mode="none"))
+    watchdog = client.app[STORE].watchdog
+    assert watchdog is not None
+    await create_job(client, job_id="watched-then-deleted", heartbeat_timeout=3600)
+    await create_job(client, job_id="watched-and-kept", heartbeat_timeout=3600)
+    assert watchdog.watched == 2
+    response = await client.delete("/v1/jobs/watched-then-deleted")
+    assert response.status == 204, await response.text()
+    assert watchdog.watched == 1
+    assert watchdog.next_deadline(JobKey("default", "watched-then-deleted")) is None
+    assert watchdog.next_deadline(JobKey("default", "watched-and-kept")) is not None
+
+
 async def test_many_due_at_once_are_failed_in_bounded_transactions(
     make_client: ClientFactory, make_config: ConfigFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -20,7 +20,7 @@ from server.config import Config
 from server.errors import JobFinished, JobNotFound, StorageUnavailable, ValidationFailed
 from server.hub import Hub
 from server.models import CompletedIn, LogIn, ProgressIn
-from server.store import Store
+from server.store import HEAD_SQL, Store
 from server.tenancy import JobKey
 from tests.conftest import ConfigFactory
 
@@ -109,6 +109,39 @@ async def test_a_request_refused_part_way_leaves_the_job_as_before_it(store: Sto
     snapshot = orjson.loads(snapshot_json)
     assert (snapshot["last_seq"], snapshot["phase"]) == (3, None)
     assert (snapshot["current"], snapshot["total"], snapshot["progress"]) == (2, 10, 20.0)
+
+
+async def test_job_head_from_the_writers_cache_is_the_files(store: Store) -> None:
+    """``job_head`` answers from the writer's cache when it holds the job: the same status,
+    last seq and epoch as the file says, through appends, the end, deletion and a new job
+    under the same id (a new epoch)."""
+    job = key("head")
+
+    async def from_file() -> tuple[str, int, str | None] | None:
+        rows = await store._read(HEAD_SQL, job)
+        return None if not rows else (rows[0][0].decode(), rows[0][1], rows[0][2].decode())
+
+    async def head() -> tuple[str, int, str | None] | None:
+        found = await store.job_head(job)
+        return None if found is None else (found.status, found.last_seq, found.epoch)
+
+    await store.writer.create_job(job, None, None)
+    assert store.writer.committed_state(job) is not None, "the cache is what is under test"
+    first = await head()
+    assert first == await from_file()
+    await store.writer.append(job, [log_event("a"), log_event("b")])
+    assert await head() == await from_file() == ("running", 3, first[2] if first else None)
+    await store.writer.append(job, [CompletedIn(type="completed")])
+    assert await head() == await from_file() == ("completed", 4, first[2] if first else None)
+    await store.deleter.delete_job(job)
+    assert await head() is None
+    assert await from_file() is None
+    await store.writer.create_job(job, None, None)
+    again = await head()
+    assert again == await from_file()
+    assert again is not None
+    assert first is not None
+    assert again[2] != first[2]
 
 
 async def test_batch_with_terminal_then_more_writes_nothing(store: Store) -> None:

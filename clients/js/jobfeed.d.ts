@@ -266,6 +266,8 @@ export function jobStreamUrl(jobId: string, server?: string | URL): string;
 export function applyEvent(state: Snapshot | null, event: JobEvent): Snapshot;
 export function fold(events: Iterable<JobEvent>, state?: Snapshot | null): Snapshot | null;
 export function logEpoch(createdId: number, createdTs: string): string;
+/** What ends a job's epoch in the generation a feed's hello names ("" in generation 0). */
+export function jobEpochSuffix(feedEpoch: string | null | undefined): string;
 export function timestampMicros(ts: string): number;
 export function isTerminal(type: string): type is TerminalType;
 export const TERMINAL_TYPES: readonly TerminalType[];

@@ -37,6 +37,14 @@ export function logEpoch(createdId, createdTs) {
   return `${createdId}-${timestampMicros(createdTs).toString(16)}`;
 }
 
+/**
+ * What ends a job's epoch in the database generation that the feed's hello names
+ * (`g{number}-{tag}`): nothing in generation 0, `-g{number}-{tag}` after a restore.
+ */
+export function jobEpochSuffix(feedEpoch) {
+  return !feedEpoch || feedEpoch.startsWith("g0-") ? "" : `-${feedEpoch}`;
+}
+
 const PROGRESS_FIELDS = ["progress", "phase", "message", "current", "total"];
 
 /** The snapshot after `event` (a stored event); `state` is null only before `created`. */
@@ -505,6 +513,9 @@ class Watch {
     let snapshot = null;
     if (frame.type === "created" || (known && frame.seq === known.last_seq + 1)) {
       snapshot = applyEvent(known ?? null, frame);
+      // After a restore a job's epoch also names the generation, which the created event
+      // alone does not (docs/protocol.md, the log's epoch); the feed's hello does.
+      if (frame.type === "created") snapshot.epoch += jobEpochSuffix(this.epoch);
       this.snapshots.set(frame.job_id, snapshot);
     } else if (known && frame.seq > known.last_seq) {
       this.snapshots.delete(frame.job_id); // a hole in this job (a type filter): not foldable

@@ -45,6 +45,7 @@ from .subscription import close_code_for
 from .ws import (
     ABNORMAL_CLOSE,
     StreamEnd,
+    TaskSender,
     close_socket,
     drop_backlog,
     open_socket,
@@ -246,9 +247,9 @@ async def serve_feed_websocket(request: web.Request) -> web.WebSocketResponse:
         def heartbeat() -> bytes:
             return control_frame({"type": "heartbeat", "last_id": cursor.after})
 
-        sending = send_batches(request, ws, batches, heartbeat, end)
+        sender = TaskSender(send_batches(request, ws, batches, heartbeat, end), end)
         guard = guard_stream(request, request[PRINCIPAL], None)
-        await run_stream(request, ws, stream, end, sending, guard)
+        await run_stream(request, ws, stream, end, sender, guard)
     except ServiceError as exc:
         end.outcome, end.close_code = "refused", close_code_for(exc)
         metrics.refused(exc.code)

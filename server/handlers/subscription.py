@@ -7,7 +7,7 @@ an error frame and a close code (``close_code_for``), so the two cannot drift ap
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -25,9 +25,8 @@ from ..errors import (
     Unauthorized,
     WSClose,
 )
-from ..follow import Cursor, follow
+from ..follow import Cursor, JobReader, follow
 from ..frames import Frame, control_frame
-from ..hub import PushFn
 from ..keys import CONFIG, HUB, STORE, STREAMS
 from ..models import TERMINAL_TYPES
 from ..store import JobHead
@@ -70,12 +69,9 @@ class Subscription:
 
 
 def follow_job(
-    request: web.Request,
-    cursor: Cursor,
-    subscription: Subscription,
-    push: PushFn | None = None,
-) -> AsyncIterator[list[Frame] | None]:
-    """The job cursor with the stream settings (``push``: a WebSocket's direct send)."""
+    request: web.Request, cursor: Cursor, subscription: Subscription
+) -> AsyncGenerator[list[Frame] | None, None]:
+    """The job cursor with the stream settings."""
     config = request.app[CONFIG].stream
     return follow(
         request.app[STORE],
@@ -85,7 +81,20 @@ def follow_job(
         page_events=config.page_events,
         page_bytes=config.page_bytes,
         idle_seconds=config.heartbeat_seconds,
-        push=push,
+        deletion_mark=subscription.deletion_mark,
+    )
+
+
+def job_reader(request: web.Request, cursor: Cursor, subscription: Subscription) -> JobReader:
+    """The job cursor's reads with the stream settings (a WebSocket's sender drives them)."""
+    config = request.app[CONFIG].stream
+    return JobReader(
+        request.app[STORE],
+        request.app[HUB],
+        cursor,
+        subscription.head,
+        page_events=config.page_events,
+        page_bytes=config.page_bytes,
         deletion_mark=subscription.deletion_mark,
     )
 
