@@ -97,6 +97,11 @@ class WalBound:
         """On the writer's connection: the size SQLite cuts the file back to after a restart."""
         await conn.execute(f"PRAGMA journal_size_limit = {self.restart_at}")
 
+    def restart_due(self) -> bool:
+        """Whether ``restart_if_due`` would look further than the file's size now (the
+        writer then lets the group in flight finish before it plans the next one)."""
+        return self.wal_bytes() > self._next_attempt_at
+
     async def restart_if_due(self, conn: aiosqlite.Connection, busy_timeout_ms: int) -> None:
         """Between groups, on the writer's connection (no transaction open): restart the WAL
         if the file has passed ``restart_at``. Never raises: the WAL just stays longer.

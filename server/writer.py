@@ -3,7 +3,10 @@
 Requests queue up while a commit is in flight; the next round takes all of them (up to
 ``storage.max_batch_events``) into one transaction: events, new jobs and snapshot updates
 together. Only after COMMIT returns are the new frames published to the hub and the callers
-answered, so nothing is acknowledged or sent that a crash could take back.
+answered, so nothing is acknowledged or sent that a crash could take back. The round after
+is planned on what committed and handed to SQLite's thread just before those answers go out,
+so that the thread commits it while the event loop runs the answered handlers
+(``Writer._run``).
 
 A request is planned against a scratch copy of the job states; a request that fails its own
 checks (unknown job, closed log, oversize event) is refused alone and leaves nothing behind,
@@ -20,6 +23,7 @@ becomes ready again by itself once the fault clears. A fault is logged once when
 from __future__ import annotations
 
 import asyncio
+import functools
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -92,6 +96,16 @@ def load_keys_sql(triples: int) -> str:
         " WHERE e.key IS NOT NULL"
     )
 
+
+INSERT_EVENT_SQL = (
+    "INSERT INTO events (id, tenant, job_id, seq, type, ts, key, body)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+INSERT_JOB_SQL = (
+    "INSERT INTO jobs (tenant, job_id, kind, status, last_seq, created_at, updated_at,"
+    " finished_at, snapshot, heartbeat_timeout) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
 
 UPDATE_JOB_SQL = (
     "UPDATE jobs SET status = ?, last_seq = ?, updated_at = ?, finished_at = ?,"
@@ -201,6 +215,20 @@ class _Group:
         self.folds.clear()
 
 
+@dataclass(slots=True)
+class _Flight:
+    """A group planned and handed to the SQLite thread, not yet answered."""
+
+    ops: list[_Op]
+    weight: int
+    group: _Group
+    ts: str
+    next_id: int  # the next event id once this group is committed
+    before: dict[JobKey, str]  # job statuses before the group, for jobs_by_status
+    started: float  # perf_counter when it was taken from the queue
+    write: asyncio.Future[None] | None = None  # None: nothing to write
+
+
 class _CommitFailed(Exception):
     """COMMIT itself failed: SQLite rolled back, but the frames may be in the -wal file."""
 
@@ -214,6 +242,14 @@ def _filled(answers: list[AppendedEvent | None]) -> list[AppendedEvent]:
     filled = [answer for answer in answers if answer is not None]
     assert len(filled) == len(answers), "an event of the request was neither stored nor new"
     return filled
+
+
+def _rollback_in_thread(db: sqlite3.Connection) -> None:
+    try:
+        db.execute("ROLLBACK")
+    except sqlite3.Error:
+        # After SQLITE_FULL / IOERR / BUSY SQLite may have rolled back already.
+        log.debug("rollback_failed")
 
 
 def utc_now() -> str:
@@ -437,48 +473,107 @@ class Writer:
         return op
 
     async def _run(self) -> None:
+        """Take groups from the queue in request order and commit each, one at a time.
+
+        When a group's COMMIT returns, the requests queued meanwhile are planned as the next
+        group and handed to the SQLite thread before this group's answers go out: that
+        thread then commits the next group while the event loop runs the answered requests'
+        handlers, instead of waiting for the loop to come back to the writer after all of
+        them (what each of the writer's round trips into the thread used to wait for). The
+        next group is planned on committed state only, and each group is still published and
+        answered only after its own commit. Exclusive work, a WAL restart, an unhealthy
+        writer, a pending purge and reads of uncached state wait for the answers instead
+        (``_next_group_now``).
+        """
         stop_seen = False
         carried: _Op | None = None  # exclusive work met while a group was being gathered
+        flight: _Flight | None = None  # handed to the SQLite thread, not yet answered
         while True:
-            if carried is not None:
-                first, carried = carried, None
-            elif stop_seen:
-                break
-            else:
-                next_op = await self._next_op()
-                if next_op is None:
+            if flight is None:
+                if carried is not None:
+                    first, carried = carried, None
+                elif stop_seen:
                     break
-                first = next_op
-            ops, weight = [first], first.weight
-            while (
-                first.exclusive is None
-                and weight < self._max_batch_events
-                and not self._queue.empty()
-            ):
-                op = self._queue.get_nowait()
-                if op is None:
-                    stop_seen = True
-                    break
-                if op.exclusive is not None:
-                    carried = op  # runs alone, right after this group
-                    break
-                ops.append(op)
-                weight += op.weight
-            try:
-                if first.exclusive is not None:
-                    await self._run_exclusive(first, first.exclusive)
                 else:
-                    await self._commit_group(ops)
-            except Exception as exc:  # a bug: never let it kill the writer or hang callers
-                log.exception("writer_group_failed", ops=len(ops))
-                for op in ops:
-                    if not op.future.done():
-                        op.future.set_exception(exc)
-            finally:
-                self._pending_weight -= weight
-            if self._wal is not None:
-                # Between groups: no transaction is open, and the answers are already out.
-                await self._wal.restart_if_due(self._conn, self._busy_timeout_ms)
+                    next_op = await self._next_op()
+                    if next_op is None:
+                        break
+                    first = next_op
+                if first.exclusive is not None:
+                    try:
+                        await self._run_exclusive(first, first.exclusive)
+                    except Exception as exc:  # a bug: never let it kill the writer
+                        self._bug([first], exc)
+                    finally:
+                        self._pending_weight -= first.weight
+                    await self._between_groups()
+                    continue
+                ops, weight, stop_seen, carried = self._gather([first], first.weight)
+                flight = await self._launch_guarded(ops, weight)
+                if flight is None:
+                    await self._between_groups()
+                continue
+            committed = await self._settle(flight)
+            following: _Flight | None = None
+            if committed and carried is None and not stop_seen and self._next_group_now():
+                ops, weight, stop_seen, carried = self._gather([], 0)
+                # Never suspends (``_next_group_now``: nothing to read), so nothing else runs
+                # between the commit's cached states (``committed_state``) and its publishing.
+                following = await self._launch_guarded(ops, weight)
+            if committed:  # otherwise its requests have their failure already
+                self._answer(flight)
+            flight = following
+            if flight is None:
+                await self._between_groups()
+
+    def _gather(self, ops: list[_Op], weight: int) -> tuple[list[_Op], int, bool, _Op | None]:
+        """Add queued requests to ``ops`` up to ``storage.max_batch_events``; also whether
+        the stop marker was met, and exclusive work met (it runs alone, after the group)."""
+        while weight < self._max_batch_events and not self._queue.empty():
+            op = self._queue.get_nowait()
+            if op is None:
+                return ops, weight, True, None
+            if op.exclusive is not None:
+                return ops, weight, False, op
+            ops.append(op)
+            weight += op.weight
+        return ops, weight, False, None
+
+    def _next_group_now(self) -> bool:
+        """Whether the next group may be planned and handed over before the group just
+        committed is answered: requests are queued, and nothing needs the writer between
+        the groups or would hold the answers up. Not while unhealthy (a group then goes
+        alone, as the probes do), nor with a deleted job's leftovers to purge, nor once the
+        WAL is due for a restart (``WalBound.restart_if_due`` needs no transaction open),
+        nor when planning would read the file first (uncached job states, idempotency keys
+        to look up): the answers do not wait for a read."""
+        if self._queue.empty() or not self.healthy or self.purging:
+            return False
+        if self._wal is not None and self._wal.restart_due():
+            return False
+        # The queue's deque, read without taking anything: asyncio.Queue has no peek.
+        queued: Iterable[_Op | None] = self._queue._queue  # type: ignore[attr-defined]
+        taken = 0
+        for op in queued:
+            if op is None or op.exclusive is not None or taken >= self._max_batch_events:
+                break
+            if op.events is not None and any(event.key is not None for event in op.events):
+                return False
+            if any(self._jobs.get(key) is None for key in op.keys):
+                return False
+            taken += op.weight
+        return True
+
+    async def _between_groups(self) -> None:
+        if self._wal is not None:
+            # No transaction is open, and the answers are already out.
+            await self._wal.restart_if_due(self._conn, self._busy_timeout_ms)
+
+    def _bug(self, ops: list[_Op], exc: Exception) -> None:
+        log.exception("writer_group_failed", ops=len(ops))
+        for op in ops:
+            if not op.future.done():
+                op.future.set_exception(exc)
 
     async def _run_exclusive(self, op: _Op, work: Callable[[], Awaitable[Any]]) -> None:
         try:
@@ -570,7 +665,20 @@ class Writer:
         self.healthy = True
         self.last_error = None
 
-    async def _commit_group(self, ops: list[_Op]) -> None:
+    async def _launch_guarded(self, ops: list[_Op], weight: int) -> _Flight | None:
+        try:
+            flight = await self._launch(ops, weight)
+        except Exception as exc:  # a bug: never let it kill the writer or hang callers
+            self._bug(ops, exc)
+            flight = None
+        if flight is None:
+            self._pending_weight -= weight
+        return flight
+
+    async def _launch(self, ops: list[_Op], weight: int) -> _Flight | None:
+        """Plan ``ops`` as one group on what is committed, refuse the requests that fail
+        their own checks, and hand the group's write to the SQLite thread. None: the group
+        is over already (nothing to write, or its reads failed), every request answered."""
         started = time.perf_counter()
         try:
             if self.purging and self.purge_leftovers is not None:
@@ -582,12 +690,12 @@ class Writer:
             stored_keys = await self._load_keys(ops)
         except sqlite3.Error as exc:
             self._fail(ops, exc, "read")
-            return
+            return None
         except ServiceError as exc:  # purge_leftovers could not write (logged by it)
             for op in ops:
                 if not op.future.done():
                     op.future.set_exception(exc)
-            return
+            return None
         # Statuses before this group (planning writes into ``states``): for jobs_by_status.
         before = {key: state.status for key, state in states.items() if state is not None}
         group = _Group(states=states)
@@ -611,37 +719,65 @@ class Writer:
                 if not op.future.done():
                     op.future.set_exception(exc)
         group.settle()
-        if group.event_rows:
+        flight = _Flight(ops, weight, group, ts, next_id, before, started)
+        if not group.event_rows:
+            self._answer(flight)  # pure retries: nothing to commit
+            return None
+        flight.write = self._write(group)
+        return flight
+
+    async def _settle(self, flight: _Flight) -> bool:
+        """Wait for ``flight``'s commit and take its result in (next id, cached states,
+        counts); on a failed write, answer its requests with the failure. True: committed,
+        to be answered with ``_answer``."""
+        group = flight.group
+        written = [op for op, _ in group.answers]
+        try:
+            assert flight.write is not None
             try:
-                await self._write(group)
+                await flight.write
             except _CommitFailed as failed:
-                await self._commit_outcome_unknown([op for op, _ in group.answers], failed.error)
-                return
+                await self._commit_outcome_unknown(written, failed.error)
+                return False
             except sqlite3.Error as exc:
-                self._fail([op for op, _ in group.answers], exc, "commit")
-                return
-            self._next_id = next_id
-            self._last_ts = ts
+                self._fail(written, exc, "commit")
+                return False
+            self._next_id = flight.next_id
+            self._last_ts = flight.ts
             self.commits += 1
             self.events_written += len(group.event_rows)
             self.group_events.observe(len(group.event_rows))
             self._recovered("commit")
             for key, state in group.touched.items():
                 self._remember(key, state)
-                self._count_status(before.get(key), state.status)
-            if self.on_commit is not None:
-                self.on_commit(group.touched, time.monotonic())
-            for key, frames in group.frames.items():
-                self._hub.publish(key, frames)
-            self._hub.publish_feed(group.feed)
-        for op, answer in group.answers:
-            if not op.future.done():
-                op.future.set_result(answer)
+                self._count_status(flight.before.get(key), state.status)
+            return True
+        except Exception as exc:  # a bug: never let it kill the writer or hang callers
+            self._bug(flight.ops, exc)
+            return False
+        finally:
+            self._pending_weight -= flight.weight
+
+    def _answer(self, flight: _Flight) -> None:
+        """Publish a committed group and answer its requests."""
+        group = flight.group
+        try:
+            if group.event_rows:
+                if self.on_commit is not None:
+                    self.on_commit(group.touched, time.monotonic())
+                for key, frames in group.frames.items():
+                    self._hub.publish(key, frames)
+                self._hub.publish_feed(group.feed)
+            for op, answer in group.answers:
+                if not op.future.done():
+                    op.future.set_result(answer)
+        except Exception as exc:  # a bug: never let it kill the writer or hang callers
+            self._bug(flight.ops, exc)
         log.debug(
             "group_committed",
-            ops=len(ops),
+            ops=len(flight.ops),
             events=len(group.event_rows),
-            ms=round((time.perf_counter() - started) * 1000, 3),
+            ms=round((time.perf_counter() - flight.started) * 1000, 3),
         )
 
     def _fail(self, ops: Iterable[_Op], exc: sqlite3.Error, stage: str) -> None:
@@ -911,66 +1047,75 @@ class Writer:
             )
         return body
 
-    async def _write(self, group: _Group) -> None:
-        conn = self._conn
-        await conn.execute("BEGIN IMMEDIATE")
-        try:
-            await conn.executemany(
-                "INSERT INTO events (id, tenant, job_id, seq, type, ts, key, body) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                group.event_rows,
+    def _write(self, group: _Group) -> asyncio.Future[None]:
+        """Hand the group's whole transaction to the connection's thread in one call: one
+        hand-off there, one answer back (four round trips before, each answer queued behind
+        the loop's ready callbacks). The rows are built here, on the loop."""
+        event_rows = group.event_rows
+        new_jobs = [
+            (
+                key.tenant,
+                s.job_id,
+                s.kind,
+                s.status,
+                s.last_seq,
+                s.created_at,
+                s.updated_at,
+                s.finished_at,
+                s.to_json().decode(),
+                s.heartbeat_timeout,
             )
-            new_jobs = [(key.tenant, group.touched[key]) for key in group.created]
-            if new_jobs:
-                await conn.executemany(
-                    "INSERT INTO jobs (tenant, job_id, kind, status, last_seq, created_at,"
-                    " updated_at, finished_at, snapshot, heartbeat_timeout)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [
-                        (
-                            tenant,
-                            s.job_id,
-                            s.kind,
-                            s.status,
-                            s.last_seq,
-                            s.created_at,
-                            s.updated_at,
-                            s.finished_at,
-                            s.to_json().decode(),
-                            s.heartbeat_timeout,
-                        )
-                        for tenant, s in new_jobs
-                    ],
-                )
-            created = set(group.created)
-            updated = [(key, s) for key, s in group.touched.items() if key not in created]
-            if updated:
-                await conn.executemany(
-                    UPDATE_JOB_SQL,
-                    [
-                        (
-                            s.status,
-                            s.last_seq,
-                            s.updated_at,
-                            s.finished_at,
-                            s.to_json().decode(),
-                            key.tenant,
-                            key.job_id,
-                        )
-                        for key, s in updated
-                    ],
-                )
-        except BaseException:
-            await self._rollback()
-            raise
-        try:
-            await conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            await self._rollback()
-            raise _CommitFailed(exc) from exc
-        except BaseException:
-            await self._rollback()
-            raise
+            for key in group.created
+            for s in (group.touched[key],)
+        ]
+        created = set(group.created)
+        updated = [
+            (
+                s.status,
+                s.last_seq,
+                s.updated_at,
+                s.finished_at,
+                s.to_json().decode(),
+                key.tenant,
+                key.job_id,
+            )
+            for key, s in group.touched.items()
+            if key not in created
+        ]
+
+        def write(db: sqlite3.Connection) -> None:  # in the connection's thread
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany(INSERT_EVENT_SQL, event_rows)
+                if new_jobs:
+                    db.executemany(INSERT_JOB_SQL, new_jobs)
+                if updated:
+                    db.executemany(UPDATE_JOB_SQL, updated)
+            except BaseException:
+                _rollback_in_thread(db)
+                raise
+            try:
+                db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                _rollback_in_thread(db)
+                raise _CommitFailed(exc) from exc
+            except BaseException:
+                _rollback_in_thread(db)
+                raise
+
+        return self._in_thread(write)
+
+    def _in_thread(self, work: Callable[[sqlite3.Connection], None]) -> asyncio.Future[None]:
+        """Queue ``work`` on the writing connection's thread now, behind whatever is queued
+        there, and return the future it settles. This is aiosqlite's own ``_execute`` without
+        the coroutine around it, so the work is queued at once rather than when a task first
+        runs; aiosqlite has no public way (store.py's reads use ``_execute``). Written
+        against aiosqlite 0.22 (constraints.txt): its ``_tx`` queue of (future, function)."""
+        conn: Any = self._conn
+        db: sqlite3.Connection = conn._conn  # ValueError once the connection is closed
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        conn._tx.put_nowait((future, functools.partial(work, db)))
+        return future
 
     def _remember(self, key: JobKey, state: JobState) -> None:
         self._jobs.put(key, state)
