@@ -84,7 +84,7 @@ class Frame:
     @property
     def ws_header(self) -> bytes:
         """The WebSocket header of a final, unmasked, uncompressed text frame carrying
-        ``json``: with it, a batch of frames goes out in one ``writelines``."""
+        ``json``: with it, a batch of frames goes out in one write."""
         if self._ws_header is None:
             self._ws_header = ws_text_header(len(self.json))
         return self._ws_header

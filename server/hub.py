@@ -91,12 +91,18 @@ class JobChannel:
         "high_water",
         "key",
         "live",
+        "opened",
         "sent",
         "subscribers",
     )
 
-    def __init__(self, key: JobKey, high_water: int, sent: FramesSent | None = None) -> None:
+    def __init__(
+        self, key: JobKey, high_water: int, sent: FramesSent | None = None, opened: int = 0
+    ) -> None:
         self.key = key
+        # ``Hub.channels_opened`` when it was made: a channel is never put back once dropped,
+        # so one older than a mark has held the job, and every commit of it, since the mark.
+        self.opened = opened
         self.high_water = high_water
         self.frames: list[Frame] = []
         self.first_seq = high_water + 1
@@ -276,6 +282,10 @@ class Hub:
         # Keyed by (tenant, job_id): two tenants' jobs of the same id never share a channel.
         self._channels: OrderedDict[JobKey, JobChannel] = OrderedDict()
         self._total_bytes = 0
+        # Channels made so far: a subscriber notes it before it reads a job's head, and its
+        # cursor knows from it whether the channel it attaches to saw every commit since
+        # (``server.follow.JobReader``).
+        self.channels_opened = 0
         # Deletions so far, and the most recent ones' numbers by job (``deleted_since``).
         self.deletions = 0
         self._deleted: OrderedDict[JobKey, int] = OrderedDict()
@@ -294,12 +304,17 @@ class Hub:
         """A subscriber's handle on job ``key``; ``committed_seq`` is a last_seq it read."""
         channel = self._channels.get(key)
         if channel is None:
-            channel = JobChannel(key, committed_seq, self.frames_sent)
-            self._channels[key] = channel
-            self._total_bytes += _CHANNEL_OVERHEAD
+            channel = self._open(key, committed_seq)
         elif committed_seq > channel.high_water:
             channel.high_water = committed_seq
         channel.subscribers += 1
+        return channel
+
+    def _open(self, key: JobKey, high_water: int) -> JobChannel:
+        channel = JobChannel(key, high_water, self.frames_sent, self.channels_opened)
+        self.channels_opened += 1
+        self._channels[key] = channel
+        self._total_bytes += _CHANNEL_OVERHEAD
         return channel
 
     def detach(self, channel: JobChannel) -> None:
@@ -311,9 +326,7 @@ class Hub:
         """Called by the writer after commit, with one job's new frames in seq order."""
         channel = self._channels.get(key)
         if channel is None:
-            channel = JobChannel(key, frames[0].seq - 1, self.frames_sent)
-            self._channels[key] = channel
-            self._total_bytes += _CHANNEL_OVERHEAD
+            channel = self._open(key, frames[0].seq - 1)
         else:
             self._channels.move_to_end(key)
         self._cache(channel, frames)

@@ -60,6 +60,7 @@ class Feed:
         page_events: int = 500,
         page_bytes: int = 1 << 20,
         idle_seconds: float = 60,
+        channel_mark: int | None = None,
     ) -> AsyncGenerator[list[Frame] | None, None]:
         return follow(
             self.store,
@@ -69,10 +70,19 @@ class Feed:
             page_events=page_events,
             page_bytes=page_bytes,
             idle_seconds=idle_seconds,
+            channel_mark=channel_mark,
         )
 
-    def reader(self, cursor: Cursor, head: JobHead) -> JobReader:
-        return JobReader(self.store, self.hub, cursor, head, page_events=500, page_bytes=1 << 20)
+    def reader(self, cursor: Cursor, head: JobHead, channel_mark: int | None = None) -> JobReader:
+        return JobReader(
+            self.store,
+            self.hub,
+            cursor,
+            head,
+            page_events=500,
+            page_bytes=1 << 20,
+            channel_mark=channel_mark,
+        )
 
 
 FeedFactory = Callable[..., Awaitable[Feed]]
@@ -391,16 +401,20 @@ async def test_raises_stream_closing_on_hub_close(make_feed: FeedFactory) -> Non
     ],
 )
 @pytest.mark.parametrize("page_events", [500, 2], ids=["one-page", "many-pages"])
+@pytest.mark.parametrize("marked", [False, True], ids=["unmarked", "channel-marked"])
 async def test_stale_head_still_gets_events_committed_before_attach(
-    make_feed: FeedFactory, overrides: dict[str, Any], page_events: int
+    make_feed: FeedFactory, overrides: dict[str, Any], page_events: int, marked: bool
 ) -> None:
     """The head a handler reads before its hello may be behind by the time the cursor
     attaches. Events committed in between, while no channel held the job, still reach the
     subscriber — however many pages they take — and it still ends after the terminal
-    event (no stall, no hang)."""
+    event (no stall, no hang). With the hub's channel mark taken before the head (as the
+    handlers do), the job's channel there then is gone: the cursor reads SQLite all the
+    same."""
     feed = await make_feed(**overrides)
     await feed.create()
     await feed.create("other")
+    mark = feed.hub.channels_opened if marked else None
     stale = await feed.head()  # a subscriber reads the head: last_seq 1, queued
     # Meanwhile another subscriber follows the job to its end and leaves...
     other = feed.follow(Cursor(key(JOB), 0), stale)
@@ -414,8 +428,37 @@ async def test_stale_head_still_gets_events_committed_before_attach(
     await feed.log(1, job_id="other")  # ...and other jobs' events take the cache.
     # Only now does the first subscriber's cursor start, from its stale head.
     cursor = Cursor(key(JOB), stale.last_seq)
-    batches = await drain(feed.follow(cursor, stale, page_events=page_events, idle_seconds=0.2))
+    followed = feed.follow(
+        cursor, stale, page_events=page_events, idle_seconds=0.2, channel_mark=mark
+    )
+    batches = await drain(followed)
     assert seqs(batches) == list(range(2, last + 1))
+
+
+async def test_a_cursor_joining_a_channel_older_than_its_head_reads_no_sqlite(
+    make_feed: FeedFactory,
+) -> None:
+    """A reconnect storm: subscribers resume on a job whose channel was there before they
+    read its head (``channel_mark``). Every commit since went through that channel, so the
+    cache's end is the log's end: they replay from the cache and park without a read of
+    SQLite each. Events committed later still reach them, in order."""
+    feed = await make_feed()
+    await feed.create()
+    await feed.log(20)
+    present = feed.reader(Cursor(key(JOB), 21), await feed.head())  # keeps the channel
+    assert await present.open()
+    mark = feed.hub.channels_opened
+    head = await feed.head()
+    reader = feed.reader(Cursor(key(JOB), 5), head, channel_mark=mark)
+    assert await reader.open()
+    assert [f.seq for f in await reader.next_batch()] == list(range(6, 22))
+    assert await reader.next_batch() == []
+    assert feed.hub.pages.reads == 0  # no page read, shared or not
+    assert feed.hub.frames_sent.database == 0
+    last = await feed.log(3)
+    assert [f.seq for f in await reader.next_batch()] == list(range(22, last + 1))
+    reader.close()
+    present.close()
 
 
 async def test_a_cursor_cancelled_mid_read_leaves_reads_fresh(make_feed: FeedFactory) -> None:

@@ -50,6 +50,7 @@ class Subscription:
     head: JobHead
     stream: OpenStream  # its slot under the stream caps, and its connection
     deletion_mark: int = 0  # the hub's deletions before ``head`` was read (server.follow)
+    channel_mark: int | None = None  # the hub's channels_opened before it (server.follow)
 
     @property
     def job_id(self) -> str:
@@ -82,6 +83,7 @@ def follow_job(
         page_bytes=config.page_bytes,
         idle_seconds=config.heartbeat_seconds,
         deletion_mark=subscription.deletion_mark,
+        channel_mark=subscription.channel_mark,
     )
 
 
@@ -96,6 +98,7 @@ def job_reader(request: web.Request, cursor: Cursor, subscription: Subscription)
         page_events=config.page_events,
         page_bytes=config.page_bytes,
         deletion_mark=subscription.deletion_mark,
+        channel_mark=subscription.channel_mark,
     )
 
 
@@ -163,7 +166,8 @@ class Subscribing:
         streams = request.app[STREAMS]
         # Counted before the first await, so concurrent handshakes cannot overshoot a cap.
         stream = streams.admit(request, key)
-        deletion_mark = request.app[HUB].deletions
+        hub = request.app[HUB]
+        deletion_mark, channel_mark = hub.deletions, hub.channels_opened
         try:
             head = await request.app[STORE].job_head(key)
             if head is None:
@@ -181,7 +185,7 @@ class Subscribing:
             streams.release(stream)
             raise
         self._stream = stream
-        return Subscription(key, after, head, stream, deletion_mark)
+        return Subscription(key, after, head, stream, deletion_mark, channel_mark)
 
     async def __aexit__(self, *exc_info: object) -> None:
         stream, self._stream = self._stream, None
