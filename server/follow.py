@@ -99,6 +99,11 @@ class JobReader:
         self._verified = False
 
     @property
+    def closing(self) -> bool:
+        """The server is shutting down (the hub closes every stream)."""
+        return self._hub.closing
+
+    @property
     def channel(self) -> JobChannel:
         """The job's channel, once ``open``: where the cursor waits or parks."""
         assert self._channel is not None, "the reader is not open"
@@ -176,30 +181,11 @@ class JobReader:
 
 
 async def follow(
-    store: Store,
-    hub: Hub,
-    cursor: Cursor,
-    head: JobHead,
-    *,
-    page_events: int,
-    page_bytes: int,
-    idle_seconds: float,
-    deletion_mark: int | None = None,
-    channel_mark: int | None = None,
+    reader: JobReader, *, idle_seconds: float
 ) -> AsyncGenerator[list[Frame] | None, None]:
-    """Yield batches of frames past ``cursor.after`` in order (``JobReader``); ``None``
-    after ``idle_seconds`` without any (time for a heartbeat). Ends after the terminal
-    event."""
-    reader = JobReader(
-        store,
-        hub,
-        cursor,
-        head,
-        page_events=page_events,
-        page_bytes=page_bytes,
-        deletion_mark=deletion_mark,
-        channel_mark=channel_mark,
-    )
+    """Yield batches of frames past the reader's cursor in order; ``None`` after
+    ``idle_seconds`` without any (time for a heartbeat). Ends after the terminal event."""
+    cursor = reader.cursor
     if not await reader.open():
         return
     try:
@@ -210,7 +196,7 @@ async def follow(
                 if cursor.done:
                     return
             elif not await reader.channel.wait_beyond(cursor.after, idle_seconds) and not (
-                hub.closing
+                reader.closing
             ):
                 yield None
     finally:

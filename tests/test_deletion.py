@@ -17,7 +17,7 @@ from aiohttp import WSMsgType
 from aiohttp.test_utils import TestClient
 
 from server.errors import JobDeleted
-from server.follow import Cursor, follow
+from server.follow import Cursor, JobReader, follow
 from server.keys import HUB, STORE
 from server.tenancy import DEFAULT_TENANT, JobKey
 from tests.conftest import (
@@ -269,15 +269,9 @@ async def test_subscriber_attaching_after_the_deletion_is_told(
     assert head is not None
     assert (await client.delete("/v1/jobs/racy")).status == 204
     await create_job(client, job_id="racy")  # and created again: another log
-    batches = follow(
-        store,
-        hub,
-        Cursor(key, 0),
-        head,
-        page_events=10,
-        page_bytes=1 << 20,
-        idle_seconds=WAIT,
-        deletion_mark=mark,
+    reader = JobReader(
+        store, hub, Cursor(key, 0), head, page_events=10, page_bytes=1 << 20, deletion_mark=mark
     )
+    batches = follow(reader, idle_seconds=WAIT)
     with pytest.raises(JobDeleted):
         await asyncio.wait_for(anext(batches), WAIT)

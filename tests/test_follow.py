@@ -62,25 +62,24 @@ class Feed:
         idle_seconds: float = 60,
         channel_mark: int | None = None,
     ) -> AsyncGenerator[list[Frame] | None, None]:
-        return follow(
+        reader = self.reader(cursor, head, channel_mark, page_events, page_bytes)
+        return follow(reader, idle_seconds=idle_seconds)
+
+    def reader(
+        self,
+        cursor: Cursor,
+        head: JobHead,
+        channel_mark: int | None = None,
+        page_events: int = 500,
+        page_bytes: int = 1 << 20,
+    ) -> JobReader:
+        return JobReader(
             self.store,
             self.hub,
             cursor,
             head,
             page_events=page_events,
             page_bytes=page_bytes,
-            idle_seconds=idle_seconds,
-            channel_mark=channel_mark,
-        )
-
-    def reader(self, cursor: Cursor, head: JobHead, channel_mark: int | None = None) -> JobReader:
-        return JobReader(
-            self.store,
-            self.hub,
-            cursor,
-            head,
-            page_events=500,
-            page_bytes=1 << 20,
             channel_mark=channel_mark,
         )
 

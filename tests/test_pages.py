@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from server.config import Config
-from server.follow import Cursor, follow
+from server.follow import Cursor, JobReader, follow
 from server.frames import Frame
 from server.hub import Hub
 from server.models import LogIn
@@ -113,9 +113,8 @@ async def test_concurrent_cursors_replay_the_whole_log_once_each(config: Config)
         async def replay() -> list[int]:
             cursor = Cursor(JOB, 0)
             got: list[int] = []
-            async for batch in follow(
-                store, hub, cursor, head, page_events=20, page_bytes=1 << 20, idle_seconds=0.2
-            ):
+            reader = JobReader(store, hub, cursor, head, page_events=20, page_bytes=1 << 20)
+            async for batch in follow(reader, idle_seconds=0.2):
                 if batch is None:
                     break  # idle at the end of the log
                 got.extend(seqs(batch))

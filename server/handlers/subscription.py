@@ -72,19 +72,9 @@ class Subscription:
 def follow_job(
     request: web.Request, cursor: Cursor, subscription: Subscription
 ) -> AsyncGenerator[list[Frame] | None, None]:
-    """The job cursor with the stream settings."""
-    config = request.app[CONFIG].stream
-    return follow(
-        request.app[STORE],
-        request.app[HUB],
-        cursor,
-        subscription.head,
-        page_events=config.page_events,
-        page_bytes=config.page_bytes,
-        idle_seconds=config.heartbeat_seconds,
-        deletion_mark=subscription.deletion_mark,
-        channel_mark=subscription.channel_mark,
-    )
+    """The job cursor with the stream settings, as batches (an SSE stream reads them)."""
+    reader = job_reader(request, cursor, subscription)
+    return follow(reader, idle_seconds=request.app[CONFIG].stream.heartbeat_seconds)
 
 
 def job_reader(request: web.Request, cursor: Cursor, subscription: Subscription) -> JobReader:
