@@ -328,36 +328,36 @@ class Fold:
     folding it answers what the planning asks of the state so far (``finished``,
     ``last_seq``, ``current``, ...)."""
 
-    __slots__ = ("_changes", "_so_far", "_state")
+    __slots__ = ("_changed", "_so_far", "_state")
 
     def __init__(self, state: JobState) -> None:
         self._state = state
-        self._changes: dict[str, Any] = {}
-        # The state's _SO_FAR_FIELDS with every change folded in (and the other changed
-        # fields too, which nothing reads here).
+        # The state's _SO_FAR_FIELDS with every change folded in, and the other fields the
+        # events changed: what ``result`` lays over ``state``.
         self._so_far = _so_far(state)
+        self._changed = False
 
     def apply(self, event: dict[str, Any]) -> None:
         """Fold in ``event``, a stored event other than ``created``."""
         changes = event_changes(event)
         _add_derived(self._so_far, changes, event)
-        self._changes.update(changes)
         self._so_far.update(changes)
+        self._changed = True
 
     def result(self) -> JobState:
-        return _evolve(self._state, self._changes) if self._changes else self._state
+        return _evolve(self._state, self._so_far) if self._changed else self._state
 
     @property
     def changed(self) -> bool:
-        return bool(self._changes)
+        return self._changed
 
-    def mark(self) -> tuple[dict[str, Any], dict[str, Any]]:
+    def mark(self) -> tuple[dict[str, Any], bool]:
         """Where the fold is now, for ``restore``: a request refused part-way through its
         events leaves the fold as it was before the request."""
-        return dict(self._changes), dict(self._so_far)
+        return dict(self._so_far), self._changed
 
-    def restore(self, mark: tuple[dict[str, Any], dict[str, Any]]) -> None:
-        self._changes, self._so_far = mark
+    def restore(self, mark: tuple[dict[str, Any], bool]) -> None:
+        self._so_far, self._changed = mark
 
     # The state so far: what the state would be had the events folded in been applied.
     status: _SoFar[str] = _SoFar()
