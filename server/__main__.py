@@ -278,7 +278,7 @@ async def _serve(config: Config, config_path: Path | None) -> None:
         handle_signals=False,
         # aiohttp waits this long for the requests in flight, then cancels them and waits
         # as long again at most: half each keeps the whole shutdown within the setting.
-        # The streams get the same half, concurrently (server.app._streams_ctx).
+        # The streams get the same half, concurrently (server.app.ended_at_shutdown).
         shutdown_timeout=config.server.shutdown_timeout / 2,
         keepalive_timeout=KEEPALIVE_SECONDS,
     )

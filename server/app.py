@@ -8,8 +8,9 @@ import math
 import os
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -32,7 +33,7 @@ from .handlers.eventsource import retryable_refusal, wants_event_stream
 from .handlers.guard import GuardClock, recheck_revocations
 from .handlers.ws import refuse_websocket
 from .hub import Hub
-from .ingest import IngestRegistry, ingest_ctx
+from .ingest import IngestRegistry
 from .keys import (
     AUTH,
     CONFIG,
@@ -258,9 +259,10 @@ def create_app(config: Config, config_path: Path | None = None) -> web.Applicati
     app.cleanup_ctx.append(_store_ctx)
     # After the store's: cleanup contexts exit in reverse, so the streams have ended (and
     # stopped reading) before the store closes.
-    app.cleanup_ctx.append(_streams_ctx)
+    app.cleanup_ctx.append(ended_at_shutdown("end-streams", _end_streams))
     app[INGEST] = IngestRegistry(config.ingest.max_connections)
-    app.cleanup_ctx.append(ingest_ctx)  # after the store's too: it exits before the store's
+    # After the store's too: the writer must still commit what the producers' streams read.
+    app.cleanup_ctx.append(ended_at_shutdown("end-ingest", _end_ingest))
     app[AUTH] = Authenticator(config.auth)
     app[ORIGINS] = OriginPolicy(config.http)
     app[GUARDS] = GuardClock()
@@ -309,20 +311,36 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
         log.info("store_closed", path=store.path)
 
 
-async def _streams_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Shutdown ends every stream at once (``server.streams``), concurrently with aiohttp's
-    wait for the other requests in flight; the process's __main__ gives aiohttp half of
-    ``server.shutdown_timeout``, and the streams get the same."""
-    ending: asyncio.Task[None] | None = None
+def ended_at_shutdown(
+    name: str, end: Callable[[web.Application, float], Coroutine[Any, Any, None]]
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """A cleanup_ctx for connections that shutdown must end itself: ``end(app, grace)`` is
+    called when shutdown begins and runs as a task beside aiohttp's wait for the requests in
+    flight, each with half of ``server.shutdown_timeout`` (``server.__main__`` gives aiohttp
+    the other half); the context exits once it has finished."""
 
-    async def end_streams(app: web.Application) -> None:
-        nonlocal ending
-        # Wakes every parked cursor: each stream closes itself (1001 / end of SSE).
-        app[HUB].close()
-        grace = app[CONFIG].server.shutdown_timeout / 2
-        ending = asyncio.create_task(app[STREAMS].end_all(grace), name="end-streams")
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        ending: asyncio.Task[None] | None = None
 
-    app.on_shutdown.append(end_streams)
-    yield
-    if ending is not None:
-        await ending
+        async def begin(app: web.Application) -> None:
+            nonlocal ending
+            grace = app[CONFIG].server.shutdown_timeout / 2
+            ending = asyncio.create_task(end(app, grace), name=name)
+
+        app.on_shutdown.append(begin)
+        yield
+        if ending is not None:
+            await ending
+
+    return ctx
+
+
+def _end_streams(app: web.Application, grace: float) -> Coroutine[Any, Any, None]:
+    """Every job and feed stream ends at once (``server.streams``)."""
+    app[HUB].close()  # wakes every parked cursor: each stream closes itself (1001 / end of SSE)
+    return app[STREAMS].end_all(grace)
+
+
+def _end_ingest(app: web.Application, grace: float) -> Coroutine[Any, Any, None]:
+    """Producer streams answer what they read, then close (``server.ingest``)."""
+    return app[INGEST].end_all(grace)

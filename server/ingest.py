@@ -11,13 +11,11 @@ answers cannot hold shutdown up.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import structlog
 from aiohttp import web
 
 from .errors import Overloaded, ShuttingDown
-from .keys import CONFIG, INGEST
 from .streams import wait_then_drop
 
 log = structlog.get_logger("jobfeed.ingest")
@@ -92,19 +90,3 @@ class IngestRegistry:
         for slot in list(self._open):
             slot.stop("shutdown")
         await wait_then_drop(self._open, self._all_ended, grace, log, "ingest_dropped")
-
-
-async def ingest_ctx(app: web.Application) -> AsyncIterator[None]:
-    """cleanup_ctx: producer streams end at shutdown (before the store closes: the writer
-    must still commit what they read), concurrently with aiohttp's wait for requests."""
-    ending: asyncio.Task[None] | None = None
-
-    async def end_ingest(app: web.Application) -> None:
-        nonlocal ending
-        grace = app[CONFIG].server.shutdown_timeout / 2
-        ending = asyncio.create_task(app[INGEST].end_all(grace), name="end-ingest")
-
-    app.on_shutdown.append(end_ingest)
-    yield
-    if ending is not None:
-        await ending
