@@ -40,9 +40,8 @@ from .workloads import (
     Target,
     cpu_during,
     live_phase,
-    live_subscribers,
-    run_async,
     status_notes,
+    w3_load,
 )
 
 OLD_JOBS = 1_000
@@ -104,19 +103,7 @@ def _run(profile: Profile, template: Path, rate: int, *, purge: bool) -> Phase:
         shutil.copyfile(template, db)
 
     with server.jobfeed_prepared(prepare, **RETENTION) as process:
-        run_async(loadgen.create_jobs(process.base_url, ["w3"]))
-        producer_spec = loadgen.PacedSpec(
-            process.base_url,
-            "w3",
-            rate=rate,
-            batch=1,
-            max_in_flight=32,
-            warmup=profile.warmup,
-            duration=profile.duration,
-            finish=False,
-            time_limit=profile.warmup + profile.duration + GATHER_SLACK,
-        )
-        subscriber_specs = live_subscribers(process, profile, "w3", profile.w3_subscribers)
+        producer_spec, subscriber_specs = w3_load(process, profile, rate)
         db = process.workdir / "jobfeed.db"
         with (
             Workers("subscriber", subscribers.subscribe_window, subscriber_specs) as subs,

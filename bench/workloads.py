@@ -358,22 +358,30 @@ def live_phase(
     return Phase(name, metrics, run.server_cpu, generator_cpu, notes, ceiling)
 
 
+def w3_load(
+    process: server.ServerProcess, profile: Profile, rate: int
+) -> tuple[loadgen.PacedSpec, list[subscribers.SubscribeSpec]]:
+    """W3's job (created here), its producer of ``rate`` single events a second, and its
+    live subscribers: W3 and W3retention run the same load."""
+    run_async(loadgen.create_jobs(process.base_url, ["w3"]))
+    producer_spec = loadgen.PacedSpec(
+        process.base_url,
+        "w3",
+        rate=rate,
+        batch=1,
+        max_in_flight=32,
+        warmup=profile.warmup,
+        duration=profile.duration,
+        finish=False,
+        time_limit=profile.warmup + profile.duration + GATHER_SLACK,
+    )
+    return producer_spec, live_subscribers(process, profile, "w3", profile.w3_subscribers)
+
+
 def live_latency(profile: Profile, target: Target, rate: int, title: str) -> list[Phase]:
     name = w3_name(profile, rate, title)
     with target_server(target) as process:
-        run_async(loadgen.create_jobs(process.base_url, ["w3"]))
-        producer_spec = loadgen.PacedSpec(
-            process.base_url,
-            "w3",
-            rate=rate,
-            batch=1,
-            max_in_flight=32,
-            warmup=profile.warmup,
-            duration=profile.duration,
-            finish=False,
-            time_limit=profile.warmup + profile.duration + GATHER_SLACK,
-        )
-        subscriber_specs = live_subscribers(process, profile, "w3", profile.w3_subscribers)
+        producer_spec, subscriber_specs = w3_load(process, profile, rate)
         run = run_live(
             process,
             profile,
