@@ -17,10 +17,22 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiohttp import ClientResponse, WSMsgType
+from aiohttp import ClientResponse, ClientWebSocketResponse, WSMsgType
 from aiohttp.test_utils import TestClient
 
 STUCK_WAIT = 10.0  # bound on a stuck client's handshake and on its final read
+WS_WAIT = 15.0  # bound on one WebSocket read; a healthy server answers in milliseconds
+
+
+async def receive_json(ws: ClientWebSocketResponse, wait: float = WS_WAIT) -> dict[str, Any]:
+    """The next WebSocket message, which must be a JSON text frame."""
+    async with asyncio.timeout(wait):
+        message = await ws.receive()
+    assert message.type == WSMsgType.TEXT, message
+    payload: dict[str, Any] = json.loads(message.data)
+    return payload
+
+
 STUCK_RCVBUF = 4096  # a small receive window, so the server's send buffer fills quickly
 
 

@@ -43,20 +43,12 @@ from tests.conftest import (
     bearer,
     token,
 )
-from tests.streams import sse_items
+from tests.streams import receive_json, sse_items
 from tests.test_openapi import _Server
 
 WAIT = 15.0  # bound on any one wait; a healthy server answers in milliseconds
 SSE = {"Accept": "text/event-stream"}
 HOUR = 3600
-
-
-async def receive_json(ws: ClientWebSocketResponse) -> dict[str, Any]:
-    async with asyncio.timeout(WAIT):
-        message = await ws.receive()
-    assert message.type == WSMsgType.TEXT, message
-    payload: dict[str, Any] = json.loads(message.data)
-    return payload
 
 
 async def expect_close(ws: ClientWebSocketResponse, code: int) -> None:

@@ -29,18 +29,11 @@ from tests.conftest import (
     token,
 )
 from tests.procs import read_log
+from tests.streams import receive_json
 
 # Every test that builds a config runs with authentication off and on (tests/conftest.py).
 AUTH_MODES = ("off", "on")
 WAIT = 15.0  # bound on any one wait; a healthy server answers in milliseconds
-
-
-async def receive_json(ws: ClientWebSocketResponse) -> dict[str, Any]:
-    async with asyncio.timeout(WAIT):
-        message = await ws.receive()
-    assert message.type == WSMsgType.TEXT, message
-    payload: dict[str, Any] = json.loads(message.data)
-    return payload
 
 
 async def answers(ws: ClientWebSocketResponse, count: int) -> list[dict[str, Any]]:
