@@ -24,6 +24,19 @@ STUCK_WAIT = 10.0  # bound on a stuck client's handshake and on its final read
 WS_WAIT = 15.0  # bound on one WebSocket read; a healthy server answers in milliseconds
 
 
+async def ws_until_closed(
+    ws: ClientWebSocketResponse, wait: float = WS_WAIT
+) -> tuple[list[dict[str, Any]], int | None]:
+    """The JSON frames until the server closes the WebSocket, and its close code."""
+    frames: list[dict[str, Any]] = []
+    async with asyncio.timeout(wait):
+        while True:
+            message = await ws.receive()
+            if message.type != WSMsgType.TEXT:
+                return frames, ws.close_code
+            frames.append(json.loads(message.data))
+
+
 async def receive_json(ws: ClientWebSocketResponse, wait: float = WS_WAIT) -> dict[str, Any]:
     """The next WebSocket message, which must be a JSON text frame."""
     async with asyncio.timeout(wait):

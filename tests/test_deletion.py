@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import WSMsgType
 from aiohttp.test_utils import TestClient
 
 from server.errors import JobDeleted
@@ -29,7 +28,7 @@ from tests.conftest import (
     create_job,
     token,
 )
-from tests.streams import SseEvent, read_sse, read_ws, sse_items
+from tests.streams import SseEvent, read_sse, read_ws, sse_items, ws_until_closed
 
 Client = TestClient[Any, Any]
 AUTH_MODES = ("off", "on")
@@ -99,17 +98,6 @@ async def _ws_hello(client: Client, path: str) -> Any:
     return ws
 
 
-async def _ws_rest(ws: Any) -> tuple[list[dict[str, Any]], int | None]:
-    """Frames until the server closes; and its close code."""
-    frames: list[dict[str, Any]] = []
-    async with asyncio.timeout(WAIT):
-        while True:
-            message = await ws.receive()
-            if message.type != WSMsgType.TEXT:
-                return frames, ws.close_code
-            frames.append(json.loads(message.data))
-
-
 async def test_open_streams_end_with_4410(client: Client) -> None:
     """Subscribers parked live (WebSocket and SSE) get job_deleted: an error frame and close
     4410; SSE an `event: error` record and the end of the response."""
@@ -126,7 +114,7 @@ async def test_open_streams_end_with_4410(client: Client) -> None:
         async with asyncio.timeout(WAIT):
             async for item in items:  # ends when the server ends the response
                 rest.append(item)
-    frames, code = await _ws_rest(ws)
+    frames, code = await ws_until_closed(ws, WAIT)
     assert code == 4410
     assert [f.get("code") for f in frames if f["type"] == "error"] == ["job_deleted"]
     events = [item for item in rest if isinstance(item, SseEvent)]
@@ -147,7 +135,7 @@ async def test_stream_mid_replay_ends_with_4410(
     first = json.loads((await asyncio.wait_for(ws.receive(), WAIT)).data)
     assert first["seq"] == 1
     assert (await client.delete("/v1/jobs/long")).status == 204
-    frames, code = await _ws_rest(ws)
+    frames, code = await ws_until_closed(ws, WAIT)
     assert code == 4410
     seqs = [f["seq"] for f in frames if "seq" in f]
     assert seqs == list(range(2, 2 + len(seqs)))

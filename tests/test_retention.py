@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import WSMsgType
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -33,6 +32,7 @@ from server.migrate import apply_migrations, bundled_migrations, vacuum_incremen
 from server.retention import FINISHED_KIND_SQL, FINISHED_SQL, UNFINISHED_SQL
 from server.tenancy import JobKey
 from tests.conftest import ClientFactory, ConfigFactory, append, create_job
+from tests.streams import ws_until_closed
 from tests.test_tenancy_schema import assert_searches, make_v3_database, plan
 
 Client = TestClient[Any, Any]
@@ -84,16 +84,6 @@ async def ws_parked(client: Client, job_id: str) -> Any:
             return ws
 
 
-async def ws_end(ws: Any) -> tuple[list[dict[str, Any]], int | None]:
-    frames: list[dict[str, Any]] = []
-    async with asyncio.timeout(WAIT):
-        while True:
-            message = await ws.receive()
-            if message.type != WSMsgType.TEXT:
-                return frames, ws.close_code
-            frames.append(json.loads(message.data))
-
-
 async def test_sweep_deletes_what_expired_and_nothing_else(
     make_client: ClientFactory, make_config: ConfigFactory
 ) -> None:
@@ -125,7 +115,7 @@ async def test_sweep_deletes_what_expired_and_nothing_else(
     gone_ws = await ws_parked(client, "stale-0000007")
     # Read while the sweep runs, as a client does (the server waits a second for the
     # answer to its close, then drops the connection).
-    gone_end = asyncio.create_task(ws_end(gone_ws))
+    gone_end = asyncio.create_task(ws_until_closed(gone_ws, WAIT))
     kept_ws = await ws_parked(client, "vrun-0000003")
     async with client.get(
         "/v1/jobs/stale-0000008/stream", headers={"Accept": "text/event-stream"}
