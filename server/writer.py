@@ -483,7 +483,7 @@ class Writer:
         next group is planned on committed state only, and each group is still published and
         answered only after its own commit. Exclusive work, a WAL restart, an unhealthy
         writer, a pending purge and reads of uncached state wait for the answers instead
-        (``_next_group_now``).
+        (``_may_overlap``, ``_plans_without_reads``).
         """
         stop_seen = False
         carried: _Op | None = None  # exclusive work met while a group was being gathered
@@ -515,13 +515,19 @@ class Writer:
                 continue
             committed = await self._settle(flight)
             following: _Flight | None = None
-            if committed and carried is None and not stop_seen and self._next_group_now():
+            gathered: tuple[list[_Op], int] | None = None
+            if committed and carried is None and not stop_seen and self._may_overlap():
                 ops, weight, stop_seen, carried = self._gather([], 0)
-                # Never suspends (``_next_group_now``: nothing to read), so nothing else runs
-                # between the commit's cached states (``committed_state``) and its publishing.
-                following = await self._launch_guarded(ops, weight)
+                if ops and self._plans_without_reads(ops):
+                    # Never suspends (nothing to read), so nothing else runs between the
+                    # commit's cached states (``committed_state``) and its publishing.
+                    following = await self._launch_guarded(ops, weight)
+                elif ops:
+                    gathered = ops, weight  # planned once the answers are out
             if committed:  # otherwise its requests have their failure already
                 self._answer(flight)
+            if gathered is not None:
+                following = await self._launch_guarded(*gathered)
             flight = following
             if flight is None:
                 await self._between_groups()
@@ -539,29 +545,24 @@ class Writer:
             weight += op.weight
         return ops, weight, False, None
 
-    def _next_group_now(self) -> bool:
+    def _may_overlap(self) -> bool:
         """Whether the next group may be planned and handed over before the group just
         committed is answered: requests are queued, and nothing needs the writer between
-        the groups or would hold the answers up. Not while unhealthy (a group then goes
-        alone, as the probes do), nor with a deleted job's leftovers to purge, nor once the
-        WAL is due for a restart (``WalBound.restart_if_due`` needs no transaction open),
-        nor when planning would read the file first (uncached job states, idempotency keys
-        to look up): the answers do not wait for a read."""
+        the groups. Not while unhealthy (a group then goes alone, as the probes do), nor with
+        a deleted job's leftovers to purge, nor once the WAL is due for a restart
+        (``WalBound.restart_if_due`` needs no transaction open)."""
         if self._queue.empty() or not self.healthy or self.purging:
             return False
-        if self._wal is not None and self._wal.restart_due():
-            return False
-        # The queue's deque, read without taking anything: asyncio.Queue has no peek.
-        queued: Iterable[_Op | None] = self._queue._queue  # type: ignore[attr-defined]
-        taken = 0
-        for op in queued:
-            if op is None or op.exclusive is not None or taken >= self._max_batch_events:
-                break
+        return self._wal is None or not self._wal.restart_due()
+
+    def _plans_without_reads(self, ops: list[_Op]) -> bool:
+        """Whether ``ops`` plan from memory alone (every job's state cached, no idempotency
+        key to look up): otherwise the answers of the group before do not wait for the read."""
+        for op in ops:
             if op.events is not None and any(event.key is not None for event in op.events):
                 return False
             if any(self._jobs.get(key) is None for key in op.keys):
                 return False
-            taken += op.weight
         return True
 
     async def _between_groups(self) -> None:
